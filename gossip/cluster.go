@@ -1,0 +1,904 @@
+package gossip
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// Events receives what changes in the cluster. Its methods are called from
+// memberlist's goroutines (and from the callers of Claim, Release and
+// Assert), possibly before New returns, and must not block: the agent only
+// signals a reconcile loop from them.
+type Events interface {
+	MembersChanged() // a member joined, left, failed or changed metadata
+	RecordsChanged() // the location table changed
+}
+
+// Config configures a Cluster. Start from DefaultConfig.
+type Config struct {
+	// Name is this member's name, unique in the cluster. It is the Owner of
+	// the records this member claims, so it is at most MaxOwnerLen bytes.
+	// Required.
+	Name string
+
+	// BindAddr is the address gossip listens on, UDP and TCP. Required.
+	BindAddr netip.Addr
+
+	// BindPort is the gossip port, UDP and TCP; DefaultConfig sets 7946.
+	// 0 picks a free port (for tests): LocalPort reports the one chosen.
+	BindPort int
+
+	// AdvertiseAddr is the address other members reach this one at, for a
+	// host behind NAT or bound to a wildcard address. The zero value means
+	// BindAddr, or for a wildcard BindAddr the address memberlist picks.
+	AdvertiseAddr netip.Addr
+
+	// Keys are the AES keys (16, 24 or 32 bytes) gossip is encrypted and
+	// authenticated with; Keys[0] encrypts, all of them decrypt, which lets
+	// keys rotate. Empty means no encryption: the caller warns about it.
+	Keys [][]byte
+
+	// Meta is this agent's metadata, as the other members see it.
+	Meta Meta
+
+	// Profile picks memberlist's timing: "lan" (the default,
+	// memberlist.DefaultLANConfig), "wan" (DefaultWANConfig) or "local"
+	// (DefaultLocalConfig, for tests on loopback).
+	Profile string
+
+	// Logger receives this package's log and memberlist's, whose "[DEBUG]",
+	// "[INFO]", "[WARN]" and "[ERR]" lines become slog levels. nil means
+	// slog.Default().
+	Logger *slog.Logger
+
+	// Events is told about membership and table changes. May be nil.
+	Events Events
+}
+
+// DefaultConfig returns the defaults: BindPort 7946, Profile "lan".
+func DefaultConfig() Config {
+	return Config{BindPort: 7946, Profile: "lan"}
+}
+
+// MemberState is a member's state as this member sees it.
+//
+// memberlist tells its delegates about joins, updates and deaths but not
+// about suspicion, so a member memberlist suspects stays MemberAlive here
+// until it is declared dead; MemberSuspect is reserved for that case.
+type MemberState string
+
+// Member states.
+const (
+	MemberAlive   MemberState = "alive"
+	MemberSuspect MemberState = "suspect"
+	MemberDead    MemberState = "dead"
+	MemberLeft    MemberState = "left"
+)
+
+// Member is one member of the cluster.
+type Member struct {
+	Name    string
+	Addr    netip.AddrPort // gossip address
+	Meta    Meta           // zero Meta + MetaErr set if it did not decode
+	MetaErr error
+	State   MemberState
+	Local   bool
+}
+
+// Stats are counters for the agent's status output.
+type Stats struct {
+	Members         int    // alive members, self included
+	DroppedMessages uint64 // malformed user messages / remote states dropped
+	DroppedMeta     uint64 // members whose metadata did not decode (they are ignored as peers)
+	Broadcasts      uint64 // records queued for broadcast
+}
+
+const (
+	// updateTimeout bounds how long UpdateMeta waits for the new metadata
+	// to go out; it is in effect locally at once either way.
+	updateTimeout = 5 * time.Second
+	// leaveWait bounds the wait for the leave intent when Leave has no
+	// timeout of its own.
+	leaveWait = 5 * time.Second
+
+	joinBackoffMin = time.Second
+	joinBackoffMax = 10 * time.Second
+)
+
+// ErrClosed is returned by operations on a cluster that was shut down.
+var ErrClosed = errors.New("cluster is shut down")
+
+// Cluster is this agent's membership in the gossip cluster and its copy of
+// the location table.
+type Cluster struct {
+	name   string
+	log    *slog.Logger
+	events Events
+	mc     *memberlist.Config
+	ml     *memberlist.Memberlist
+	table  *Table
+	queue  *memberlist.TransmitLimitedQueue
+
+	// mergeMu makes merging a record and queueing its broadcast one step,
+	// so that the queue sees a VIP's records in table order and a newer
+	// record is never replaced there by an older one.
+	mergeMu sync.Mutex
+
+	metaMu sync.Mutex
+	meta   []byte
+
+	memMu     sync.Mutex
+	members   map[string]*memberEntry
+	leaveSeen map[string]uint64 // leave intents already relayed: name -> nonce
+	alive     atomic.Int64
+
+	// life guards the memberlist lifecycle: memberlist panics on Leave
+	// after Shutdown.
+	life   sync.RWMutex
+	closed bool
+	done   chan struct{}
+	wg     sync.WaitGroup
+
+	droppedMsgs atomic.Uint64
+	droppedMeta atomic.Uint64
+	broadcasts  atomic.Uint64
+
+	// aloneAfter and aloneCheck drive KeepJoined; tests shorten them.
+	aloneAfter time.Duration
+	aloneCheck time.Duration
+}
+
+type memberEntry struct {
+	name    string
+	addr    netip.AddrPort
+	raw     []byte // metadata as received, to decode only when it changes
+	decoded bool
+	meta    Meta
+	metaErr error
+	state   MemberState
+	since   time.Time
+	leaving bool // a leave intent arrived: its death is a leave
+}
+
+// New creates the memberlist and starts listening. It does not join anyone:
+// see Join and KeepJoined.
+func New(cfg Config) (*Cluster, error) {
+	switch {
+	case cfg.Name == "":
+		return nil, errors.New("gossip: config: Name is required")
+	case len(cfg.Name) > MaxOwnerLen:
+		return nil, fmt.Errorf("gossip: config: Name is %d bytes, limit is %d", len(cfg.Name), MaxOwnerLen)
+	case !cfg.BindAddr.IsValid():
+		return nil, errors.New("gossip: config: BindAddr is required")
+	case cfg.BindPort < 0 || cfg.BindPort > 65535:
+		return nil, fmt.Errorf("gossip: config: BindPort %d out of range", cfg.BindPort)
+	}
+	meta, err := cfg.Meta.MarshalBinary()
+	if err != nil {
+		return nil, fmt.Errorf("gossip: config: %w", err)
+	}
+
+	var mc *memberlist.Config
+	switch cfg.Profile {
+	case "", "lan":
+		mc = memberlist.DefaultLANConfig()
+	case "wan":
+		mc = memberlist.DefaultWANConfig()
+	case "local":
+		mc = memberlist.DefaultLocalConfig()
+	default:
+		return nil, fmt.Errorf("gossip: config: unknown Profile %q (want lan, wan or local)", cfg.Profile)
+	}
+
+	logger := cfg.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+
+	c := &Cluster{
+		name:       cfg.Name,
+		log:        logger.With("component", "gossip"),
+		events:     cfg.Events,
+		mc:         mc,
+		table:      NewTable(),
+		meta:       meta,
+		members:    make(map[string]*memberEntry),
+		leaveSeen:  make(map[string]uint64),
+		done:       make(chan struct{}),
+		aloneAfter: 5 * time.Second,
+		aloneCheck: time.Second,
+	}
+	c.alive.Store(1)
+	c.queue = &memberlist.TransmitLimitedQueue{
+		// The count is kept from memberlist's events rather than asked
+		// of NumMembers, which takes memberlist's node lock from inside
+		// its gossip path.
+		NumNodes:       func() int { return int(max(1, c.alive.Load())) },
+		RetransmitMult: mc.RetransmitMult,
+	}
+
+	mc.Name = cfg.Name
+	bind := cfg.BindAddr.Unmap()
+	mc.BindAddr = bind.String()
+	mc.BindPort = cfg.BindPort
+	mc.AdvertisePort = cfg.BindPort
+	switch {
+	case cfg.AdvertiseAddr.IsValid():
+		mc.AdvertiseAddr = cfg.AdvertiseAddr.Unmap().String()
+	case !bind.IsUnspecified():
+		mc.AdvertiseAddr = bind.String()
+	default:
+		mc.AdvertiseAddr = ""
+	}
+	if len(cfg.Keys) > 0 {
+		for i, k := range cfg.Keys {
+			if err := memberlist.ValidateKey(k); err != nil {
+				return nil, fmt.Errorf("gossip: config: key %d: %w", i, err)
+			}
+		}
+		kr, err := memberlist.NewKeyring(cfg.Keys, cfg.Keys[0])
+		if err != nil {
+			return nil, fmt.Errorf("gossip: config: keyring: %w", err)
+		}
+		mc.Keyring = kr
+	}
+	mc.GossipVerifyIncoming = len(cfg.Keys) > 0
+	mc.GossipVerifyOutgoing = len(cfg.Keys) > 0
+	mc.Delegate = delegate{c}
+	mc.Events = eventDelegate{c}
+	mc.Logger = log.New(mlLogWriter{logger.With("component", "memberlist")}, "", 0)
+
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		return nil, fmt.Errorf("gossip: start memberlist on %s: %w",
+			netip.AddrPortFrom(bind, uint16(cfg.BindPort)), err)
+	}
+	c.ml = ml
+	c.log.Info("gossip listening", "name", c.name, "addr", netip.AddrPortFrom(bind, uint16(mc.BindPort)),
+		"profile", orDefault(cfg.Profile, "lan"), "encrypted", len(cfg.Keys) > 0)
+	return c, nil
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+// Name returns this member's name.
+func (c *Cluster) Name() string { return c.name }
+
+// LocalPort returns the gossip port this member listens on; with BindPort 0
+// it is the port that was picked.
+func (c *Cluster) LocalPort() int { return c.mc.BindPort }
+
+// Table returns the location table. Change it through Claim, Release and
+// Assert, which also broadcast; merging into it directly spreads nothing.
+func (c *Cluster) Table() *Table { return c.table }
+
+// Join blocks until one of addrs ("host" or "host:port") answered and this
+// member synchronized state with it, or until ctx is done or the cluster is
+// shut down. Failed attempts are logged and retried with a backoff from 1 s
+// to 10 s. An attempt in flight is not interrupted by ctx: it ends within
+// memberlist's TCP timeout. Empty addrs returns at once.
+func (c *Cluster) Join(ctx context.Context, addrs []string) {
+	if len(addrs) == 0 {
+		return
+	}
+	backoff := joinBackoffMin
+	for attempt := 1; ; attempt++ {
+		if ctx.Err() != nil || c.isClosed() {
+			return
+		}
+		n, err := c.ml.Join(addrs)
+		if n > 0 {
+			c.log.Info("joined cluster", "contacted", n, "members", c.ml.NumMembers())
+			return
+		}
+		c.log.Warn("join failed", "attempt", attempt, "seeds", addrs, "retry_in", backoff, "err", err)
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+		case <-c.done:
+		case <-t.C:
+		}
+		t.Stop()
+		backoff = min(2*backoff, joinBackoffMax)
+	}
+}
+
+// KeepJoined starts a goroutine and returns at once. Until ctx is done or
+// the cluster is shut down, whenever this member has been alone for more
+// than 5 s it tries addrs again: that heals the cluster after every peer
+// restarted and forgot it. Empty addrs starts nothing.
+func (c *Cluster) KeepJoined(ctx context.Context, addrs []string) {
+	if len(addrs) == 0 {
+		return
+	}
+	addrs = slices.Clone(addrs)
+	c.life.RLock()
+	defer c.life.RUnlock()
+	if c.closed {
+		return
+	}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		c.keepJoined(ctx, addrs)
+	}()
+}
+
+func (c *Cluster) keepJoined(ctx context.Context, addrs []string) {
+	t := time.NewTicker(c.aloneCheck)
+	defer t.Stop()
+	var aloneSince time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.done:
+			return
+		case now := <-t.C:
+			if c.ml.NumMembers() > 1 {
+				aloneSince = time.Time{}
+				continue
+			}
+			if aloneSince.IsZero() {
+				aloneSince = now
+				continue
+			}
+			if now.Sub(aloneSince) <= c.aloneAfter {
+				continue
+			}
+			aloneSince = now // next try one more aloneAfter later
+			n, err := c.ml.Join(addrs)
+			if n > 0 {
+				c.log.Info("rejoined cluster after being alone", "contacted", n)
+			} else {
+				c.log.Warn("rejoin failed", "seeds", addrs, "err", err)
+			}
+		}
+	}
+}
+
+// Members returns every member memberlist knows, alive or not, self
+// included, sorted by name. Dead and left members are forgotten when
+// memberlist forgets them.
+func (c *Cluster) Members() []Member {
+	now := time.Now()
+	c.memMu.Lock()
+	c.reapLocked(now)
+	ms := make([]Member, 0, len(c.members))
+	for _, e := range c.members {
+		ms = append(ms, Member{
+			Name:    e.name,
+			Addr:    e.addr,
+			Meta:    e.meta,
+			MetaErr: e.metaErr,
+			State:   e.state,
+			Local:   e.name == c.name,
+		})
+	}
+	c.memMu.Unlock()
+	slices.SortFunc(ms, func(a, b Member) int { return strings.Compare(a.Name, b.Name) })
+	return ms
+}
+
+// reapLocked forgets members that memberlist has forgotten too: it drops
+// dead and left nodes after GossipToTheDeadTime.
+func (c *Cluster) reapLocked(now time.Time) {
+	for name, e := range c.members {
+		if (e.state == MemberDead || e.state == MemberLeft) && now.Sub(e.since) > c.mc.GossipToTheDeadTime {
+			delete(c.members, name)
+			delete(c.leaveSeen, name)
+		}
+	}
+}
+
+// UpdateMeta replaces this member's metadata and broadcasts it. It is in
+// effect locally (and in push/pull) at once, even if the error reports that
+// the broadcast did not go out within a few seconds.
+func (c *Cluster) UpdateMeta(m Meta) error {
+	b, err := m.MarshalBinary()
+	if err != nil {
+		return fmt.Errorf("gossip: update meta: %w", err)
+	}
+	c.life.RLock()
+	defer c.life.RUnlock()
+	if c.closed {
+		return fmt.Errorf("gossip: update meta: %w", ErrClosed)
+	}
+	c.metaMu.Lock()
+	c.meta = b
+	c.metaMu.Unlock()
+	if err := c.ml.UpdateNode(updateTimeout); err != nil {
+		return fmt.Errorf("gossip: update meta: %w", err)
+	}
+	return nil
+}
+
+// Claim records vip as owned by this member at an epoch one above any seen
+// for it, merges it locally and broadcasts it; it returns the record. An
+// invalid VIP (see ValidVIP) claims nothing and returns the zero Record.
+func (c *Cluster) Claim(vip netip.Addr) Record {
+	vip = vip.Unmap()
+	if err := ValidVIP(vip); err != nil {
+		c.log.Warn("claim refused", "vip", vip, "err", err)
+		return Record{}
+	}
+	c.mergeMu.Lock()
+	r, changed := c.table.claim(vip, c.name)
+	if changed {
+		c.enqueueLocked(r)
+	}
+	c.mergeMu.Unlock()
+	if !changed {
+		c.log.Error("claim refused: epoch exhausted", "vip", vip, "record", r)
+		return r
+	}
+	c.log.Info("claimed VIP", "vip", vip, "epoch", r.Epoch)
+	c.notifyRecords()
+	return r
+}
+
+// Release writes a tombstone (Owner "") at the next epoch if this member is
+// the current owner of vip, broadcasts it and returns it and true; it
+// returns false if this member did not own vip.
+func (c *Cluster) Release(vip netip.Addr) (Record, bool) {
+	vip = vip.Unmap()
+	c.mergeMu.Lock()
+	r, ok := c.table.release(vip, c.name)
+	if ok {
+		c.enqueueLocked(r)
+	}
+	c.mergeMu.Unlock()
+	if !ok {
+		return Record{}, false
+	}
+	c.log.Info("released VIP", "vip", vip, "epoch", r.Epoch)
+	c.notifyRecords()
+	return r, true
+}
+
+// Assert merges a record as given and broadcasts it if it is then the
+// current record for its VIP: on restart the agent re-announces its
+// persisted claims at their persisted epoch this way. It reports whether
+// the table changed.
+func (c *Cluster) Assert(r Record) bool {
+	r.VIP = r.VIP.Unmap()
+	if err := r.validate(); err != nil {
+		c.log.Warn("assert refused", "record", r, "err", err)
+		return false
+	}
+	c.mergeMu.Lock()
+	changed, conflict := c.table.merge(r)
+	cur, _ := c.table.Get(r.VIP)
+	if cur == r {
+		c.enqueueLocked(r)
+	}
+	if conflict {
+		c.logConflict(r.VIP)
+	}
+	c.mergeMu.Unlock()
+	if changed {
+		c.notifyRecords()
+	}
+	return changed
+}
+
+// mergeRemote merges records that came from another member. With
+// rebroadcast, each record that changed the table is queued again, because
+// memberlist does not relay user broadcasts.
+func (c *Cluster) mergeRemote(rs []Record, rebroadcast bool) {
+	changedAny := false
+	c.mergeMu.Lock()
+	for _, r := range rs {
+		changed, conflict := c.table.merge(r)
+		if conflict {
+			c.logConflict(r.VIP)
+		}
+		if !changed {
+			continue
+		}
+		changedAny = true
+		c.log.Debug("record learned", "vip", r.VIP, "owner", r.Owner, "epoch", r.Epoch)
+		if rebroadcast {
+			c.enqueueLocked(r)
+		}
+	}
+	c.mergeMu.Unlock()
+	if changedAny {
+		c.notifyRecords()
+	}
+}
+
+func (c *Cluster) logConflict(vip netip.Addr) {
+	if cf, ok := c.table.conflict(vip); ok {
+		c.log.Warn("VIP claimed twice at one epoch", "vip", vip, "epoch", cf.Epoch, "owners", cf.Owners)
+	}
+}
+
+// enqueueLocked queues r for broadcast; mergeMu is held.
+func (c *Cluster) enqueueLocked(r Record) {
+	c.queue.QueueBroadcast(&recordBroadcast{vip: r.VIP, msg: EncodeRecords([]Record{r})})
+	c.broadcasts.Add(1)
+}
+
+func (c *Cluster) notifyRecords() {
+	if c.events != nil {
+		c.events.RecordsChanged()
+	}
+}
+
+func (c *Cluster) notifyMembers() {
+	if c.events != nil {
+		c.events.MembersChanged()
+	}
+}
+
+// Stats returns the counters.
+func (c *Cluster) Stats() Stats {
+	return Stats{
+		Members:         c.ml.NumMembers(),
+		DroppedMessages: c.droppedMsgs.Load(),
+		DroppedMeta:     c.droppedMeta.Load(),
+		Broadcasts:      c.broadcasts.Load(),
+	}
+}
+
+// AddKey installs an extra decryption key, the first step of a rotation.
+func (c *Cluster) AddKey(key []byte) error {
+	if c.mc.Keyring == nil {
+		return errors.New("gossip: add key: encryption is off")
+	}
+	if err := c.mc.Keyring.AddKey(key); err != nil {
+		return fmt.Errorf("gossip: add key: %w", err)
+	}
+	return nil
+}
+
+// UseKey makes an installed key the one that encrypts.
+func (c *Cluster) UseKey(key []byte) error {
+	if c.mc.Keyring == nil {
+		return errors.New("gossip: use key: encryption is off")
+	}
+	if err := c.mc.Keyring.UseKey(key); err != nil {
+		return fmt.Errorf("gossip: use key: %w", err)
+	}
+	return nil
+}
+
+// RemoveKey uninstalls a key that is not the primary one.
+func (c *Cluster) RemoveKey(key []byte) error {
+	if c.mc.Keyring == nil {
+		return errors.New("gossip: remove key: encryption is off")
+	}
+	if err := c.mc.Keyring.RemoveKey(key); err != nil {
+		return fmt.Errorf("gossip: remove key: %w", err)
+	}
+	return nil
+}
+
+// Leave tells the cluster this member is leaving, so that the others list
+// it as left rather than dead, waits up to timeout for that to go out, then
+// shuts down. timeout <= 0 waits as long as memberlist needs.
+func (c *Cluster) Leave(timeout time.Duration) error {
+	c.life.Lock()
+	if c.closed {
+		c.life.Unlock()
+		return nil
+	}
+	deadline := time.Now().Add(timeout)
+	wait := leaveWait
+	if timeout > 0 {
+		wait = timeout / 2
+	}
+	c.announceLeave(wait)
+	remaining := time.Duration(0)
+	if timeout > 0 {
+		remaining = max(time.Until(deadline), time.Millisecond)
+	}
+	err := c.ml.Leave(remaining)
+	c.life.Unlock()
+	if err != nil {
+		err = fmt.Errorf("gossip: leave: %w", err)
+	}
+	return errors.Join(err, c.Shutdown())
+}
+
+// announceLeave broadcasts a leave intent, as Serf does: memberlist reports a
+// leave and a failure the same way to its delegates, and the intent is how
+// the others tell them apart.
+func (c *Cluster) announceLeave(wait time.Duration) {
+	c.memMu.Lock()
+	if e := c.members[c.name]; e != nil {
+		e.leaving = true
+	}
+	c.memMu.Unlock()
+	if c.ml.NumMembers() <= 1 {
+		return
+	}
+	msg := encodeLeave(c.name, rand.Uint64())
+	// A broadcast reaches only a few members before relays take over, and
+	// some of those may be dead already; a leave is rare, so tell every
+	// member directly as well.
+	for _, n := range c.ml.Members() {
+		if n.Name == c.name {
+			continue
+		}
+		if err := c.ml.SendBestEffort(n, msg); err != nil {
+			c.log.Debug("leave intent not sent", "member", n.Name, "err", err)
+		}
+	}
+	done := make(chan struct{})
+	c.queue.QueueBroadcast(&leaveBroadcast{name: c.name, msg: msg, done: done})
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		c.log.Debug("leave intent not fully sent before timeout")
+	}
+}
+
+// Shutdown stops gossip without telling anyone (they will see this member
+// fail; see Leave) and waits for this package's goroutines. It is
+// idempotent.
+func (c *Cluster) Shutdown() error {
+	c.life.Lock()
+	if c.closed {
+		c.life.Unlock()
+		c.wg.Wait()
+		return nil
+	}
+	c.closed = true
+	close(c.done)
+	err := c.ml.Shutdown()
+	c.life.Unlock()
+	c.wg.Wait()
+	if err != nil {
+		return fmt.Errorf("gossip: shutdown: %w", err)
+	}
+	c.log.Info("gossip stopped")
+	return nil
+}
+
+func (c *Cluster) isClosed() bool {
+	select {
+	case <-c.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// handleMsg handles one user message from another member.
+func (c *Cluster) handleMsg(b []byte) {
+	if len(b) == 0 {
+		c.drop("empty message", nil)
+		return
+	}
+	switch b[0] {
+	case msgRecords:
+		rs, err := DecodeRecords(b)
+		if err != nil {
+			c.drop("malformed records message", err)
+			return
+		}
+		c.mergeRemote(rs, true)
+	case msgLeave:
+		name, nonce, err := decodeLeave(b)
+		if err != nil {
+			c.drop("malformed leave message", err)
+			return
+		}
+		c.handleLeave(name, nonce, b)
+	default:
+		c.drop("unknown message type", fmt.Errorf("type %#x", b[0]))
+	}
+}
+
+func (c *Cluster) drop(what string, err error) {
+	c.droppedMsgs.Add(1)
+	c.log.Warn("dropped gossip message", "reason", what, "err", err)
+}
+
+func (c *Cluster) handleLeave(name string, nonce uint64, msg []byte) {
+	if name == c.name {
+		return // we know whether we are leaving
+	}
+	c.memMu.Lock()
+	e := c.members[name]
+	if seen, ok := c.leaveSeen[name]; e == nil || ok && seen == nonce {
+		c.memMu.Unlock()
+		return
+	}
+	c.leaveSeen[name] = nonce
+	e.leaving = true
+	changed := false
+	if e.state == MemberDead { // the intent came after the death
+		e.state = MemberLeft
+		changed = true
+	}
+	c.memMu.Unlock()
+	c.queue.QueueBroadcast(&leaveBroadcast{name: name, msg: bytes.Clone(msg)})
+	if changed {
+		c.notifyMembers()
+	}
+}
+
+// memberEvent records what memberlist said about n. It runs under
+// memberlist's node lock, so it must not call into memberlist.
+func (c *Cluster) memberEvent(n *memberlist.Node, st MemberState, join bool) {
+	now := time.Now()
+	var metaErr error
+	c.memMu.Lock()
+	e := c.members[n.Name]
+	if e == nil {
+		e = &memberEntry{name: n.Name}
+		c.members[n.Name] = e
+	}
+	if a, ok := netip.AddrFromSlice(n.Addr); ok {
+		e.addr = netip.AddrPortFrom(a.Unmap(), n.Port)
+	}
+	if !e.decoded || !bytes.Equal(e.raw, n.Meta) {
+		e.raw, e.decoded = bytes.Clone(n.Meta), true
+		var m Meta
+		if err := m.UnmarshalBinary(n.Meta); err != nil {
+			e.meta, e.metaErr, metaErr = Meta{}, err, err
+		} else {
+			e.meta, e.metaErr = m, nil
+		}
+	}
+	if join {
+		e.leaving = false
+	}
+	if st == MemberDead && e.leaving {
+		st = MemberLeft
+	}
+	if e.state != st {
+		e.state, e.since = st, now
+	}
+	c.reapLocked(now)
+	alive := 0
+	for _, m := range c.members {
+		if m.state == MemberAlive {
+			alive++
+		}
+	}
+	c.alive.Store(int64(alive))
+	c.memMu.Unlock()
+
+	if metaErr != nil {
+		c.droppedMeta.Add(1)
+		c.log.Warn("member metadata does not decode; not a peer", "member", n.Name, "err", metaErr)
+	}
+	c.log.Debug("member event", "member", n.Name, "state", st)
+	c.notifyMembers()
+}
+
+// encodeLeave encodes a leave intent: type(1) name-len(1) name nonce(8).
+// The nonce lets relays dedupe one leave without hiding a later one.
+func encodeLeave(name string, nonce uint64) []byte {
+	b := make([]byte, 0, 2+len(name)+8)
+	b = append(b, msgLeave, byte(len(name)))
+	b = append(b, name...)
+	return binary.BigEndian.AppendUint64(b, nonce)
+}
+
+func decodeLeave(b []byte) (string, uint64, error) {
+	if len(b) < 2 || b[0] != msgLeave {
+		return "", 0, fmt.Errorf("decode leave: %w", errTruncated)
+	}
+	n := int(b[1])
+	if n == 0 {
+		return "", 0, errors.New("decode leave: empty name")
+	}
+	if len(b) != 2+n+8 {
+		return "", 0, fmt.Errorf("decode leave: %d bytes for a %d-byte name", len(b), n)
+	}
+	return string(b[2 : 2+n]), binary.BigEndian.Uint64(b[2+n:]), nil
+}
+
+// delegate is memberlist's view of the Cluster; a separate type keeps
+// memberlist's methods out of the Cluster's API.
+type delegate struct{ c *Cluster }
+
+func (d delegate) NodeMeta(limit int) []byte {
+	d.c.metaMu.Lock()
+	defer d.c.metaMu.Unlock()
+	if len(d.c.meta) > limit {
+		// memberlist panics on more; MarshalBinary already keeps under
+		// MetaMaxSize, so only a smaller limit gets here.
+		d.c.log.Error("metadata larger than memberlist allows", "size", len(d.c.meta), "limit", limit)
+		return nil
+	}
+	return d.c.meta
+}
+
+func (d delegate) NotifyMsg(b []byte) { d.c.handleMsg(b) }
+
+func (d delegate) GetBroadcasts(overhead, limit int) [][]byte {
+	return d.c.queue.GetBroadcasts(overhead, limit)
+}
+
+func (d delegate) LocalState(join bool) []byte {
+	return EncodeRecords(d.c.table.Records())
+}
+
+// MergeRemoteState merges a peer's whole table. Changes learned in the
+// periodic exchange are broadcast again: they mean a broadcast was missed
+// (a partition, a lost packet) and the rest of the cluster likely missed it
+// too. Changes learned while joining are not: there the joiner is simply
+// behind, and rebroadcasting the whole table would crowd out real news.
+func (d delegate) MergeRemoteState(buf []byte, join bool) {
+	if len(buf) == 0 {
+		return
+	}
+	rs, err := DecodeRecords(buf)
+	if err != nil {
+		d.c.drop("malformed remote state", err)
+		return
+	}
+	d.c.mergeRemote(rs, !join)
+}
+
+type eventDelegate struct{ c *Cluster }
+
+func (e eventDelegate) NotifyJoin(n *memberlist.Node)   { e.c.memberEvent(n, MemberAlive, true) }
+func (e eventDelegate) NotifyUpdate(n *memberlist.Node) { e.c.memberEvent(n, MemberAlive, false) }
+func (e eventDelegate) NotifyLeave(n *memberlist.Node)  { e.c.memberEvent(n, MemberDead, false) }
+
+// recordBroadcast carries one record. It is named by its VIP so that a
+// newer record for the VIP replaces an older one still in the queue.
+type recordBroadcast struct {
+	vip netip.Addr
+	msg []byte
+}
+
+func (b *recordBroadcast) Name() string    { return "vip/" + b.vip.String() }
+func (b *recordBroadcast) Message() []byte { return b.msg }
+func (b *recordBroadcast) Finished()       {}
+
+func (b *recordBroadcast) Invalidates(o memberlist.Broadcast) bool {
+	ob, ok := o.(*recordBroadcast)
+	return ok && ob.vip == b.vip
+}
+
+// leaveBroadcast carries a leave intent; done, if set, is closed once the
+// queue is finished with it.
+type leaveBroadcast struct {
+	name string
+	msg  []byte
+	done chan struct{}
+	once sync.Once
+}
+
+func (b *leaveBroadcast) Name() string    { return "leave/" + b.name }
+func (b *leaveBroadcast) Message() []byte { return b.msg }
+
+func (b *leaveBroadcast) Finished() {
+	if b.done != nil {
+		b.once.Do(func() { close(b.done) })
+	}
+}
+
+func (b *leaveBroadcast) Invalidates(o memberlist.Broadcast) bool {
+	ob, ok := o.(*leaveBroadcast)
+	return ok && ob.name == b.name
+}

@@ -1,0 +1,169 @@
+package gossip
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+)
+
+// MaxOwnerLen is the longest owner (member name) a record carries, in bytes.
+const MaxOwnerLen = 255
+
+// Message types: the first byte of every user message and of the push/pull
+// state, so that a later message kind never parses as records.
+const (
+	msgRecords byte = 0x01
+	msgLeave   byte = 0x02
+)
+
+// minRecordLen is the smallest encoded record: IPv4 family and address, a
+// one-byte epoch and an empty owner. It bounds the count a message can claim.
+const minRecordLen = 1 + 4 + 1 + 1
+
+// Record is one location record: which member owns a VIP, and since which
+// epoch.
+type Record struct {
+	VIP   netip.Addr // unmapped, IPv4 or IPv6; a /32 or /128
+	Owner string     // member name owning it; "" means released (a tombstone)
+	Epoch uint64
+}
+
+// Supersedes reports whether r wins over o for the same VIP: higher Epoch
+// wins; at equal epochs the greater Owner (string comparison) wins. It is a
+// strict total order on (Epoch, Owner), so every agent picks the same winner
+// whatever order records arrive in.
+func (r Record) Supersedes(o Record) bool {
+	if r.Epoch != o.Epoch {
+		return r.Epoch > o.Epoch
+	}
+	return r.Owner > o.Owner
+}
+
+func (r Record) validate() error {
+	if err := ValidVIP(r.VIP); err != nil {
+		return err
+	}
+	if len(r.Owner) > MaxOwnerLen {
+		return fmt.Errorf("owner is %d bytes, limit is %d", len(r.Owner), MaxOwnerLen)
+	}
+	return nil
+}
+
+// ValidVIP reports why a cannot be a VIP: it must be a unicast IPv4 or IPv6
+// address, without zone, and not IPv4-mapped (use a.Unmap()).
+func ValidVIP(a netip.Addr) error {
+	switch {
+	case !a.IsValid():
+		return errors.New("VIP is not set")
+	case a.Is4In6():
+		return fmt.Errorf("VIP %s is IPv4-mapped", a)
+	case a.Zone() != "":
+		return fmt.Errorf("VIP %s has a zone", a)
+	case a.IsUnspecified() || a.IsMulticast():
+		return fmt.Errorf("VIP %s is not a unicast address", a)
+	}
+	return nil
+}
+
+// EncodeRecords encodes rs as one message:
+//
+//	type(1) count(uvarint) { family(1) addr(4|16) epoch(uvarint) owner-len(1) owner }...
+//
+// Records that DecodeRecords would reject (invalid VIP, owner longer than
+// MaxOwnerLen) are left out, so one bad record cannot make a whole message
+// or a whole push/pull state undecodable.
+func EncodeRecords(rs []Record) []byte {
+	n := 0
+	size := 1 + binary.MaxVarintLen64
+	for _, r := range rs {
+		if r.validate() == nil {
+			n++
+			size += 1 + 16 + binary.MaxVarintLen64 + 1 + len(r.Owner)
+		}
+	}
+	b := make([]byte, 0, size)
+	b = append(b, msgRecords)
+	b = binary.AppendUvarint(b, uint64(n))
+	for _, r := range rs {
+		if r.validate() != nil {
+			continue
+		}
+		b = appendAddr(b, r.VIP)
+		b = binary.AppendUvarint(b, r.Epoch)
+		b = append(b, byte(len(r.Owner)))
+		b = append(b, r.Owner...)
+	}
+	return b
+}
+
+// DecodeRecords decodes what EncodeRecords wrote and nothing else: a wrong
+// type byte, an unknown family, an invalid VIP, a non-minimal varint, a count
+// the remaining bytes cannot hold, a truncated record or trailing bytes are
+// errors. It never allocates more than the input can justify.
+func DecodeRecords(b []byte) ([]Record, error) {
+	if len(b) == 0 {
+		return nil, fmt.Errorf("decode records: %w", errTruncated)
+	}
+	if b[0] != msgRecords {
+		return nil, fmt.Errorf("decode records: unknown message type %#x", b[0])
+	}
+	n, b, err := readUvarint(b[1:])
+	if err != nil {
+		return nil, fmt.Errorf("decode records: count: %w", err)
+	}
+	if n > uint64(len(b))/minRecordLen {
+		return nil, fmt.Errorf("decode records: count %d does not fit in %d bytes", n, len(b))
+	}
+	rs := make([]Record, 0, n)
+	for i := range n {
+		var r Record
+		if r.VIP, b, err = readAddr(b); err != nil {
+			return nil, fmt.Errorf("decode records: record %d: VIP: %w", i, err)
+		}
+		if r.Epoch, b, err = readUvarint(b); err != nil {
+			return nil, fmt.Errorf("decode records: record %d: epoch: %w", i, err)
+		}
+		if len(b) < 1 {
+			return nil, fmt.Errorf("decode records: record %d: owner: %w", i, errTruncated)
+		}
+		l := int(b[0])
+		if len(b) < 1+l {
+			return nil, fmt.Errorf("decode records: record %d: owner: %w", i, errTruncated)
+		}
+		r.Owner = string(b[1 : 1+l])
+		b = b[1+l:]
+		if err := r.validate(); err != nil {
+			return nil, fmt.Errorf("decode records: record %d: %w", i, err)
+		}
+		rs = append(rs, r)
+	}
+	if len(b) != 0 {
+		return nil, fmt.Errorf("decode records: %w (%d)", errTrailing, len(b))
+	}
+	return rs, nil
+}
+
+// readUvarint reads a minimal uvarint: binary.Uvarint also takes padded
+// encodings, which would give one value several encodings.
+func readUvarint(b []byte) (uint64, []byte, error) {
+	v, n := binary.Uvarint(b)
+	switch {
+	case n == 0:
+		return 0, nil, errTruncated
+	case n < 0:
+		return 0, nil, errors.New("varint overflows 64 bits")
+	case n != uvarintLen(v):
+		return 0, nil, errors.New("varint is not minimal")
+	}
+	return v, b[n:], nil
+}
+
+func uvarintLen(v uint64) int {
+	n := 1
+	for v >= 0x80 {
+		v >>= 7
+		n++
+	}
+	return n
+}
