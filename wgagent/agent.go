@@ -1,0 +1,274 @@
+// Package wgagent is the agent of one host: it keeps the WireGuard
+// interface, its peers and the host's routes equal to what the gossiped
+// cluster state asks for, repairs what others change, and serves the local
+// control API. It decides nothing about migrations beyond who owns a VIP.
+package wgagent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/wgagent/control"
+	"github.com/vmroam/vmroam/wgagent/route"
+	"github.com/vmroam/vmroam/wgagent/wgdev"
+)
+
+// Route metrics. A local VIP's route beats Xen's vif-route (metric 2) so
+// the agent, not the hotplug script, decides where the VIP goes.
+const (
+	metricLocalVIP = 1
+	metricOverlay  = 10
+)
+
+// Agent is one running host agent. Create it with New, then Run it.
+type Agent struct {
+	cfg     Config
+	log     *slog.Logger
+	key     wgtypes.Key
+	dev     *wgdev.Device
+	routes  *route.Table
+	cluster *gossip.Cluster
+	ctl     *control.Server
+	started time.Time
+
+	trigger chan struct{} // a reconcile is wanted; buffered 1
+
+	mu       sync.Mutex // guards the fields below and serializes reconciles
+	attached map[netip.Addr]attachment
+	peers    []string // gossip addresses seen, persisted
+	problems []string // from the last reconcile
+	dirty    bool     // persisted state changed since the last save
+}
+
+// New opens the WireGuard interface, the gossip member and the control
+// socket. On error, everything it created is removed again.
+func New(cfg Config) (*Agent, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	a := &Agent{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		routes:   route.NewTable(),
+		trigger:  make(chan struct{}, 1),
+		attached: map[netip.Addr]attachment{},
+		started:  time.Now(),
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			a.teardown()
+		}
+	}()
+	if len(cfg.GossipKeys) == 0 {
+		a.log.Warn("GOSSIP IS NOT ENCRYPTED (--insecure-gossip): anyone who reaches the gossip port can join the cluster and redirect VM traffic")
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	var err error
+	key, created, err := loadOrCreateKey(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	a.key = key
+	if created {
+		a.log.Info("generated a new WireGuard key", "public_key", key.PublicKey().String())
+	}
+	st, err := loadState(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	a.peers = st.Peers
+	warnSysctls(a.log, cfg.Address.Addr().Is6())
+
+	a.dev, err = wgdev.Open(wgdev.Config{
+		Name:       cfg.Interface,
+		MTU:        cfg.MTU,
+		Impl:       cfg.Impl,
+		PrivateKey: key,
+		ListenPort: cfg.WGPort,
+		Logger:     a.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	a.log.Info("WireGuard interface up", "iface", cfg.Interface, "impl", a.dev.Impl(), "public_key", key.PublicKey().String())
+
+	gcfg := gossip.DefaultConfig()
+	gcfg.Name = cfg.Name
+	gcfg.BindAddr = cfg.BindAddr
+	gcfg.BindPort = cfg.GossipPort
+	gcfg.AdvertiseAddr = cfg.AdvertiseAddr
+	gcfg.Keys = cfg.GossipKeys
+	gcfg.Meta = a.meta()
+	gcfg.Profile = cfg.GossipProfile
+	gcfg.Logger = a.log
+	gcfg.Events = events{a}
+	a.cluster, err = gossip.New(gcfg)
+	if err != nil {
+		return nil, fmt.Errorf("gossip: %w", err)
+	}
+
+	// Re-announce what we owned before a restart, at the epoch we owned it
+	// with: if someone claimed it since, their higher epoch wins on merge
+	// and the next reconcile lets it go.
+	for _, at := range st.Attachments {
+		a.attached[at.VIP] = at
+		a.cluster.Assert(gossip.Record{VIP: at.VIP, Owner: cfg.Name, Epoch: at.Epoch})
+	}
+
+	a.ctl, err = control.Listen(cfg.Socket, backend{a}, a.log.With("component", "control"))
+	if err != nil {
+		return nil, err
+	}
+	ok = true
+	return a, nil
+}
+
+func (a *Agent) meta() gossip.Meta {
+	return gossip.Meta{
+		Version:   gossip.ProtocolVersion,
+		PublicKey: a.key.PublicKey(),
+		Endpoint:  netip.AddrPortFrom(a.cfg.advertise(), uint16(a.cfg.WGPort)),
+		Address:   a.cfg.Address.Addr(),
+		Site:      a.cfg.Site,
+	}
+}
+
+// Run joins the cluster and reconciles until ctx is done, then leaves the
+// cluster and removes everything the agent created.
+func (a *Agent) Run(ctx context.Context) error {
+	defer a.teardown()
+	join := joinList(a.cfg.Join, a.peers, a.cfg.advertise(), a.cfg.GossipPort)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if len(join) > 0 {
+			a.log.Info("joining", "members", join)
+			a.cluster.Join(ctx, join)
+		}
+		a.cluster.KeepJoined(ctx, join)
+	}()
+	defer wg.Wait()
+
+	a.reconcile()
+	tick := time.NewTicker(a.cfg.ReconcileInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			a.log.Info("shutting down")
+			return nil
+		case <-a.trigger:
+		case <-tick.C:
+		}
+		a.reconcile()
+	}
+}
+
+// teardown undoes New. It runs once, from Run or from a failed New.
+// The control server goes first: its handlers use everything else.
+func (a *Agent) teardown() {
+	if a.ctl != nil {
+		a.ctl.Close()
+		a.ctl = nil
+	}
+	if a.cluster != nil {
+		if err := a.cluster.Leave(3 * time.Second); err != nil {
+			a.log.Warn("leaving the cluster", "err", err)
+		}
+		a.cluster = nil
+	}
+	if err := a.routes.Flush(); err != nil {
+		a.log.Warn("removing routes", "err", err)
+	}
+	if a.dev != nil {
+		if err := a.dev.Close(); err != nil {
+			a.log.Warn("removing the WireGuard interface", "err", err)
+		}
+		a.dev = nil
+	}
+	a.mu.Lock()
+	a.saveLocked()
+	a.mu.Unlock()
+}
+
+// kick asks the reconcile loop for a run without blocking.
+func (a *Agent) kick() {
+	select {
+	case a.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// events forwards gossip's events to the reconcile loop; it must not block.
+type events struct{ a *Agent }
+
+func (e events) MembersChanged() { e.a.kick() }
+func (e events) RecordsChanged() { e.a.kick() }
+
+// joinList merges the configured join addresses with the persisted peers,
+// minus ourselves.
+func joinList(cfg, persisted []string, self netip.Addr, port int) []string {
+	selfStr := net.JoinHostPort(self.String(), strconv.Itoa(port))
+	var out []string
+	for _, s := range append(slices.Clone(cfg), persisted...) {
+		if s == "" || s == selfStr || s == self.String() || slices.Contains(out, s) {
+			continue
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+func (a *Agent) saveLocked() {
+	if !a.dirty {
+		return
+	}
+	st := persisted{Peers: slices.Clone(a.peers)}
+	for _, at := range a.attached {
+		st.Attachments = append(st.Attachments, at)
+	}
+	if err := saveState(a.cfg.DataDir, st); err != nil {
+		a.log.Error("saving state", "err", err)
+		return
+	}
+	a.dirty = false
+}
+
+// warnSysctls says loudly when the host will not forward VM traffic.
+func warnSysctls(log *slog.Logger, v6 bool) {
+	check := func(path string) {
+		b, err := os.ReadFile(path)
+		if err == nil && len(b) > 0 && b[0] == '0' {
+			log.Warn("IP forwarding is off: VMs on this host will not be reachable through the tunnel", "sysctl", path)
+		}
+	}
+	check("/proc/sys/net/ipv4/ip_forward")
+	if v6 {
+		check("/proc/sys/net/ipv6/conf/all/forwarding")
+	}
+}
+
+// linkExists reports whether a network interface of that name exists here.
+func linkExists(name string) bool {
+	_, err := netlink.LinkByName(name)
+	return err == nil
+}

@@ -1,0 +1,190 @@
+package wgagent
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/wgagent/control"
+)
+
+// backend serves the control API from the agent.
+type backend struct{ a *Agent }
+
+func badRequest(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", control.ErrBadRequest, fmt.Sprintf(format, args...))
+}
+
+// Attach makes this host the owner of vip, reached through dev. Attaching
+// what is already attached here is a no-op (a changed dev is taken over),
+// so hooks may repeat themselves.
+func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.VIP, error) {
+	a := b.a
+	vip = vip.Unmap()
+	if err := a.checkVIP(vip); err != nil {
+		return control.VIP{}, err
+	}
+	if dev == "" {
+		return control.VIP{}, badRequest("--dev is required: the interface behind which the VM with %s runs", vip)
+	}
+	if dev == a.cfg.Interface {
+		return control.VIP{}, badRequest("--dev %s is the WireGuard interface, not a VM's", dev)
+	}
+	if !linkExists(dev) {
+		return control.VIP{}, badRequest("interface %s not found on this host", dev)
+	}
+	a.mu.Lock()
+	at, ok := a.attached[vip]
+	if ok && at.Dev != dev {
+		a.log.Info("VIP moves to another local interface", "vip", vip, "from", at.Dev, "to", dev)
+		at.Dev = dev
+		a.attached[vip] = at
+		a.dirty = true
+	}
+	if !ok {
+		r := a.cluster.Claim(vip)
+		at = attachment{VIP: vip, Dev: dev, Epoch: r.Epoch}
+		a.attached[vip] = at
+		a.dirty = true
+		a.log.Info("VIP attached", "vip", vip, "dev", dev, "epoch", r.Epoch)
+	}
+	a.mu.Unlock()
+	a.reconcile()
+	return a.vipStatus(vip), nil
+}
+
+// Detach releases vip. Detaching a VIP that is not attached here succeeds
+// and changes nothing: after a migration the hook on the old host may
+// arrive when the new host owns the VIP already.
+func (b backend) Detach(_ context.Context, vip netip.Addr) (control.VIP, error) {
+	a := b.a
+	vip = vip.Unmap()
+	a.mu.Lock()
+	_, ok := a.attached[vip]
+	if ok {
+		delete(a.attached, vip)
+		a.dirty = true
+		if r, released := a.cluster.Release(vip); released {
+			a.log.Info("VIP detached", "vip", vip, "epoch", r.Epoch)
+		}
+	}
+	a.mu.Unlock()
+	if ok {
+		a.reconcile()
+	}
+	return a.vipStatus(vip), nil
+}
+
+// checkVIP refuses addresses that cannot be a VM's: not unicast, or a
+// host's overlay address.
+func (a *Agent) checkVIP(vip netip.Addr) error {
+	switch {
+	case !vip.IsValid():
+		return badRequest("a VIP is required")
+	case vip.IsUnspecified() || vip.IsLoopback() || vip.IsMulticast() || vip.IsLinkLocalUnicast() || vip == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return badRequest("%s cannot be a VIP: not a unicast address", vip)
+	case vip == a.cfg.Address.Addr():
+		return badRequest("%s is this host's overlay address", vip)
+	}
+	for _, m := range a.cluster.Members() {
+		if m.MetaErr == nil && m.Meta.Address == vip {
+			return badRequest("%s is the overlay address of host %s", vip, m.Name)
+		}
+	}
+	return nil
+}
+
+func (a *Agent) vipStatus(vip netip.Addr) control.VIP {
+	r, _ := a.cluster.Table().Get(vip)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.vipLocked(gossip.Record{VIP: vip, Owner: r.Owner, Epoch: r.Epoch})
+}
+
+func (a *Agent) vipLocked(r gossip.Record) control.VIP {
+	v := control.VIP{VIP: r.VIP.String(), Owner: r.Owner, Epoch: r.Epoch}
+	switch at, ok := a.attached[r.VIP]; {
+	case ok && r.Owner == a.cfg.Name:
+		v.Local, v.Dev, v.State = true, at.Dev, "local"
+	case r.Owner == "":
+		v.State = "released"
+	default:
+		v.State = "remote"
+	}
+	return v
+}
+
+// Status reports the agent, its peers and every VIP it knows.
+func (b backend) Status(context.Context) (control.Status, error) {
+	a := b.a
+	st := control.Status{
+		Name:      a.cfg.Name,
+		Address:   a.cfg.Address.String(),
+		PublicKey: a.key.PublicKey().String(),
+		Endpoint:  a.meta().Endpoint.String(),
+		Site:      a.cfg.Site,
+		Interface: a.cfg.Interface,
+		Impl:      string(a.dev.Impl()),
+		Started:   a.started,
+		Peers:     []control.Peer{},
+		VIPs:      []control.VIP{},
+		Conflicts: []control.Conflict{},
+	}
+	dev, err := a.dev.State()
+	if err != nil {
+		return st, err
+	}
+	wgPeers := map[wgtypes.Key]wgtypes.Peer{}
+	for _, p := range dev.Peers {
+		wgPeers[p.PublicKey] = p
+	}
+	records := a.cluster.Table().Records()
+	owned := map[string][]string{}
+	for _, r := range records {
+		owned[r.Owner] = append(owned[r.Owner], r.VIP.String())
+	}
+	for _, m := range a.cluster.Members() {
+		if m.Local {
+			continue
+		}
+		p := control.Peer{Name: m.Name, State: string(m.State), VIPs: owned[m.Name]}
+		if p.VIPs == nil {
+			p.VIPs = []string{}
+		}
+		if m.MetaErr == nil {
+			k := wgtypes.Key(m.Meta.PublicKey)
+			p.PublicKey = k.String()
+			p.Endpoint = m.Meta.Endpoint.String()
+			p.Address = m.Meta.Address.String()
+			p.Site = m.Meta.Site
+			if wp, ok := wgPeers[k]; ok {
+				if !wp.LastHandshakeTime.IsZero() {
+					t := wp.LastHandshakeTime
+					p.LastHandshake = &t
+				}
+				p.RxBytes, p.TxBytes = wp.ReceiveBytes, wp.TransmitBytes
+			}
+		}
+		st.Peers = append(st.Peers, p)
+	}
+	a.mu.Lock()
+	for _, r := range records {
+		st.VIPs = append(st.VIPs, a.vipLocked(r))
+	}
+	st.Problems = slices.Clone(a.problems)
+	a.mu.Unlock()
+	if st.Problems == nil {
+		st.Problems = []string{}
+	}
+	for _, c := range a.cluster.Table().Conflicts() {
+		winner, _ := a.cluster.Table().Get(c.VIP)
+		st.Conflicts = append(st.Conflicts, control.Conflict{VIP: c.VIP.String(), Epoch: c.Epoch, Owners: c.Owners, Winner: winner.Owner})
+	}
+	gs := a.cluster.Stats()
+	st.Gossip = control.Gossip{Members: gs.Members, Encrypted: len(a.cfg.GossipKeys) > 0, DroppedMessages: gs.DroppedMessages, DroppedMeta: gs.DroppedMeta}
+	return st, nil
+}

@@ -1,0 +1,143 @@
+package wgagent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/vmroam/vmroam/wgagent/control"
+	"github.com/vmroam/vmroam/wgagent/wgdev"
+)
+
+// Config is everything an agent needs to run. The CLI fills it from flags
+// and the config file.
+type Config struct {
+	// Name is this host's member name, unique in the cluster.
+	Name string
+	// BindAddr is the underlay address gossip listens on.
+	BindAddr netip.Addr
+	// AdvertiseAddr is the underlay address other hosts reach this one at,
+	// for gossip and WireGuard. Zero means BindAddr, which then must not
+	// be unspecified.
+	AdvertiseAddr netip.Addr
+	// GossipPort is the memberlist port (TCP and UDP).
+	GossipPort int
+	// WGPort is WireGuard's UDP listen port.
+	WGPort int
+	// Join lists HOST or HOST:PORT of members to join; the agent retries
+	// until one answers and rejoins when it finds itself alone.
+	Join []string
+	// Address is this host's overlay address with the overlay prefix
+	// length, e.g. 100.100.0.1/16. The whole prefix is routed into the
+	// tunnel.
+	Address netip.Prefix
+	// Interface names the WireGuard interface.
+	Interface string
+	// MTU of the WireGuard interface.
+	MTU int
+	// Impl picks kernel or embedded WireGuard.
+	Impl wgdev.Impl
+	// Site names this host's LAN; informational for now.
+	Site string
+	// DataDir keeps the private key and the state that survives restarts.
+	DataDir string
+	// Socket is the control API's Unix socket.
+	Socket string
+	// GossipKeys encrypt gossip; the first is primary. Empty only with
+	// InsecureGossip.
+	GossipKeys [][]byte
+	// InsecureGossip allows running without GossipKeys.
+	InsecureGossip bool
+	// GossipProfile is memberlist's timing profile: lan, wan or local.
+	GossipProfile string
+	// ReconcileInterval is how often kernel state is compared with the
+	// desired state even when nothing signalled a change; it bounds how
+	// long a route or peer deleted by someone else stays missing.
+	ReconcileInterval time.Duration
+	// Logger receives the agent's logs; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// DefaultConfig returns a Config with every default filled in; Name,
+// BindAddr, Address and GossipKeys remain to be set.
+func DefaultConfig() Config {
+	return Config{
+		GossipPort:        7946,
+		WGPort:            51820,
+		Interface:         "vmr0",
+		MTU:               1420,
+		Impl:              wgdev.Auto,
+		DataDir:           "/var/lib/vmroam",
+		Socket:            control.DefaultSocket,
+		GossipProfile:     "lan",
+		ReconcileInterval: 2 * time.Second,
+	}
+}
+
+// Validate reports the first problem with c, in words for the operator.
+func (c *Config) Validate() error {
+	var errs []error
+	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if c.Name == "" {
+		add("--name is required")
+	} else if len(c.Name) > 64 {
+		add("--name %q is longer than 64 bytes", c.Name)
+	}
+	if !c.BindAddr.IsValid() {
+		add("--bind is required")
+	}
+	adv := c.advertise()
+	if !adv.IsValid() || adv.IsUnspecified() {
+		add("--advertise is required when --bind is %s", c.BindAddr)
+	}
+	if !c.Address.IsValid() {
+		add("--address is required (this host's overlay address with the overlay prefix, e.g. 100.100.0.1/16)")
+	} else if c.Address.Addr() == c.Address.Masked().Addr() && c.Address.Bits() < c.Address.Addr().BitLen() {
+		add("--address %s is the overlay prefix itself; give this host's address in it, e.g. %s", c.Address, nextAddr(c.Address))
+	}
+	for _, p := range []struct {
+		name string
+		v    int
+	}{{"--gossip-port", c.GossipPort}, {"--wg-port", c.WGPort}} {
+		if p.v < 1 || p.v > 65535 {
+			add("%s %d: must be 1 to 65535", p.name, p.v)
+		}
+	}
+	if c.Interface == "" || len(c.Interface) > 15 {
+		add("--interface %q: must be 1 to 15 bytes", c.Interface)
+	}
+	if c.MTU < 1280 || c.MTU > 9000 {
+		add("--mtu %d: must be 1280 to 9000", c.MTU)
+	}
+	if c.DataDir == "" {
+		add("--data-dir is required")
+	}
+	if c.Socket == "" {
+		add("--socket is required")
+	}
+	if len(c.GossipKeys) == 0 && !c.InsecureGossip {
+		add("--encrypt-key-file is required (make a key with `vmroam keygen --gossip`); --insecure-gossip runs without encryption")
+	}
+	switch c.GossipProfile {
+	case "lan", "wan", "local":
+	default:
+		add("--gossip-profile %q: want lan, wan or local", c.GossipProfile)
+	}
+	if c.ReconcileInterval < 100*time.Millisecond {
+		add("--reconcile-interval %s: must be at least 100ms", c.ReconcileInterval)
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Config) advertise() netip.Addr {
+	if c.AdvertiseAddr.IsValid() {
+		return c.AdvertiseAddr
+	}
+	return c.BindAddr
+}
+
+func nextAddr(p netip.Prefix) netip.Prefix {
+	return netip.PrefixFrom(p.Masked().Addr().Next(), p.Bits())
+}

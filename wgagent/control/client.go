@@ -1,0 +1,111 @@
+package control
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+	"syscall"
+)
+
+// ErrNoAgent says nothing answers on the control socket.
+var ErrNoAgent = errors.New("no agent answers")
+
+// SocketPath picks the socket a client uses: the flag if set, else
+// $VMROAM_SOCKET, else DefaultSocket.
+func SocketPath(flag string) string {
+	if flag != "" {
+		return flag
+	}
+	if env := os.Getenv(SocketEnv); env != "" {
+		return env
+	}
+	return DefaultSocket
+}
+
+// Client talks to an agent's control socket.
+type Client struct {
+	path string
+	http *http.Client
+}
+
+// NewClient returns a client for the socket at path. It does not connect.
+func NewClient(path string) *Client {
+	return &Client{
+		path: path,
+		http: &http.Client{Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", path)
+			},
+		}},
+	}
+}
+
+// Status fetches the agent's status.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var st Status
+	err := c.do(ctx, http.MethodGet, "/v1/status", nil, &st)
+	return st, err
+}
+
+// Attach asks the agent to own vip behind dev.
+func (c *Client) Attach(ctx context.Context, vip netip.Addr, dev string) (VIP, error) {
+	var v VIP
+	err := c.do(ctx, http.MethodPost, "/v1/vips", AttachRequest{VIP: vip, Dev: dev}, &v)
+	return v, err
+}
+
+// Detach asks the agent to release vip.
+func (c *Client) Detach(ctx context.Context, vip netip.Addr) (VIP, error) {
+	var v VIP
+	err := c.do(ctx, http.MethodDelete, "/v1/vips/"+vip.String(), nil, &v)
+	return v, err
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://vmroam"+path, body)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			return fmt.Errorf("%w on %s: is the agent running?", ErrNoAgent, c.path)
+		}
+		if errors.Is(err, syscall.EACCES) {
+			return fmt.Errorf("control socket %s: permission denied (the control API is for root)", c.path)
+		}
+		return fmt.Errorf("control socket %s: %w", c.path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		var eb errorBody
+		if json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&eb) != nil || eb.Error == "" {
+			eb.Error = resp.Status
+		}
+		if resp.StatusCode == http.StatusBadRequest {
+			return fmt.Errorf("%w%s", ErrBadRequest, strings.TrimPrefix(eb.Error, ErrBadRequest.Error()))
+		}
+		return errors.New(eb.Error)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("control socket %s: decode reply: %w", c.path, err)
+	}
+	return nil
+}

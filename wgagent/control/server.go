@@ -1,0 +1,172 @@
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Backend is what the server exposes. Its methods are called from HTTP
+// handler goroutines, concurrently.
+type Backend interface {
+	Status(ctx context.Context) (Status, error)
+	Attach(ctx context.Context, vip netip.Addr, dev string) (VIP, error)
+	Detach(ctx context.Context, vip netip.Addr) (VIP, error)
+}
+
+// ErrBadRequest marks errors caused by the client's input; the server
+// answers them with 400 instead of 500.
+var ErrBadRequest = errors.New("bad request")
+
+// Server serves a Backend on a Unix socket.
+type Server struct {
+	path string
+	ln   net.Listener
+	srv  *http.Server
+	done chan struct{}
+}
+
+// Listen creates the socket (mode 0600, its directory 0755 if missing). It
+// refuses to take over a socket another agent is still answering on, and
+// removes a stale one.
+func Listen(path string, b Backend, log *slog.Logger) (*Server, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("control socket directory: %w", err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("control socket %s: another agent is answering on it", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale control socket: %w", err)
+	}
+	old := syscall.Umask(0o177)
+	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	s := &Server{path: path, ln: &rootOnly{Listener: ln, log: log}, done: make(chan struct{})}
+	s.srv = &http.Server{
+		Handler:           handler(b),
+		ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	go func() {
+		defer close(s.done)
+		s.srv.Serve(s.ln)
+	}()
+	return s, nil
+}
+
+// Close stops serving and removes the socket.
+func (s *Server) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := s.srv.Shutdown(ctx)
+	<-s.done
+	os.Remove(s.path)
+	return err
+}
+
+// rootOnly drops connections from any user but root and the agent's own,
+// whatever the socket's file mode says.
+type rootOnly struct {
+	net.Listener
+	log *slog.Logger
+}
+
+func (l *rootOnly) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		uid, err := peerUID(c)
+		if err == nil && (uid == 0 || uid == uint32(os.Geteuid())) {
+			return c, nil
+		}
+		l.log.Warn("control socket: refused a connection", "uid", uid, "err", err)
+		c.Close()
+	}
+}
+
+func peerUID(c net.Conn) (uint32, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return 0, errors.New("not a unix connection")
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if credErr != nil {
+		return 0, credErr
+	}
+	return cred.Uid, nil
+}
+
+func handler(b Backend) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		st, err := b.Status(r.Context())
+		reply(w, st, err)
+	})
+	mux.HandleFunc("POST /v1/vips", func(w http.ResponseWriter, r *http.Request) {
+		var req AttachRequest
+		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			reply(w, nil, fmt.Errorf("%w: %v", ErrBadRequest, err))
+			return
+		}
+		v, err := b.Attach(r.Context(), req.VIP, req.Dev)
+		reply(w, v, err)
+	})
+	mux.HandleFunc("DELETE /v1/vips/{vip}", func(w http.ResponseWriter, r *http.Request) {
+		vip, err := netip.ParseAddr(r.PathValue("vip"))
+		if err != nil {
+			reply(w, nil, fmt.Errorf("%w: %v", ErrBadRequest, err))
+			return
+		}
+		v, err := b.Detach(r.Context(), vip)
+		reply(w, v, err)
+	})
+	return mux
+}
+
+func reply(w http.ResponseWriter, v any, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, ErrBadRequest) {
+			code = http.StatusBadRequest
+		}
+		w.WriteHeader(code)
+		json.NewEncoder(w).Encode(errorBody{Error: err.Error()})
+		return
+	}
+	json.NewEncoder(w).Encode(v)
+}

@@ -1,0 +1,331 @@
+package wgagent
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/wgagent/route"
+)
+
+// wantPeer is a WireGuard peer the cluster state asks for.
+type wantPeer struct {
+	name       string
+	key        wgtypes.Key
+	endpoint   netip.AddrPort
+	allowedIPs []netip.Prefix
+}
+
+// reconcile brings ownership, WireGuard peers and routes to what gossip
+// says. It is idempotent; everything it cannot fix now is kept in
+// a.problems for status and retried on the next run.
+func (a *Agent) reconcile() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var problems []string
+	problem := func(format string, args ...any) {
+		p := fmt.Sprintf(format, args...)
+		problems = append(problems, p)
+	}
+
+	members := a.cluster.Members()
+	records := a.cluster.Table().Records()
+	a.reconcileOwnership(records)
+	a.rememberPeers(members)
+
+	peers := a.wantPeers(members, records, problem)
+	if err := a.applyPeers(peers); err != nil {
+		problem("WireGuard: %v", err)
+	}
+
+	a.routes.Set(a.wantRoutes(records))
+	if err := a.ensureAddress(); err != nil {
+		problem("address: %v", err)
+	}
+	if err := a.routes.Reconcile(); err != nil {
+		problem("routes: %v", err)
+	}
+	a.saveLocked()
+
+	if !slices.Equal(problems, a.problems) {
+		for _, p := range problems {
+			if !slices.Contains(a.problems, p) {
+				a.log.Warn("reconcile", "problem", p)
+			}
+		}
+		if len(problems) == 0 && len(a.problems) > 0 {
+			a.log.Info("reconcile: all problems cleared")
+		}
+	}
+	a.problems = problems
+}
+
+// reconcileOwnership lets go of local attachments that another host now
+// owns, and releases records that name us without an attachment (state
+// lost in a crash).
+func (a *Agent) reconcileOwnership(records []gossip.Record) {
+	byVIP := make(map[netip.Addr]gossip.Record, len(records))
+	for _, r := range records {
+		byVIP[r.VIP] = r
+	}
+	for vip, at := range a.attached {
+		r, ok := byVIP[vip]
+		if ok && r.Owner == a.cfg.Name {
+			if r.Epoch != at.Epoch {
+				at.Epoch = r.Epoch
+				a.attached[vip] = at
+				a.dirty = true
+			}
+			continue
+		}
+		if !ok {
+			// Not merged yet (cannot happen after Claim or Assert); keep it.
+			continue
+		}
+		if r.Owner == "" {
+			a.log.Warn("VIP released elsewhere; dropping the local attachment", "vip", vip, "epoch", r.Epoch)
+		} else if r.Epoch == at.Epoch {
+			a.log.Error("DUPLICATE OWNER: another host claimed this VIP at the same epoch and wins the tie; dropping the local attachment", "vip", vip, "epoch", r.Epoch, "winner", r.Owner)
+		} else {
+			a.log.Info("VIP now owned by another host; dropping the local attachment", "vip", vip, "owner", r.Owner, "epoch", r.Epoch)
+		}
+		delete(a.attached, vip)
+		a.dirty = true
+	}
+	for _, r := range records {
+		if r.Owner == a.cfg.Name {
+			if _, ok := a.attached[r.VIP]; !ok {
+				a.log.Warn("a record names this host as owner but nothing is attached here; releasing it", "vip", r.VIP, "epoch", r.Epoch)
+				a.cluster.Release(r.VIP)
+			}
+		}
+	}
+}
+
+func (a *Agent) rememberPeers(members []gossip.Member) {
+	for _, m := range members {
+		if m.Local || m.State != "alive" || !m.Addr.IsValid() {
+			continue
+		}
+		s := m.Addr.String()
+		if !slices.Contains(a.peers, s) {
+			a.peers = append(a.peers, s)
+			a.dirty = true
+		}
+	}
+}
+
+// isPeerState says which gossip states keep a member a WireGuard peer: a
+// suspect member may only be slow, so its tunnel stays until it is dead.
+func isPeerState(s gossip.MemberState) bool { return s == "alive" || s == "suspect" }
+
+func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, problem func(string, ...any)) []wantPeer {
+	owned := map[string][]netip.Prefix{}
+	for _, r := range records {
+		if r.Owner != "" {
+			owned[r.Owner] = append(owned[r.Owner], hostPrefix(r.VIP))
+		}
+	}
+	self := a.key.PublicKey()
+	byKey := map[wgtypes.Key]string{}
+	var out []wantPeer
+	for _, m := range members {
+		if m.Local || !isPeerState(m.State) {
+			continue
+		}
+		if m.MetaErr != nil {
+			problem("member %s: unreadable metadata: %v", m.Name, m.MetaErr)
+			continue
+		}
+		if m.Meta.Version != gossip.ProtocolVersion {
+			problem("member %s speaks protocol %d, this agent %d", m.Name, m.Meta.Version, gossip.ProtocolVersion)
+			continue
+		}
+		k := wgtypes.Key(m.Meta.PublicKey)
+		if k == self {
+			problem("member %s uses this host's WireGuard key", m.Name)
+			continue
+		}
+		if other, dup := byKey[k]; dup {
+			problem("members %s and %s share one WireGuard key; ignoring %s", other, m.Name, m.Name)
+			continue
+		}
+		byKey[k] = m.Name
+		allowed := append([]netip.Prefix{hostPrefix(m.Meta.Address)}, owned[m.Name]...)
+		out = append(out, wantPeer{name: m.Name, key: k, endpoint: m.Meta.Endpoint, allowedIPs: allowed})
+	}
+	return out
+}
+
+// applyPeers changes the device's peers to want. A VIP moves between peers
+// by adding it to the new peer, which WireGuard does atomically; only a
+// prefix that must leave a peer without going elsewhere needs the peer's
+// whole list replaced.
+func (a *Agent) applyPeers(want []wantPeer) error {
+	dev, err := a.dev.State()
+	if err != nil {
+		return err
+	}
+	cur := make(map[wgtypes.Key]wgtypes.Peer, len(dev.Peers))
+	for _, p := range dev.Peers {
+		cur[p.PublicKey] = p
+	}
+	wanted := make(map[wgtypes.Key]wantPeer, len(want))
+	var changes []wgtypes.PeerConfig
+	for _, w := range want {
+		wanted[w.key] = w
+		c, ok := cur[w.key]
+		if !ok {
+			a.log.Info("adding peer", "peer", w.name, "endpoint", w.endpoint, "allowed_ips", w.allowedIPs)
+			changes = append(changes, wgtypes.PeerConfig{
+				PublicKey:         w.key,
+				Endpoint:          udpAddr(w.endpoint),
+				ReplaceAllowedIPs: true,
+				AllowedIPs:        ipNets(w.allowedIPs),
+			})
+			continue
+		}
+		pc := wgtypes.PeerConfig{PublicKey: w.key, UpdateOnly: true}
+		changed := false
+		// The advertised endpoint is authoritative: it is how operators
+		// say where a host is reachable, NAT included.
+		if c.Endpoint == nil || c.Endpoint.AddrPort() != w.endpoint {
+			pc.Endpoint = udpAddr(w.endpoint)
+			changed = true
+		}
+		have := prefixSet(c.AllowedIPs)
+		for _, p := range w.allowedIPs {
+			if !have[p] {
+				pc.AllowedIPs = append(pc.AllowedIPs, ipNet(p))
+				changed = true
+			}
+		}
+		if changed {
+			changes = append(changes, pc)
+		}
+	}
+	for k, c := range cur {
+		if _, ok := wanted[k]; !ok {
+			a.log.Info("removing peer", "public_key", k.String(), "endpoint", c.Endpoint)
+			changes = append(changes, wgtypes.PeerConfig{PublicKey: k, Remove: true})
+		}
+	}
+	if len(changes) > 0 {
+		if err := a.dev.Configure(wgtypes.Config{Peers: changes}); err != nil {
+			return err
+		}
+		if dev, err = a.dev.State(); err != nil {
+			return err
+		}
+	}
+	// Second pass: prefixes still on a peer that should not have them.
+	var shrink []wgtypes.PeerConfig
+	for _, p := range dev.Peers {
+		w, ok := wanted[p.PublicKey]
+		if !ok {
+			continue
+		}
+		want := map[netip.Prefix]bool{}
+		for _, q := range w.allowedIPs {
+			want[q] = true
+		}
+		for q := range prefixSet(p.AllowedIPs) {
+			if !want[q] {
+				shrink = append(shrink, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, ReplaceAllowedIPs: true, AllowedIPs: ipNets(w.allowedIPs)})
+				break
+			}
+		}
+	}
+	if len(shrink) > 0 {
+		return a.dev.Configure(wgtypes.Config{Peers: shrink})
+	}
+	return nil
+}
+
+func (a *Agent) wantRoutes(records []gossip.Record) []route.Route {
+	wg := a.cfg.Interface
+	overlay := a.cfg.Address.Masked()
+	routes := []route.Route{{Dst: overlay, Dev: wg, Metric: metricOverlay}}
+	for _, r := range records {
+		switch {
+		case r.Owner == a.cfg.Name:
+			if at, ok := a.attached[r.VIP]; ok {
+				routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: at.Dev, Metric: metricLocalVIP})
+			}
+		case r.Owner != "" && !overlay.Contains(r.VIP):
+			// Inside the overlay prefix the prefix route already leads
+			// into the tunnel; outside it (another family, another
+			// range) the VIP needs its own route.
+			routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: wg, Metric: metricOverlay})
+		}
+	}
+	return routes
+}
+
+// ensureAddress puts this host's overlay address on the WireGuard interface
+// (as a host address: the prefix route is the route table's job).
+func (a *Agent) ensureAddress() error {
+	link, err := netlink.LinkByName(a.cfg.Interface)
+	if err != nil {
+		return fmt.Errorf("%s: %w", a.cfg.Interface, err)
+	}
+	want := hostPrefix(a.cfg.Address.Addr())
+	addrs, err := netlink.AddrList(link, netlink.FAMILY_ALL)
+	if err != nil {
+		return fmt.Errorf("list addresses of %s: %w", a.cfg.Interface, err)
+	}
+	for _, ad := range addrs {
+		if p, ok := prefixOf(*ad.IPNet); ok && p == want {
+			return nil
+		}
+	}
+	n := ipNet(want)
+	if err := netlink.AddrReplace(link, &netlink.Addr{IPNet: &n}); err != nil {
+		return fmt.Errorf("add %s to %s: %w", want, a.cfg.Interface, err)
+	}
+	return nil
+}
+
+func hostPrefix(ip netip.Addr) netip.Prefix {
+	return netip.PrefixFrom(ip, ip.BitLen())
+}
+
+func ipNet(p netip.Prefix) net.IPNet {
+	return net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func ipNets(ps []netip.Prefix) []net.IPNet {
+	out := make([]net.IPNet, len(ps))
+	for i, p := range ps {
+		out[i] = ipNet(p)
+	}
+	return out
+}
+
+func prefixOf(n net.IPNet) (netip.Prefix, bool) {
+	ip, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(ip.Unmap(), ones), true
+}
+
+func prefixSet(ns []net.IPNet) map[netip.Prefix]bool {
+	out := make(map[netip.Prefix]bool, len(ns))
+	for _, n := range ns {
+		if p, ok := prefixOf(n); ok {
+			out[p] = true
+		}
+	}
+	return out
+}
+
+func udpAddr(ap netip.AddrPort) *net.UDPAddr {
+	return net.UDPAddrFromAddrPort(ap)
+}

@@ -1,0 +1,119 @@
+package wgagent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+const (
+	privateKeyFile = "private.key"
+	stateFile      = "state.json"
+)
+
+// attachment is a VIP this host owns, behind a local interface.
+type attachment struct {
+	VIP   netip.Addr `json:"vip"`
+	Dev   string     `json:"dev"`
+	Epoch uint64     `json:"epoch"`
+}
+
+// persisted is what survives a restart, besides the private key.
+type persisted struct {
+	Attachments []attachment `json:"attachments"`
+	// Peers are gossip addresses of members seen, tried on start in
+	// addition to --join, so a restart finds the cluster even when the
+	// configured join hosts are down.
+	Peers []string `json:"peers"`
+}
+
+// loadOrCreateKey reads the WireGuard private key from the data dir, or
+// makes one on first start. A key readable by others is refused rather
+// than used: whoever holds it can impersonate this host.
+func loadOrCreateKey(dir string) (wgtypes.Key, bool, error) {
+	path := filepath.Join(dir, privateKeyFile)
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			return wgtypes.Key{}, false, fmt.Errorf("generate private key: %w", err)
+		}
+		if err := writeFileAtomic(path, []byte(k.String()+"\n"), 0o600); err != nil {
+			return wgtypes.Key{}, false, fmt.Errorf("save private key: %w", err)
+		}
+		return k, true, nil
+	}
+	if err != nil {
+		return wgtypes.Key{}, false, fmt.Errorf("read private key: %w", err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return wgtypes.Key{}, false, err
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return wgtypes.Key{}, false, fmt.Errorf("private key %s has mode %#o: it must not be readable by group or others (chmod 600 %s)", path, perm, path)
+	}
+	k, err := wgtypes.ParseKey(strings.TrimSpace(string(data)))
+	if err != nil {
+		return wgtypes.Key{}, false, fmt.Errorf("private key %s: %w", path, err)
+	}
+	return k, false, nil
+}
+
+func loadState(dir string) (persisted, error) {
+	var st persisted
+	data, err := os.ReadFile(filepath.Join(dir, stateFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return st, nil
+	}
+	if err != nil {
+		return st, fmt.Errorf("read state: %w", err)
+	}
+	if err := json.Unmarshal(data, &st); err != nil {
+		return st, fmt.Errorf("state file %s is corrupt (move it away to start fresh): %w", filepath.Join(dir, stateFile), err)
+	}
+	return st, nil
+}
+
+func saveState(dir string, st persisted) error {
+	slices.SortFunc(st.Attachments, func(a, b attachment) int { return a.VIP.Compare(b.VIP) })
+	slices.Sort(st.Peers)
+	data, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(dir, stateFile), append(data, '\n'), 0o600)
+}
+
+// writeFileAtomic replaces path so that a crash leaves the old or the new
+// content, never a torn file.
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(mode); err != nil {
+		tmp.Close()
+		return err
+	}
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}

@@ -1,0 +1,265 @@
+// Package wgdev opens this host's WireGuard interface, either in the kernel
+// through netlink or as embedded wireguard-go on a TUN device with its UAPI
+// socket, and configures it through wgctrl. Both give the same interface to
+// `wg show` and to the rest of the agent.
+package wgdev
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/ipc"
+	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+// Impl selects how the WireGuard interface is provided.
+type Impl string
+
+const (
+	// Auto uses the kernel module when it is there, else userspace.
+	Auto Impl = "auto"
+	// Kernel creates a "wireguard" link through netlink.
+	Kernel Impl = "kernel"
+	// Userspace runs embedded wireguard-go on a TUN device.
+	Userspace Impl = "userspace"
+)
+
+// ParseImpl checks an implementation name given by the operator.
+func ParseImpl(s string) (Impl, error) {
+	switch Impl(s) {
+	case Auto, Kernel, Userspace:
+		return Impl(s), nil
+	}
+	return "", fmt.Errorf("unknown WireGuard implementation %q (want auto, kernel or userspace)", s)
+}
+
+// Config describes the interface to open.
+type Config struct {
+	// Name is the interface name, at most 15 bytes. With userspace, it also
+	// names the UAPI socket /var/run/wireguard/<Name>.sock, which every
+	// network namespace shares.
+	Name string
+	// MTU of the interface.
+	MTU int
+	// Impl chooses kernel or userspace WireGuard.
+	Impl Impl
+	// PrivateKey is the interface's private key.
+	PrivateKey wgtypes.Key
+	// ListenPort is the UDP port WireGuard listens on.
+	ListenPort int
+	// Logger receives the device's log lines; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Device is an open WireGuard interface.
+type Device struct {
+	name    string
+	impl    Impl
+	created bool // we created the link, so Close removes it
+	client  *wgctrl.Client
+	log     *slog.Logger
+
+	// userspace only
+	wg       *device.Device
+	uapi     net.Listener
+	uapiDone chan struct{}
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// ErrKernelUnsupported says the kernel has no WireGuard module.
+var ErrKernelUnsupported = errors.New("kernel WireGuard is not available (no wireguard module)")
+
+// Open creates (or, for a kernel link left by an earlier run, adopts) the
+// interface, sets its key, port and MTU and brings it up. On error nothing
+// it created is left behind.
+func Open(cfg Config) (*Device, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Name == "" || len(cfg.Name) > 15 {
+		return nil, fmt.Errorf("interface name %q: must be 1 to 15 bytes", cfg.Name)
+	}
+	if cfg.MTU < 1280 || cfg.MTU > 9000 {
+		return nil, fmt.Errorf("MTU %d: must be between 1280 and 9000", cfg.MTU)
+	}
+	d := &Device{name: cfg.Name, log: cfg.Logger.With("iface", cfg.Name)}
+	var err error
+	switch cfg.Impl {
+	case Kernel:
+		err = d.openKernel(cfg)
+	case Userspace:
+		err = d.openUserspace(cfg)
+	case Auto, "":
+		err = d.openKernel(cfg)
+		if errors.Is(err, ErrKernelUnsupported) {
+			d.log.Info("kernel WireGuard not available, using embedded wireguard-go")
+			err = d.openUserspace(cfg)
+		}
+	default:
+		err = fmt.Errorf("unknown WireGuard implementation %q", cfg.Impl)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := d.setup(cfg); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *Device) openKernel(cfg Config) error {
+	if existing, err := netlink.LinkByName(cfg.Name); err == nil {
+		if existing.Type() != "wireguard" {
+			return fmt.Errorf("interface %s exists and is a %s device, not WireGuard", cfg.Name, existing.Type())
+		}
+		// A kernel link outlives a crashed agent; adopting it keeps the
+		// VIPs reachable across the restart.
+		d.log.Info("adopting existing kernel WireGuard interface")
+		d.impl = Kernel
+		d.created = true
+		return nil
+	}
+	link := &netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: cfg.Name, MTU: cfg.MTU}}
+	if err := netlink.LinkAdd(link); err != nil {
+		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTSUP) || errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("create %s: %w", cfg.Name, ErrKernelUnsupported)
+		}
+		return fmt.Errorf("create kernel WireGuard link %s: %w", cfg.Name, err)
+	}
+	d.impl = Kernel
+	d.created = true
+	return nil
+}
+
+func (d *Device) openUserspace(cfg Config) error {
+	if existing, err := netlink.LinkByName(cfg.Name); err == nil {
+		return fmt.Errorf("interface %s already exists (a %s device): is another agent or wireguard-go running?", cfg.Name, existing.Type())
+	}
+	uapiFile, err := ipc.UAPIOpen(cfg.Name)
+	if err != nil {
+		return fmt.Errorf("open UAPI socket for %s (another wireguard-go on this name, in any namespace?): %w", cfg.Name, err)
+	}
+	tdev, err := tun.CreateTUN(cfg.Name, cfg.MTU)
+	if err != nil {
+		uapiFile.Close()
+		os.Remove(uapiSocketPath(cfg.Name))
+		return fmt.Errorf("create TUN %s: %w", cfg.Name, err)
+	}
+	log := d.log.With("wg", "userspace")
+	logger := &device.Logger{
+		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
+		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
+	}
+	d.wg = device.NewDevice(tdev, conn.NewDefaultBind(), logger)
+	uapi, err := ipc.UAPIListen(cfg.Name, uapiFile)
+	if err != nil {
+		d.wg.Close()
+		uapiFile.Close()
+		return fmt.Errorf("listen on UAPI socket for %s: %w", cfg.Name, err)
+	}
+	d.uapi = uapi
+	d.uapiDone = make(chan struct{})
+	go d.serveUAPI()
+	d.impl = Userspace
+	d.created = true
+	return nil
+}
+
+func (d *Device) serveUAPI() {
+	defer close(d.uapiDone)
+	for {
+		c, err := d.uapi.Accept()
+		if err != nil {
+			return
+		}
+		go d.wg.IpcHandle(c)
+	}
+}
+
+func uapiSocketPath(name string) string { return "/var/run/wireguard/" + name + ".sock" }
+
+func (d *Device) setup(cfg Config) error {
+	client, err := wgctrl.New()
+	if err != nil {
+		return fmt.Errorf("open wgctrl: %w", err)
+	}
+	d.client = client
+	port := cfg.ListenPort
+	if err := d.client.ConfigureDevice(d.name, wgtypes.Config{PrivateKey: &cfg.PrivateKey, ListenPort: &port}); err != nil {
+		return fmt.Errorf("configure %s with listen port %d (is the port taken by another agent or WireGuard?): %w", d.name, port, err)
+	}
+	link, err := netlink.LinkByName(d.name)
+	if err != nil {
+		return fmt.Errorf("find %s: %w", d.name, err)
+	}
+	if err := netlink.LinkSetMTU(link, cfg.MTU); err != nil {
+		return fmt.Errorf("set MTU of %s: %w", d.name, err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("bring %s up: %w", d.name, err)
+	}
+	return nil
+}
+
+// Name is the interface name.
+func (d *Device) Name() string { return d.name }
+
+// Impl is the implementation in use (never Auto).
+func (d *Device) Impl() Impl { return d.impl }
+
+// State reads the device's peers and counters.
+func (d *Device) State() (*wgtypes.Device, error) {
+	dev, err := d.client.Device(d.name)
+	if err != nil {
+		return nil, fmt.Errorf("read WireGuard state of %s: %w", d.name, err)
+	}
+	return dev, nil
+}
+
+// Configure applies a change to the device.
+func (d *Device) Configure(c wgtypes.Config) error {
+	if err := d.client.ConfigureDevice(d.name, c); err != nil {
+		return fmt.Errorf("configure WireGuard %s: %w", d.name, err)
+	}
+	return nil
+}
+
+// Close removes the interface (which removes its routes with it) and stops
+// the embedded device. It is safe to call more than once.
+func (d *Device) Close() error {
+	d.closeOnce.Do(func() {
+		var errs []error
+		if d.client != nil {
+			errs = append(errs, d.client.Close())
+		}
+		switch d.impl {
+		case Userspace:
+			d.uapi.Close()
+			<-d.uapiDone
+			d.wg.Close() // closes the TUN, which removes the link
+		case Kernel:
+			if d.created {
+				if link, err := netlink.LinkByName(d.name); err == nil {
+					if err := netlink.LinkDel(link); err != nil {
+						errs = append(errs, fmt.Errorf("remove %s: %w", d.name, err))
+					}
+				}
+			}
+		}
+		d.closeErr = errors.Join(errs...)
+	})
+	return d.closeErr
+}
