@@ -1,0 +1,219 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+
+	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/wgagent"
+	"github.com/vmroam/vmroam/wgagent/control"
+	"github.com/vmroam/vmroam/wgagent/wgdev"
+)
+
+// agentFlags are the agent's flags; the config file uses the same names.
+type agentFlags struct {
+	fs                *flag.FlagSet
+	name              string
+	bind, advertise   string
+	gossipPort        int
+	wgPort            int
+	join              listFlag
+	address           string
+	iface             string
+	mtu               int
+	wgImpl            string
+	site              string
+	dataDir           string
+	socket            string
+	keyFile           string
+	insecureGossip    bool
+	gossipProfile     string
+	reconcileInterval time.Duration
+	logLevel          string
+	logFormat         string
+	config            string
+}
+
+func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
+	d := wgagent.DefaultConfig()
+	f := &agentFlags{fs: newFlagSet("agent", "agent --bind IP --address CIDR --encrypt-key-file FILE [flags]", stdout, stderr)}
+	host, _ := os.Hostname()
+	fs := f.fs
+	fs.StringVar(&f.name, "name", host, "this host's unique member `name`")
+	fs.StringVar(&f.bind, "bind", "", "underlay `IP` to listen on for gossip (required)")
+	fs.StringVar(&f.advertise, "advertise", "", "underlay `IP` other hosts reach this one at (default: --bind)")
+	fs.IntVar(&f.gossipPort, "gossip-port", d.GossipPort, "gossip `port` (TCP and UDP)")
+	fs.IntVar(&f.wgPort, "wg-port", d.WGPort, "WireGuard UDP `port`")
+	fs.Var(&f.join, "join", "`HOST[:PORT],...` of members to join, comma-separated or repeated; retried until one answers")
+	fs.StringVar(&f.address, "address", "", "this host's overlay address with the overlay prefix, e.g. 100.100.0.1/16 (required)")
+	fs.StringVar(&f.iface, "interface", d.Interface, "WireGuard interface `name`")
+	fs.IntVar(&f.mtu, "mtu", d.MTU, "WireGuard interface `MTU`")
+	fs.StringVar(&f.wgImpl, "wg-impl", string(d.Impl), "WireGuard implementation: auto (kernel if the module is there), kernel or userspace")
+	fs.StringVar(&f.site, "site", "", "`name` of this host's site (LAN)")
+	fs.StringVar(&f.dataDir, "data-dir", d.DataDir, "`directory` for the private key and state kept across restarts")
+	fs.StringVar(&f.socket, "socket", control.SocketPath(""), "control socket `path` (default from $VMROAM_SOCKET, else "+control.DefaultSocket+")")
+	fs.StringVar(&f.keyFile, "encrypt-key-file", "", "`file` with the gossip key(s), base64, one per line, first is primary (required unless --insecure-gossip)")
+	fs.BoolVar(&f.insecureGossip, "insecure-gossip", false, "run gossip unencrypted: anyone reaching the gossip port can then redirect VM traffic")
+	fs.StringVar(&f.gossipProfile, "gossip-profile", d.GossipProfile, "memberlist timing: lan, wan or local")
+	fs.DurationVar(&f.reconcileInterval, "reconcile-interval", d.ReconcileInterval, "how often to check kernel state even without a change")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&f.config, "config", "", "TOML config `file` with the same keys as these flags; flags win")
+	return f
+}
+
+// listFlag collects a flag given several times, each a comma-separated list.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+
+func (l *listFlag) Set(s string) error {
+	for _, e := range strings.Split(s, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			*l = append(*l, e)
+		}
+	}
+	return nil
+}
+
+// applyConfigFile sets every flag the file names that the command line did
+// not set. Unknown keys are errors: a misspelt key must not be ignored.
+func applyConfigFile(fs *flag.FlagSet, path string) error {
+	var raw map[string]any
+	if _, err := toml.DecodeFile(path, &raw); err != nil {
+		return usagef("config file %s: %v", path, err)
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for key, v := range raw {
+		if key == "config" || fs.Lookup(key) == nil {
+			return usagef("config file %s: unknown key %q", path, key)
+		}
+		if set[key] {
+			continue
+		}
+		s, err := tomlValueString(v)
+		if err != nil {
+			return usagef("config file %s: key %q: %v", path, key, err)
+		}
+		if err := fs.Set(key, s); err != nil {
+			return usagef("config file %s: key %q: %v", path, key, err)
+		}
+	}
+	return nil
+}
+
+func tomlValueString(v any) (string, error) {
+	switch v := v.(type) {
+	case string:
+		return v, nil
+	case int64:
+		return strconv.FormatInt(v, 10), nil
+	case bool:
+		return strconv.FormatBool(v), nil
+	case []any:
+		parts := make([]string, len(v))
+		for i, e := range v {
+			s, ok := e.(string)
+			if !ok {
+				return "", fmt.Errorf("list items must be strings, got %T", e)
+			}
+			parts[i] = s
+		}
+		return strings.Join(parts, ","), nil
+	}
+	return "", fmt.Errorf("unsupported value type %T", v)
+}
+
+// agentConfig parses and checks the agent's command line and config file.
+func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error) {
+	f := newAgentFlags(stdout, stderr)
+	pos, err := parse(f.fs, args)
+	if err != nil {
+		return wgagent.Config{}, err
+	}
+	if len(pos) > 0 {
+		return wgagent.Config{}, usagef("agent takes no arguments, got %q", pos)
+	}
+	if f.config != "" {
+		if err := applyConfigFile(f.fs, f.config); err != nil {
+			return wgagent.Config{}, err
+		}
+	}
+	cfg := wgagent.DefaultConfig()
+	cfg.Name = f.name
+	if f.bind != "" {
+		if cfg.BindAddr, err = netip.ParseAddr(f.bind); err != nil {
+			return cfg, usagef("--bind %q: not an IP address", f.bind)
+		}
+	}
+	if f.advertise != "" {
+		if cfg.AdvertiseAddr, err = netip.ParseAddr(f.advertise); err != nil {
+			return cfg, usagef("--advertise %q: not an IP address", f.advertise)
+		}
+	}
+	if f.address != "" {
+		if cfg.Address, err = netip.ParsePrefix(f.address); err != nil {
+			return cfg, usagef("--address %q: want this host's overlay address with the prefix length, e.g. 100.100.0.1/16", f.address)
+		}
+	}
+	cfg.Join = f.join
+	if cfg.Impl, err = wgdev.ParseImpl(f.wgImpl); err != nil {
+		return cfg, usagef("--wg-impl: %v", err)
+	}
+	cfg.GossipPort, cfg.WGPort = f.gossipPort, f.wgPort
+	cfg.Interface, cfg.MTU, cfg.Site = f.iface, f.mtu, f.site
+	cfg.DataDir, cfg.Socket = f.dataDir, f.socket
+	cfg.InsecureGossip, cfg.GossipProfile = f.insecureGossip, f.gossipProfile
+	cfg.ReconcileInterval = f.reconcileInterval
+	if f.keyFile != "" {
+		if cfg.GossipKeys, err = gossip.LoadKeyFile(f.keyFile); err != nil {
+			return cfg, usagef("--encrypt-key-file: %v", err)
+		}
+	}
+	if err := cfg.Validate(); err != nil {
+		return cfg, usageError{strings.ReplaceAll(err.Error(), "\n", "; ")}
+	}
+	cfg.Logger, err = newLogger(f.logLevel, f.logFormat, stderr)
+	if err != nil {
+		return cfg, err
+	}
+	return cfg, nil
+}
+
+func newLogger(level, format string, w io.Writer) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, usagef("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, usagef("--log-format %q: want text or json", format)
+}
+
+func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cfg, err := agentConfig(args, stdout, stderr)
+	if err != nil {
+		return err
+	}
+	a, err := wgagent.New(cfg)
+	if err != nil {
+		return err
+	}
+	return a.Run(ctx)
+}

@@ -1,0 +1,224 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/vmroam/vmroam/wgagent/control"
+)
+
+// clientTimeout bounds every call to the agent: hooks must not hang.
+const clientTimeout = 15 * time.Second
+
+func socketFlag(fs *flag.FlagSet, p *string) {
+	fs.StringVar(p, "socket", "", "control socket `path` (default $VMROAM_SOCKET, else "+control.DefaultSocket+")")
+}
+
+func client(socket string) *control.Client {
+	return control.NewClient(control.SocketPath(socket))
+}
+
+func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("status", "status [--json] [--socket PATH]", stdout, stderr)
+	var socket string
+	socketFlag(fs, &socket)
+	asJSON := fs.Bool("json", false, "print JSON")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("status takes no arguments, got %q", pos)
+	}
+	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
+	defer cancel()
+	st, err := client(socket).Status(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return writeJSON(stdout, st)
+	}
+	printStatus(stdout, st)
+	return nil
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func printStatus(w io.Writer, st control.Status) {
+	fmt.Fprintf(w, "host      %s (site %s)\n", st.Name, orDash(st.Site))
+	fmt.Fprintf(w, "overlay   %s on %s (%s WireGuard)\n", st.Address, st.Interface, st.Impl)
+	fmt.Fprintf(w, "endpoint  %s  public key %s\n", st.Endpoint, st.PublicKey)
+	enc := "encrypted"
+	if !st.Gossip.Encrypted {
+		enc = "NOT ENCRYPTED"
+	}
+	fmt.Fprintf(w, "gossip    %d members, %s, %d bad messages dropped\n", st.Gossip.Members, enc, st.Gossip.DroppedMessages+st.Gossip.DroppedMeta)
+	for _, p := range st.Problems {
+		fmt.Fprintf(w, "PROBLEM   %s\n", p)
+	}
+	for _, c := range st.Conflicts {
+		fmt.Fprintf(w, "CONFLICT  %s claimed by %s at epoch %d; %s wins\n", c.VIP, strings.Join(c.Owners, " and "), c.Epoch, c.Winner)
+	}
+
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tSTATE\tENDPOINT\tADDRESS\tHANDSHAKE\tRX\tTX\tVIPS")
+	if len(st.Peers) == 0 {
+		fmt.Fprintln(tw, "(none)")
+	}
+	for _, p := range st.Peers {
+		hs := "never"
+		if p.LastHandshake != nil {
+			hs = time.Since(*p.LastHandshake).Truncate(time.Second).String() + " ago"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.State, p.Endpoint, p.Address, hs, bytesStr(p.RxBytes), bytesStr(p.TxBytes), orDash(strings.Join(p.VIPs, ",")))
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	printVIPs(w, st.VIPs)
+}
+
+func printVIPs(w io.Writer, vips []control.VIP) {
+	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "VIP\tOWNER\tEPOCH\tSTATE\tDEV")
+	if len(vips) == 0 {
+		fmt.Fprintln(tw, "(none)")
+	}
+	for _, v := range vips {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", v.VIP, orDash(v.Owner), v.Epoch, v.State, orDash(v.Dev))
+	}
+	tw.Flush()
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func bytesStr(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return usagef("vip: want a subcommand: attach, detach or list")
+	}
+	sub, args := args[0], args[1:]
+	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
+	defer cancel()
+	switch sub {
+	case "attach":
+		fs := newFlagSet("vip attach", "vip attach VIP --dev IFACE [--socket PATH]", stdout, stderr)
+		var socket string
+		socketFlag(fs, &socket)
+		dev := fs.String("dev", "", "the VM's `interface` on this host (required)")
+		vip, err := oneVIP(fs, args)
+		if err != nil {
+			return err
+		}
+		if *dev == "" {
+			return usagef("vip attach: --dev IFACE is required")
+		}
+		v, err := client(socket).Attach(ctx, vip, *dev)
+		if err != nil {
+			return clientErr(err)
+		}
+		fmt.Fprintf(stdout, "%s attached on %s (epoch %d)\n", v.VIP, v.Dev, v.Epoch)
+		return nil
+	case "detach":
+		fs := newFlagSet("vip detach", "vip detach VIP [--socket PATH]", stdout, stderr)
+		var socket string
+		socketFlag(fs, &socket)
+		vip, err := oneVIP(fs, args)
+		if err != nil {
+			return err
+		}
+		v, err := client(socket).Detach(ctx, vip)
+		if err != nil {
+			return clientErr(err)
+		}
+		if v.Local {
+			return fmt.Errorf("%s is still attached here", v.VIP)
+		}
+		switch v.State {
+		case "released":
+			fmt.Fprintf(stdout, "%s released (epoch %d)\n", v.VIP, v.Epoch)
+		case "remote":
+			fmt.Fprintf(stdout, "%s is not attached here (owner %s, epoch %d); nothing to do\n", v.VIP, v.Owner, v.Epoch)
+		default:
+			fmt.Fprintf(stdout, "%s is not attached here; nothing to do\n", v.VIP)
+		}
+		return nil
+	case "list":
+		fs := newFlagSet("vip list", "vip list [--json] [--socket PATH]", stdout, stderr)
+		var socket string
+		socketFlag(fs, &socket)
+		asJSON := fs.Bool("json", false, "print JSON")
+		pos, err := parse(fs, args)
+		if err != nil {
+			return err
+		}
+		if len(pos) > 0 {
+			return usagef("vip list takes no arguments, got %q", pos)
+		}
+		st, err := client(socket).Status(ctx)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return writeJSON(stdout, st.VIPs)
+		}
+		printVIPs(stdout, st.VIPs)
+		return nil
+	}
+	return usagef("vip: unknown subcommand %q (want attach, detach or list)", sub)
+}
+
+// oneVIP parses flags and exactly one VIP argument.
+func oneVIP(fs *flag.FlagSet, args []string) (netip.Addr, error) {
+	pos, err := parse(fs, args)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	if len(pos) != 1 {
+		return netip.Addr{}, usagef("%s: want exactly one VIP, got %d arguments", fs.Name(), len(pos))
+	}
+	s := strings.TrimSuffix(strings.TrimSuffix(pos[0], "/32"), "/128")
+	vip, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, usagef("%s: %q is not an IP address", fs.Name(), pos[0])
+	}
+	return vip.Unmap(), nil
+}
+
+// clientErr turns the agent's refusal of bad input into a usage error.
+func clientErr(err error) error {
+	if errors.Is(err, control.ErrBadRequest) {
+		return usageError{strings.TrimPrefix(err.Error(), control.ErrBadRequest.Error()+": ")}
+	}
+	return err
+}
