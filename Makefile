@@ -1,0 +1,51 @@
+# vmroam. `make demo` runs a migration lab in network namespaces; `make test`
+# runs every test. Both need root (namespaces, TUN devices).
+
+GO      ?= go
+BIN     := bin/vmroam
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+FUZZTIME ?= 10s
+
+.PHONY: all build deps test unit lint vet fmt-check bench demo fuzz clean
+
+all: build
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/vmroam
+
+# Debian packages the lab and tests use (iproute2, wireguard-tools, iperf3).
+deps:
+	@scripts/install-deps.sh
+
+lint: vet fmt-check
+
+vet:
+	$(GO) vet ./...
+
+fmt-check:
+	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+# Every test: unit tests, the namespace end-to-end suite, race detector on.
+test: deps lint
+	$(GO) test -race -count=1 -timeout 30m ./...
+
+# Unit tests only (no namespaces needed).
+unit:
+	$(GO) test -race -count=1 -short ./...
+
+# iperf3 TCP VM to VM through vmroam against plain wireguard-go, same run.
+bench: deps
+	$(GO) test -run '^$$' -bench BenchmarkThroughput -benchtime 1x -count=1 -timeout 30m -v ./e2e/
+
+# Three hosts, two VMs, in namespaces: status of each host.
+demo: deps build
+	$(GO) run ./lab/demo -binary $(BIN) $(DEMO_ARGS)
+
+# Each fuzz target for FUZZTIME.
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRecords$$' -fuzztime $(FUZZTIME) ./gossip/
+	$(GO) test -run '^$$' -fuzz '^FuzzMetaUnmarshal$$' -fuzztime $(FUZZTIME) ./gossip/
+
+clean:
+	rm -rf bin

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs, from Debian's packages, the tools the lab and the tests use and
+# that this machine lacks: iproute2 (ip), wireguard-tools (wg), iperf3,
+# procps (sysctl), iputils-ping. Does nothing when all are there.
+set -euo pipefail
+need=()
+for pkg_cmd in iproute2:ip wireguard-tools:wg iperf3:iperf3 procps:sysctl iputils-ping:ping; do
+	command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || need+=("${pkg_cmd%%:*}")
+done
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+	echo "missing tools; install these packages: ${need[*]}" >&2
+	exit 1
+fi
+echo "installing: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
