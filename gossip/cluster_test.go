@@ -96,7 +96,8 @@ func (n *node) member(name string) (Member, bool) {
 // waitFor polls cond until it holds or 10 s pass.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	// Generous: CI runs this beside the namespace suites on two cores.
+	deadline := time.Now().Add(30 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
@@ -225,10 +226,13 @@ func TestCluster(t *testing.T) {
 			t.Fatalf("late joiner has %v, want %v", got, want)
 		}
 		nodes = append(nodes, d)
-		waitFor(t, "a to see d", func() bool {
-			m, ok := a.member(d.Name())
-			return ok && m.State == MemberAlive
-		})
+		// c's leave intent goes to the members c knows: all must know d.
+		for _, n := range []*node{a, b, c} {
+			waitFor(t, n.Name()+" to see d", func() bool {
+				m, ok := n.member(d.Name())
+				return ok && m.State == MemberAlive
+			})
+		}
 	})
 
 	t.Run("leave", func(t *testing.T) {
