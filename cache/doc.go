@@ -1,6 +1,5 @@
-// Package cache owns the migration data path: it intercepts a migrating VIP's
-// packets, keeps them in bounded per-VIP queues and delivers them, in order, at
-// the VIP's new host. It knows nothing about Xen.
-//
-// Not built yet: the migration issue fills it in.
+// Package cache is the migration data path's core: bounded per-VIP packet
+// queues, per-flow classification, and the handover stream codec between
+// agents. It knows nothing about Xen, TUN devices or routes: the agent feeds
+// it packets and writes out what it returns.
 package cache
