@@ -1,0 +1,450 @@
+package cache
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+)
+
+// FlushStats is what one side saw of a handover.
+type FlushStats struct {
+	FlushStart time.Time // header sent (source) or received (destination)
+	FlushEnd   time.Time // end marker sent or received
+	Flushed    uint64    // packets of the queue sent before the end marker
+	FlushedB   uint64
+	Forwarded  uint64 // stragglers sent after the end marker
+	ForwardedB uint64
+}
+
+// SendQueue is the source side of a handover: it writes hdr, the packets
+// queued in q when it starts, the end marker, and then, until linger has
+// passed or stop is closed, every packet that still reaches q (senders
+// whose view is stale), and finally the close marker. q keeps receiving
+// from the interceptor meanwhile. progress, if not nil, is called after
+// each batch with the stats so far.
+func SendQueue(conn io.Writer, q *Queue, hdr Header, linger time.Duration, stop <-chan struct{}, progress func(FlushStats)) (FlushStats, error) {
+	var st FlushStats
+	w := NewWriter(conn)
+	backlog := q.Len()
+	hdr.Queued = uint32(backlog)
+	hdr.QueuedBytes = uint64(q.Stats().QueuedBytes)
+	st.FlushStart = time.Now()
+	if err := w.Header(hdr); err != nil {
+		return st, err
+	}
+	send := func(limit int) (int, error) {
+		n := 0
+		for limit < 0 || n < limit {
+			pkt, _, ok := q.Pop(time.Now())
+			if !ok {
+				break
+			}
+			if err := w.Packet(pkt); err != nil {
+				return n, err
+			}
+			n++
+			if limit < 0 {
+				st.Forwarded++
+				st.ForwardedB += uint64(len(pkt))
+			} else {
+				st.Flushed++
+				st.FlushedB += uint64(len(pkt))
+			}
+		}
+		return n, w.Flush()
+	}
+	if _, err := send(backlog); err != nil {
+		return st, err
+	}
+	dropped := uint64(0)
+	for _, n := range q.Stats().Dropped {
+		dropped += n
+	}
+	if err := w.End(End{Packets: st.Flushed, Bytes: st.FlushedB, Dropped: dropped}); err != nil {
+		return st, err
+	}
+	if err := w.Flush(); err != nil {
+		return st, err
+	}
+	st.FlushEnd = time.Now()
+	if progress != nil {
+		progress(st)
+	}
+	deadline := time.NewTimer(linger)
+	defer deadline.Stop()
+	for {
+		select {
+		case <-q.Notify():
+			if _, err := send(-1); err != nil {
+				return st, err
+			}
+			if progress != nil {
+				progress(st)
+			}
+			continue
+		case <-deadline.C:
+		case <-stop:
+		}
+		break
+	}
+	if _, err := send(-1); err != nil {
+		return st, err
+	}
+	if err := w.Close(); err != nil {
+		return st, err
+	}
+	return st, w.Flush()
+}
+
+// ErrRefused is returned when the source refuses a handover request.
+var ErrRefused = errors.New("handover refused")
+
+// Receive is the destination side of a handover after the request went
+// out: it reads the header, pushes every packet into q in stream order, and
+// calls onEnd at the end marker and onClose at the close marker (or when
+// the stream ends some other way, with the error). It returns when the
+// stream is over.
+func Receive(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End), progress func(FlushStats)) (FlushStats, error) {
+	var st FlushStats
+	rd := NewReader(r)
+	f, err := rd.Next()
+	if err != nil {
+		return st, fmt.Errorf("handover: read header: %w", err)
+	}
+	switch f.Type {
+	case FrameHeader:
+	case FrameRefuse:
+		return st, fmt.Errorf("%w: %s", ErrRefused, f.Refuse.Reason)
+	default:
+		return st, fmt.Errorf("handover: %w: frame %d before the header", ErrMalformed, f.Type)
+	}
+	st.FlushStart = time.Now()
+	if onHeader != nil {
+		onHeader(f.Header)
+	}
+	ended := false
+	for {
+		f, err := rd.Next()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return st, fmt.Errorf("handover: stream cut: %w", err)
+		}
+		switch f.Type {
+		case FramePacket:
+			q.Push(f.Packet, time.Now())
+			if ended {
+				st.Forwarded++
+				st.ForwardedB += uint64(len(f.Packet))
+			} else {
+				st.Flushed++
+				st.FlushedB += uint64(len(f.Packet))
+			}
+		case FrameEnd:
+			ended = true
+			st.FlushEnd = time.Now()
+			if onEnd != nil {
+				onEnd(f.End)
+			}
+		case FrameClose:
+			if !ended {
+				return st, fmt.Errorf("handover: %w: close before the end marker", ErrMalformed)
+			}
+			return st, nil
+		default:
+			return st, fmt.Errorf("handover: %w: unexpected frame %d", ErrMalformed, f.Type)
+		}
+		if progress != nil {
+			progress(st)
+		}
+	}
+}
+
+// RequestHandover sends the request on conn and returns the round-trip
+// time until the first byte of the answer is readable, measured with a
+// small read-ahead; the returned reader replays what was read.
+func RequestHandover(conn net.Conn, req Request) (io.Reader, time.Duration, error) {
+	w := NewWriter(conn)
+	start := time.Now()
+	if err := w.Request(req); err != nil {
+		return nil, 0, err
+	}
+	if err := w.Flush(); err != nil {
+		return nil, 0, fmt.Errorf("handover: send request: %w", err)
+	}
+	first := make([]byte, 1)
+	if _, err := io.ReadFull(conn, first); err != nil {
+		return nil, 0, fmt.Errorf("handover: no answer: %w", err)
+	}
+	return io.MultiReader(bytesReader(first), conn), time.Since(start), nil
+}
+
+type byteSliceReader struct {
+	b []byte
+}
+
+func (r *byteSliceReader) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, r.b)
+	r.b = r.b[n:]
+	return n, nil
+}
+
+func bytesReader(b []byte) io.Reader { return &byteSliceReader{b: b} }
+
+// Orderer delivers a destination's packets in the order that loses and
+// reorders nothing: first what the source flushed (stream packets, in
+// order), and a packet that reached the destination directly only after
+// the source's end marker and once its flow has settled: its first direct
+// packet arrived at least settle ago, so that every packet the same sender
+// sent by the old path before switching has come through the stream.
+//
+// The backlog goes out paced, not in one burst: a VM that just resumed
+// reads its sockets no faster than before, and a burst would overflow its
+// receive buffers. The pace is Speedup times the rate packets arrive now,
+// and never below MinRate.
+type Orderer struct {
+	Stream  *Queue // packets from the handover stream
+	Direct  *Queue // packets that reached this host directly (held)
+	Settle  time.Duration
+	Write   func(pkt []byte) error
+	Speedup float64 // default 1.5
+	MinRate float64 // packets/s; default 20000
+
+	mu       sync.Mutex
+	ended    bool // end marker seen: the flushed backlog is complete
+	closed   bool // the source will send nothing more
+	carrier  bool
+	wake     chan struct{}
+	first    map[Flow]time.Time
+	cls      *Classifier
+	pending  []byte
+	pendFlow Flow
+	pendAt   time.Time
+	hasPend  bool
+
+	// Pacing: a token bucket refilled at the current pace.
+	tokens    float64
+	refilled  time.Time
+	rateAt    time.Time
+	rateCount uint64
+	inRate    float64 // packets/s arriving, smoothed
+
+	// Counters, read with Stats.
+	delivered, deliveredB uint64
+	firstDelivery         time.Time
+	drained               bool
+}
+
+// OrdererStats are the orderer's counters.
+type OrdererStats struct {
+	Delivered, DeliveredBytes uint64
+	FirstDelivery             time.Time
+}
+
+func (o *Orderer) init() {
+	if o.wake == nil {
+		o.wake = make(chan struct{}, 1)
+		o.first = map[Flow]time.Time{}
+		o.cls = NewClassifier()
+	}
+}
+
+func (o *Orderer) poke() {
+	select {
+	case o.wake <- struct{}{}:
+	default:
+	}
+}
+
+// SetCarrier says whether the VM's interface is up: nothing is delivered
+// before.
+func (o *Orderer) SetCarrier(up bool) { o.set(func() { o.carrier = up }) }
+
+// Ended says the stream's end marker arrived.
+func (o *Orderer) Ended() { o.set(func() { o.ended = true }) }
+
+// Closed says the source will send nothing more (close marker, failure or
+// timeout): every held packet may go.
+func (o *Orderer) Closed() { o.set(func() { o.ended, o.closed = true, true }) }
+
+func (o *Orderer) set(f func()) {
+	o.mu.Lock()
+	o.init()
+	f()
+	o.mu.Unlock()
+	o.poke()
+}
+
+// Stats reports what was delivered.
+func (o *Orderer) Stats() OrdererStats {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return OrdererStats{Delivered: o.delivered, DeliveredBytes: o.deliveredB, FirstDelivery: o.firstDelivery}
+}
+
+// Drained reports that the source is closed and everything received so far
+// is delivered: the caller may now route the VIP to the VM directly. Run
+// goes on delivering stragglers that still reach the queues until stopped.
+func (o *Orderer) Drained() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.drained
+}
+
+// Run delivers until stop is closed; it returns the first write error.
+func (o *Orderer) Run(stop <-chan struct{}) error {
+	o.mu.Lock()
+	o.init()
+	o.mu.Unlock()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		wait, drained, err := o.step()
+		if err != nil {
+			return err
+		}
+		if drained {
+			o.mu.Lock()
+			o.drained = true
+			o.mu.Unlock()
+		}
+		if wait > 0 {
+			timer.Reset(wait)
+		}
+		select {
+		case <-stop:
+			return nil
+		case <-o.wake:
+		case <-o.Stream.Notify():
+		case <-o.Direct.Notify():
+		case <-timer.C:
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+	}
+}
+
+// step delivers what may go now; it returns how long to wait for the next
+// held packet's flow to settle (0: wait for an event) and whether all is
+// delivered for good.
+func (o *Orderer) step() (time.Duration, bool, error) {
+	o.mu.Lock()
+	carrier, ended, closed := o.carrier, o.ended, o.closed
+	o.mu.Unlock()
+	if !carrier {
+		return 0, false, nil
+	}
+	now := time.Now()
+	o.refill(now)
+	for o.Stream.Len() > 0 {
+		if o.tokens < 1 {
+			return o.tokenWait(), false, nil
+		}
+		pkt, _, ok := o.Stream.Pop(now)
+		if !ok {
+			break
+		}
+		if err := o.deliver(pkt); err != nil {
+			return 0, false, err
+		}
+	}
+	if !ended {
+		return 0, false, nil
+	}
+	for {
+		if o.tokens < 1 && (o.hasPend || o.Direct.Len() > 0) {
+			return o.tokenWait(), false, nil
+		}
+		if !o.hasPend {
+			pkt, at, ok := o.Direct.Pop(now)
+			if !ok {
+				break
+			}
+			o.pending = append(o.pending[:0], pkt...)
+			o.pendAt = at
+			o.hasPend = true
+			if f, err := o.cls.Classify(o.pending); err == nil {
+				o.pendFlow = f
+			} else {
+				o.pendFlow = Flow{}
+			}
+			if _, seen := o.first[o.pendFlow]; !seen {
+				o.first[o.pendFlow] = at
+			}
+		}
+		release := o.first[o.pendFlow].Add(o.Settle)
+		if !closed && now.Before(release) {
+			return release.Sub(now), false, nil
+		}
+		if err := o.deliver(o.pending); err != nil {
+			return 0, false, err
+		}
+		o.hasPend = false
+	}
+	if closed && o.Stream.Len() == 0 && o.Direct.Len() == 0 && !o.hasPend {
+		return 0, true, nil
+	}
+	return 0, false, nil
+}
+
+// refill adds the tokens earned since the last call at the current pace,
+// re-estimating the arrival rate every 50 ms.
+func (o *Orderer) refill(now time.Time) {
+	if o.refilled.IsZero() {
+		o.refilled, o.rateAt = now, now
+		o.tokens = 64
+		o.rateCount = o.Stream.Stats().Packets + o.Direct.Stats().Packets
+		return
+	}
+	if dt := now.Sub(o.rateAt); dt >= 50*time.Millisecond {
+		n := o.Stream.Stats().Packets + o.Direct.Stats().Packets
+		r := float64(n-o.rateCount) / dt.Seconds()
+		o.inRate = 0.5*o.inRate + 0.5*r
+		o.rateAt, o.rateCount = now, n
+	}
+	o.tokens = min(o.tokens+now.Sub(o.refilled).Seconds()*o.pace(), 64)
+	o.refilled = now
+}
+
+// pace is the delivery rate now, in packets per second.
+func (o *Orderer) pace() float64 {
+	speedup, floor := o.Speedup, o.MinRate
+	if speedup <= 0 {
+		speedup = 1.5
+	}
+	if floor <= 0 {
+		floor = 20000
+	}
+	return max(floor, speedup*o.inRate)
+}
+
+// tokenWait is how long until the next token, at the current pace.
+func (o *Orderer) tokenWait() time.Duration {
+	return max(time.Duration((1-o.tokens)/o.pace()*float64(time.Second)), 20*time.Microsecond)
+}
+
+func (o *Orderer) deliver(pkt []byte) error {
+	if err := o.Write(pkt); err != nil {
+		return err
+	}
+	o.tokens--
+	o.mu.Lock()
+	o.delivered++
+	o.deliveredB += uint64(len(pkt))
+	if o.firstDelivery.IsZero() {
+		o.firstDelivery = time.Now()
+	}
+	o.mu.Unlock()
+	return nil
+}
