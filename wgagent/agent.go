@@ -14,11 +14,14 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
 	"github.com/vmroam/vmroam/wgagent/route"
@@ -45,11 +48,26 @@ type Agent struct {
 
 	trigger chan struct{} // a reconcile is wanted; buffered 1
 
+	// The migration cache; nil intercept when --cache=false.
+	intercept  *cache.Interceptor
+	budget     *cache.Budget
+	handoverLn net.Listener
+	linkStop   chan struct{}
+	bg         sync.WaitGroup // goroutines of migrations and watchers
+
+	standbyMu   sync.Mutex
+	standbyHits map[netip.Addr]bool
+
+	carrierMu    sync.Mutex
+	carrierWatch map[string]*cache.Orderer
+
 	mu       sync.Mutex // guards the fields below and serializes reconciles
 	attached map[netip.Addr]attachment
 	peers    []string // gossip addresses seen, persisted
 	problems []string // from the last reconcile
 	dirty    bool     // persisted state changed since the last save
+	ctls     map[netip.Addr]*vipCtl
+	history  []control.Migration
 }
 
 // New opens the WireGuard interface, the gossip member and the control
@@ -68,6 +86,11 @@ func New(cfg Config) (*Agent, error) {
 		trigger:  make(chan struct{}, 1),
 		attached: map[netip.Addr]attachment{},
 		started:  time.Now(),
+		ctls:     map[netip.Addr]*vipCtl{},
+
+		standbyHits:  map[netip.Addr]bool{},
+		carrierWatch: map[string]*cache.Orderer{},
+		linkStop:     make(chan struct{}),
 	}
 	ok := false
 	defer func() {
@@ -110,6 +133,19 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.log.Info("WireGuard interface up", "iface", cfg.Interface, "impl", a.dev.Impl(), "public_key", key.PublicKey().String())
 
+	if cfg.Cache {
+		a.budget = cache.NewBudget(cfg.CacheGlobalMax)
+		if a.intercept, err = cache.OpenInterceptor(cfg.CacheInterface, 9000, a.log); err != nil {
+			return nil, err
+		}
+		lc := net.ListenConfig{Control: freebind}
+		if a.handoverLn, err = lc.Listen(context.Background(), "tcp", net.JoinHostPort(cfg.Address.Addr().String(), strconv.Itoa(cfg.HandoverPort))); err != nil {
+			return nil, fmt.Errorf("handover listener: %w", err)
+		}
+	} else {
+		a.log.Warn("migration cache off (--cache=false): packets for a moving VM are lost until it is reachable at its new host")
+	}
+
 	gcfg := gossip.DefaultConfig()
 	gcfg.Name = cfg.Name
 	gcfg.BindAddr = cfg.BindAddr
@@ -130,6 +166,7 @@ func New(cfg Config) (*Agent, error) {
 	// and the next reconcile lets it go.
 	for _, at := range st.Attachments {
 		a.attached[at.VIP] = at
+		a.localCtl(at.VIP, at.Dev)
 		a.cluster.Assert(gossip.Record{VIP: at.VIP, Owner: cfg.Name, Epoch: at.Epoch})
 	}
 
@@ -167,6 +204,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.cluster.KeepJoined(ctx, join)
 	}()
 	defer wg.Wait()
+	if a.handoverLn != nil {
+		a.bg.Add(2)
+		go a.serveHandovers(a.handoverLn)
+		go a.watchLinks(a.linkStop)
+	}
 
 	a.reconcile()
 	tick := time.NewTicker(a.cfg.ReconcileInterval)
@@ -195,6 +237,26 @@ func (a *Agent) teardown() {
 			a.log.Warn("leaving the cluster", "err", err)
 		}
 		a.cluster = nil
+	}
+	if a.handoverLn != nil {
+		a.handoverLn.Close()
+		close(a.linkStop)
+		a.mu.Lock()
+		for _, c := range a.ctls {
+			c.mu.Lock()
+			if c.stop != nil {
+				close(c.stop)
+				c.stop = nil
+			}
+			c.mu.Unlock()
+		}
+		a.mu.Unlock()
+		a.bg.Wait()
+		a.handoverLn = nil
+	}
+	if a.intercept != nil {
+		a.intercept.Close()
+		a.intercept = nil
 	}
 	if err := a.routes.Flush(); err != nil {
 		a.log.Warn("removing routes", "err", err)
@@ -271,4 +333,20 @@ func warnSysctls(log *slog.Logger, v6 bool) {
 func linkExists(name string) bool {
 	_, err := netlink.LinkByName(name)
 	return err == nil
+}
+
+// freebind lets the handover listener bind the overlay address before the
+// reconcile loop has put it on the WireGuard interface.
+func freebind(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_FREEBIND, 1)
+		if serr == nil {
+			unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_FREEBIND, 1)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
 }

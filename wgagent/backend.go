@@ -45,12 +45,29 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 		a.attached[vip] = at
 		a.dirty = true
 	}
-	if !ok {
-		r := a.cluster.Claim(vip)
+	if ok {
+		if c := a.ctls[vip]; c != nil && c.state == stateCaching {
+			// The VM is back where it was: give it its packets.
+			a.abortLocked(vip, "attached again on this host")
+		}
+	} else {
+		var r gossip.Record
+		cur, known := a.cluster.Table().Get(vip)
+		if a.intercept != nil && known && cur.Owner != "" && cur.Owner != a.cfg.Name {
+			r = a.arriveLocked(vip, dev, cur)
+		} else {
+			r = a.cluster.Claim(vip)
+			a.localCtl(vip, dev)
+		}
 		at = attachment{VIP: vip, Dev: dev, Epoch: r.Epoch}
 		a.attached[vip] = at
 		a.dirty = true
 		a.log.Info("VIP attached", "vip", vip, "dev", dev, "epoch", r.Epoch)
+	}
+	if c := a.ctls[vip]; c != nil {
+		c.mu.Lock()
+		c.dev = dev
+		c.mu.Unlock()
 	}
 	a.mu.Unlock()
 	a.reconcile()
@@ -65,6 +82,17 @@ func (b backend) Detach(_ context.Context, vip netip.Addr) (control.VIP, error) 
 	vip = vip.Unmap()
 	a.mu.Lock()
 	_, ok := a.attached[vip]
+	if ok && a.ctls[vip] != nil {
+		// With the cache, detaching is how a hook says the VM stopped
+		// here: keep its packets for whoever claims it next.
+		err := a.suspendLocked(vip, "detached")
+		a.mu.Unlock()
+		if err != nil {
+			return control.VIP{}, err
+		}
+		a.reconcile()
+		return a.vipStatus(vip), nil
+	}
 	if ok {
 		delete(a.attached, vip)
 		a.dirty = true
@@ -107,6 +135,16 @@ func (a *Agent) vipStatus(vip netip.Addr) control.VIP {
 
 func (a *Agent) vipLocked(r gossip.Record) control.VIP {
 	v := control.VIP{VIP: r.VIP.String(), Owner: r.Owner, Epoch: r.Epoch}
+	if c := a.ctls[r.VIP]; c != nil {
+		c.mu.Lock()
+		state, dev := c.state, c.dev
+		c.mu.Unlock()
+		if state != stateLocal {
+			v.State, v.Dev = state, dev
+			v.Local = state == stateHolding
+			return v
+		}
+	}
 	switch at, ok := a.attached[r.VIP]; {
 	case ok && r.Owner == a.cfg.Name:
 		v.Local, v.Dev, v.State = true, at.Dev, "local"
@@ -176,6 +214,7 @@ func (b backend) Status(context.Context) (control.Status, error) {
 		st.VIPs = append(st.VIPs, a.vipLocked(r))
 	}
 	st.Problems = slices.Clone(a.problems)
+	st.Migrations = a.migrationsLocked()
 	a.mu.Unlock()
 	if st.Problems == nil {
 		st.Problems = []string{}
@@ -187,4 +226,66 @@ func (b backend) Status(context.Context) (control.Status, error) {
 	gs := a.cluster.Stats()
 	st.Gossip = control.Gossip{Members: gs.Members, Encrypted: len(a.cfg.GossipKeys) > 0, DroppedMessages: gs.DroppedMessages, DroppedMeta: gs.DroppedMeta}
 	return st, nil
+}
+
+// migrationsLocked lists finished migrations and those under way. a.mu held.
+func (a *Agent) migrationsLocked() []control.Migration {
+	out := slices.Clone(a.history)
+	for _, c := range a.ctls {
+		c.mu.Lock()
+		if c.rec.VIP != "" {
+			m := c.rec
+			m.State = c.state
+			if c.queue != nil {
+				qs := c.queue.Stats()
+				if c.source {
+					m.Cached, m.CachedBytes = qs.Packets, qs.Bytes
+				} else {
+					m.Held = qs.Packets
+				}
+				m.Dropped = map[string]uint64{}
+				for r, n := range qs.Dropped {
+					m.Dropped[string(r)] = n
+				}
+			}
+			out = append(out, m)
+		}
+		c.mu.Unlock()
+	}
+	if out == nil {
+		out = []control.Migration{}
+	}
+	return out
+}
+
+// Suspend starts caching a local VIP's packets (`vmroam migrate suspend`).
+func (b backend) Suspend(_ context.Context, vip netip.Addr) (control.VIP, error) {
+	a := b.a
+	if a.intercept == nil {
+		return control.VIP{}, badRequest("the migration cache is off (--cache=false)")
+	}
+	a.mu.Lock()
+	err := a.suspendLocked(vip.Unmap(), "migrate suspend")
+	a.mu.Unlock()
+	if err != nil {
+		return control.VIP{}, err
+	}
+	a.reconcile()
+	return a.vipStatus(vip.Unmap()), nil
+}
+
+// Abort delivers a caching VIP's queue to its VM here (`vmroam migrate abort`).
+func (b backend) Abort(_ context.Context, vip netip.Addr) (control.VIP, error) {
+	a := b.a
+	if a.intercept == nil {
+		return control.VIP{}, badRequest("the migration cache is off (--cache=false)")
+	}
+	a.mu.Lock()
+	err := a.abortLocked(vip.Unmap(), "migrate abort")
+	a.mu.Unlock()
+	if err != nil {
+		return control.VIP{}, err
+	}
+	a.reconcile()
+	return a.vipStatus(vip.Unmap()), nil
 }

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/wgagent/control"
 	"github.com/vmroam/vmroam/wgagent/wgdev"
 )
@@ -56,6 +57,30 @@ type Config struct {
 	// desired state even when nothing signalled a change; it bounds how
 	// long a route or peer deleted by someone else stays missing.
 	ReconcileInterval time.Duration
+	// Keepalive is WireGuard's persistent keepalive for every peer: it
+	// keeps sessions up between hosts that exchange nothing, so the first
+	// packets of a migration do not wait for a handshake. 0 turns it off.
+	Keepalive time.Duration
+	// Cache turns on the migration cache. Off, the agent only re-routes
+	// VIPs (the baseline that shows what the cache saves).
+	Cache bool
+	// CacheLimits bound each VIP's queue.
+	CacheLimits cache.Limits
+	// CacheGlobalMax bounds the bytes held by all queues together.
+	CacheGlobalMax int64
+	// CacheLinger is how long the old host keeps forwarding stragglers
+	// after its flush, for senders whose view is stale; about the time
+	// gossip takes to reach every host.
+	CacheLinger time.Duration
+	// CacheSettle is the least time the new host holds a flow's first
+	// direct packets so the same sender's packets on the old path come
+	// first; the measured round trip to the old host raises it.
+	CacheSettle time.Duration
+	// CacheInterface names the TUN device the cache reads from.
+	CacheInterface string
+	// HandoverPort is the TCP port, on the overlay address, where the
+	// agent serves its caches to the hosts VMs moved to.
+	HandoverPort int
 	// Logger receives the agent's logs; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -73,6 +98,14 @@ func DefaultConfig() Config {
 		Socket:            control.DefaultSocket,
 		GossipProfile:     "lan",
 		ReconcileInterval: 2 * time.Second,
+		Keepalive:         25 * time.Second,
+		Cache:             true,
+		CacheLimits:       cache.DefaultLimits(),
+		CacheGlobalMax:    1 << 30,
+		CacheLinger:       2 * time.Second,
+		CacheSettle:       2 * time.Millisecond,
+		CacheInterface:    "vmrc0",
+		HandoverPort:      7947,
 	}
 }
 
@@ -124,6 +157,23 @@ func (c *Config) Validate() error {
 	case "lan", "wan", "local":
 	default:
 		add("--gossip-profile %q: want lan, wan or local", c.GossipProfile)
+	}
+	if c.Cache {
+		if c.CacheLimits.MaxBytes < 1<<16 || c.CacheLimits.MaxPackets < 1 || c.CacheLimits.MaxAge < time.Second {
+			add("cache limits too small: --cache-max-bytes >= 64KiB, --cache-max-packets >= 1, --cache-max-age >= 1s")
+		}
+		if c.CacheGlobalMax < c.CacheLimits.MaxBytes {
+			add("--cache-global-max-bytes %d is below --cache-max-bytes %d", c.CacheGlobalMax, c.CacheLimits.MaxBytes)
+		}
+		if c.CacheInterface == "" || len(c.CacheInterface) > 15 || c.CacheInterface == c.Interface {
+			add("--cache-interface %q: must be 1 to 15 bytes and differ from --interface", c.CacheInterface)
+		}
+		if c.HandoverPort < 1 || c.HandoverPort > 65535 {
+			add("--handover-port %d: must be 1 to 65535", c.HandoverPort)
+		}
+		if c.CacheLinger < 0 || c.CacheSettle < 0 {
+			add("--cache-linger and --cache-settle must not be negative")
+		}
 	}
 	if c.ReconcileInterval < 100*time.Millisecond {
 		add("--reconcile-interval %s: must be at least 100ms", c.ReconcileInterval)

@@ -5,10 +5,12 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/route"
 )
@@ -25,8 +27,14 @@ type wantPeer struct {
 // says. It is idempotent; everything it cannot fix now is kept in
 // a.problems for status and retried on the next run.
 func (a *Agent) reconcile() {
+	start := time.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	defer func() {
+		if d := time.Since(start); d > 50*time.Millisecond {
+			a.log.Debug("slow reconcile", "took", d)
+		}
+	}()
 	var problems []string
 	problem := func(format string, args ...any) {
 		p := fmt.Sprintf(format, args...)
@@ -37,6 +45,10 @@ func (a *Agent) reconcile() {
 	records := a.cluster.Table().Records()
 	a.reconcileOwnership(records)
 	a.rememberPeers(members)
+	if a.intercept != nil {
+		a.reconcileMigrationsLocked()
+		a.learnMACsLocked()
+	}
 
 	peers := a.wantPeers(members, records, problem)
 	if err := a.applyPeers(peers); err != nil {
@@ -87,6 +99,12 @@ func (a *Agent) reconcileOwnership(records []gossip.Record) {
 			// Not merged yet (cannot happen after Claim or Assert); keep it.
 			continue
 		}
+		if _, moving := a.ctls[vip]; moving && r.Owner != "" {
+			// The VM moved: cache its packets until the new owner asks
+			// for them (or the cache's max age passes).
+			a.suspendLocked(vip, "claimed by "+r.Owner)
+			continue
+		}
 		if r.Owner == "" {
 			a.log.Warn("VIP released elsewhere; dropping the local attachment", "vip", vip, "epoch", r.Epoch)
 		} else if r.Epoch == at.Epoch {
@@ -103,6 +121,18 @@ func (a *Agent) reconcileOwnership(records []gossip.Record) {
 				a.log.Warn("a record names this host as owner but nothing is attached here; releasing it", "vip", r.VIP, "epoch", r.Epoch)
 				a.cluster.Release(r.VIP)
 			}
+		}
+	}
+}
+
+// learnMACsLocked keeps each local VM's MAC from the neighbour table, for
+// the handover when the VM moves.
+func (a *Agent) learnMACsLocked() {
+	for vip, at := range a.attached {
+		if m, ok := cache.NeighborMAC(at.Dev, vip); ok && m.String() != at.MAC.String() {
+			at.MAC = m
+			a.attached[vip] = at
+			a.dirty = true
 		}
 	}
 }
@@ -183,10 +213,11 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 		if !ok {
 			a.log.Info("adding peer", "peer", w.name, "endpoint", w.endpoint, "allowed_ips", w.allowedIPs)
 			changes = append(changes, wgtypes.PeerConfig{
-				PublicKey:         w.key,
-				Endpoint:          udpAddr(w.endpoint),
-				ReplaceAllowedIPs: true,
-				AllowedIPs:        ipNets(w.allowedIPs),
+				PublicKey:                   w.key,
+				Endpoint:                    udpAddr(w.endpoint),
+				PersistentKeepaliveInterval: &a.cfg.Keepalive,
+				ReplaceAllowedIPs:           true,
+				AllowedIPs:                  ipNets(w.allowedIPs),
 			})
 			continue
 		}
@@ -194,7 +225,7 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 		changed := false
 		// The advertised endpoint is authoritative: it is how operators
 		// say where a host is reachable, NAT included.
-		if c.Endpoint == nil || c.Endpoint.AddrPort() != w.endpoint {
+		if c.Endpoint == nil || unmapped(c.Endpoint.AddrPort()) != w.endpoint {
 			pc.Endpoint = udpAddr(w.endpoint)
 			changed = true
 		}
@@ -251,11 +282,24 @@ func (a *Agent) wantRoutes(records []gossip.Record) []route.Route {
 	wg := a.cfg.Interface
 	overlay := a.cfg.Address.Masked()
 	routes := []route.Route{{Dst: overlay, Dev: wg, Metric: metricOverlay}}
+	diverted := map[netip.Addr]bool{}
+	for vip, c := range a.ctls {
+		c.mu.Lock()
+		if c.state != stateLocal {
+			diverted[vip] = true
+			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: metricDivert})
+		}
+		c.mu.Unlock()
+	}
 	for _, r := range records {
 		switch {
+		case diverted[r.VIP]:
 		case r.Owner == a.cfg.Name:
 			if at, ok := a.attached[r.VIP]; ok {
 				routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: at.Dev, Metric: metricLocalVIP})
+				if a.intercept != nil {
+					routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: a.intercept.Name(), Metric: metricStandby})
+				}
 			}
 		case r.Owner != "" && !overlay.Contains(r.VIP):
 			// Inside the overlay prefix the prefix route already leads
@@ -324,6 +368,10 @@ func prefixSet(ns []net.IPNet) map[netip.Prefix]bool {
 		}
 	}
 	return out
+}
+
+func unmapped(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
 func udpAddr(ap netip.AddrPort) *net.UDPAddr {

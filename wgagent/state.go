@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -23,6 +24,9 @@ type attachment struct {
 	VIP   netip.Addr `json:"vip"`
 	Dev   string     `json:"dev"`
 	Epoch uint64     `json:"epoch"`
+	// MAC is the VM's, as last seen in the neighbour table; a handover
+	// carries it so the new host can deliver before it learns it.
+	MAC net.HardwareAddr `json:"mac,omitempty"`
 }
 
 // persisted is what survives a restart, besides the private key.

@@ -39,6 +39,16 @@ type agentFlags struct {
 	insecureGossip    bool
 	gossipProfile     string
 	reconcileInterval time.Duration
+	keepalive         time.Duration
+	cache             bool
+	cacheMaxBytes     int64
+	cacheMaxPackets   int
+	cacheMaxAge       time.Duration
+	cacheGlobalMax    int64
+	cacheLinger       time.Duration
+	cacheSettle       time.Duration
+	cacheIface        string
+	handoverPort      int
 	logLevel          string
 	logFormat         string
 	config            string
@@ -66,6 +76,16 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.BoolVar(&f.insecureGossip, "insecure-gossip", false, "run gossip unencrypted: anyone reaching the gossip port can then redirect VM traffic")
 	fs.StringVar(&f.gossipProfile, "gossip-profile", d.GossipProfile, "memberlist timing: lan, wan or local")
 	fs.DurationVar(&f.reconcileInterval, "reconcile-interval", d.ReconcileInterval, "how often to check kernel state even without a change")
+	fs.DurationVar(&f.keepalive, "keepalive", d.Keepalive, "WireGuard persistent keepalive, keeps sessions warm for migrations (0 = off)")
+	fs.BoolVar(&f.cache, "cache", d.Cache, "cache a migrating VM's packets and deliver them at its new host; false only re-routes (to measure the loss it saves)")
+	fs.Int64Var(&f.cacheMaxBytes, "cache-max-bytes", d.CacheLimits.MaxBytes, "bytes cached per VIP at most")
+	fs.IntVar(&f.cacheMaxPackets, "cache-max-packets", d.CacheLimits.MaxPackets, "packets cached per VIP at most")
+	fs.DurationVar(&f.cacheMaxAge, "cache-max-age", d.CacheLimits.MaxAge, "oldest packet kept; a VIP nobody claims by then is released")
+	fs.Int64Var(&f.cacheGlobalMax, "cache-global-max-bytes", d.CacheGlobalMax, "bytes cached for all VIPs together at most")
+	fs.DurationVar(&f.cacheLinger, "cache-linger", d.CacheLinger, "how long the old host forwards stragglers after a flush")
+	fs.DurationVar(&f.cacheSettle, "cache-settle", d.CacheSettle, "least hold of a flow's first direct packets at the new host (raised to the measured RTT)")
+	fs.StringVar(&f.cacheIface, "cache-interface", d.CacheInterface, "`name` of the cache's TUN device")
+	fs.IntVar(&f.handoverPort, "handover-port", d.HandoverPort, "TCP `port` on the overlay address for handovers between agents")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&f.config, "config", "", "TOML config `file` with the same keys as these flags; flags win")
@@ -176,6 +196,11 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 	cfg.DataDir, cfg.Socket = f.dataDir, f.socket
 	cfg.InsecureGossip, cfg.GossipProfile = f.insecureGossip, f.gossipProfile
 	cfg.ReconcileInterval = f.reconcileInterval
+	cfg.Keepalive = f.keepalive
+	cfg.Cache = f.cache
+	cfg.CacheLimits.MaxBytes, cfg.CacheLimits.MaxPackets, cfg.CacheLimits.MaxAge = f.cacheMaxBytes, f.cacheMaxPackets, f.cacheMaxAge
+	cfg.CacheGlobalMax, cfg.CacheLinger, cfg.CacheSettle = f.cacheGlobalMax, f.cacheLinger, f.cacheSettle
+	cfg.CacheInterface, cfg.HandoverPort = f.cacheIface, f.handoverPort
 	if f.keyFile != "" {
 		if cfg.GossipKeys, err = gossip.LoadKeyFile(f.keyFile); err != nil {
 			return cfg, usagef("--encrypt-key-file: %v", err)

@@ -89,6 +89,38 @@ func printStatus(w io.Writer, st control.Status) {
 	tw.Flush()
 	fmt.Fprintln(w)
 	printVIPs(w, st.VIPs)
+	if len(st.Migrations) > 0 {
+		fmt.Fprintln(w)
+		printMigrations(w, st.Migrations)
+	}
+}
+
+func printMigrations(w io.Writer, ms []control.Migration) {
+	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "MIGRATION\tROLE\tFROM\tTO\tEPOCH\tSTATE\tCACHED\tFLUSHED\tHELD\tFORWARDED\tDELIVERED\tDROPPED\tHANDOVER")
+	for _, m := range ms {
+		state := m.State
+		switch {
+		case state != "":
+		case m.Aborted:
+			state = "aborted"
+		case m.TimedOut:
+			state = "timed out"
+		default:
+			state = "done"
+		}
+		var dropped uint64
+		for _, n := range m.Dropped {
+			dropped += n
+		}
+		handover := "-"
+		if m.Claim != nil && m.FirstDelivery != nil {
+			handover = m.FirstDelivery.Sub(*m.Claim).Round(time.Millisecond).String()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", m.VIP, m.Role, orDash(m.From), orDash(m.To), m.Epoch, state,
+			m.Cached, m.Flushed, m.Held, m.Forwarded, m.Delivered, dropped+m.Lost, handover)
+	}
+	tw.Flush()
 }
 
 func printVIPs(w io.Writer, vips []control.VIP) {
@@ -221,4 +253,35 @@ func clientErr(err error) error {
 		return usageError{strings.TrimPrefix(err.Error(), control.ErrBadRequest.Error()+": ")}
 	}
 	return err
+}
+
+func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return usagef("migrate: want a subcommand: suspend or abort")
+	}
+	sub, args := args[0], args[1:]
+	var call func(*control.Client, context.Context, netip.Addr) (control.VIP, error)
+	switch sub {
+	case "suspend":
+		call = (*control.Client).Suspend
+	case "abort":
+		call = (*control.Client).Abort
+	default:
+		return usagef("migrate: unknown subcommand %q (want suspend or abort)", sub)
+	}
+	fs := newFlagSet("migrate "+sub, "migrate "+sub+" VIP [--socket PATH]", stdout, stderr)
+	var socket string
+	socketFlag(fs, &socket)
+	vip, err := oneVIP(fs, args)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
+	defer cancel()
+	v, err := call(client(socket), ctx, vip)
+	if err != nil {
+		return clientErr(err)
+	}
+	fmt.Fprintf(stdout, "%s is %s\n", v.VIP, v.State)
+	return nil
 }

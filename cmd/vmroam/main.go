@@ -25,6 +25,8 @@ Usage:
                                  this host now runs the VM with VIP behind IFACE
   vmroam vip detach VIP          this host no longer runs the VM with VIP
   vmroam vip list [--json]       show every VIP and its owner
+  vmroam migrate suspend VIP     the VM stopped here: cache its packets
+  vmroam migrate abort VIP       the VM stays here: deliver its cache to it
   vmroam keygen --gossip         print a new gossip encryption key
   vmroam version                 print the version
 
@@ -80,6 +82,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runStatus(ctx, rest, stdout, stderr)
 	case "vip":
 		return runVIP(ctx, rest, stdout, stderr)
+	case "migrate":
+		return runMigrate(ctx, rest, stdout, stderr)
 	case "keygen":
 		return runKeygen(rest, stdout, stderr)
 	case "version", "--version":

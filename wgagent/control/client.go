@@ -70,6 +70,20 @@ func (c *Client) Detach(ctx context.Context, vip netip.Addr) (VIP, error) {
 	return v, err
 }
 
+// Suspend asks the agent to start caching vip's packets.
+func (c *Client) Suspend(ctx context.Context, vip netip.Addr) (VIP, error) {
+	var v VIP
+	err := c.do(ctx, http.MethodPost, "/v1/migrate/suspend", VIPRequest{VIP: vip}, &v)
+	return v, err
+}
+
+// Abort asks the agent to deliver vip's cache to the VM on this host.
+func (c *Client) Abort(ctx context.Context, vip netip.Addr) (VIP, error) {
+	var v VIP
+	err := c.do(ctx, http.MethodPost, "/v1/migrate/abort", VIPRequest{VIP: vip}, &v)
+	return v, err
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {

@@ -29,6 +29,9 @@ type Status struct {
 	VIPs      []VIP      `json:"vips"`
 	Conflicts []Conflict `json:"conflicts"`
 	Gossip    Gossip     `json:"gossip"`
+	// Migrations are this host's side of recent migrations, oldest first,
+	// then those under way.
+	Migrations []Migration `json:"migrations"`
 	// Problems are conditions the operator should know about (a VIP's
 	// interface missing, a reconcile that failed), newest state only.
 	Problems []string `json:"problems"`
@@ -57,7 +60,9 @@ type VIP struct {
 	Epoch uint64 `json:"epoch"`
 	Local bool   `json:"local"`
 	Dev   string `json:"dev,omitempty"` // the VM's interface, for local VIPs
-	// State is local, remote or released.
+	// State is local, remote, released, or during a migration caching
+	// (old host, VM suspended), forwarding (old host, after the flush) or
+	// holding (new host, before delivery).
 	State string `json:"state"`
 }
 
@@ -86,4 +91,40 @@ type AttachRequest struct {
 // errorBody is what the server sends with a non-2xx status.
 type errorBody struct {
 	Error string `json:"error"`
+}
+
+// Migration is one host's side of one VIP's move.
+type Migration struct {
+	VIP   string `json:"vip"`
+	From  string `json:"from"`
+	To    string `json:"to,omitempty"`
+	Epoch uint64 `json:"epoch"`
+	// Role is source (this host is the old one) or destination.
+	Role string `json:"role"`
+	// State while under way (see VIP.State); empty once done.
+	State string `json:"state,omitempty"`
+
+	Suspend       *time.Time `json:"suspend,omitempty"`
+	Claim         *time.Time `json:"claim,omitempty"`
+	FlushStart    *time.Time `json:"flush_start,omitempty"`
+	FlushEnd      *time.Time `json:"flush_end,omitempty"`
+	FirstDelivery *time.Time `json:"first_delivery,omitempty"`
+	Done          *time.Time `json:"done,omitempty"`
+
+	Cached      uint64 `json:"cached"`
+	CachedBytes uint64 `json:"cached_bytes"`
+	Flushed     uint64 `json:"flushed"`
+	Held        uint64 `json:"held"`
+	Forwarded   uint64 `json:"forwarded"`
+	Delivered   uint64 `json:"delivered"`
+	// Lost counts packets the other side reported dropped.
+	Lost     uint64            `json:"lost"`
+	Dropped  map[string]uint64 `json:"dropped"` // by reason, on this host
+	Aborted  bool              `json:"aborted,omitempty"`
+	TimedOut bool              `json:"timed_out,omitempty"`
+}
+
+// VIPRequest names one VIP.
+type VIPRequest struct {
+	VIP netip.Addr `json:"vip"`
 }

@@ -38,6 +38,14 @@ func (f *fakeBackend) Detach(_ context.Context, vip netip.Addr) (VIP, error) {
 	return VIP{VIP: vip.String()}, nil
 }
 
+func (f *fakeBackend) Suspend(_ context.Context, vip netip.Addr) (VIP, error) {
+	return VIP{VIP: vip.String(), State: "caching"}, nil
+}
+
+func (f *fakeBackend) Abort(_ context.Context, vip netip.Addr) (VIP, error) {
+	return VIP{}, fmt.Errorf("%w: %s is not caching", ErrBadRequest, vip)
+}
+
 func TestRoundTrip(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "ctl.sock")
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -74,6 +82,12 @@ func TestRoundTrip(t *testing.T) {
 	_, err = c.Attach(ctx, vip, "")
 	if !errors.Is(err, ErrBadRequest) || err.Error() != "bad request: --dev is required" {
 		t.Fatalf("attach without dev: %v", err)
+	}
+	if v, err := c.Suspend(ctx, vip); err != nil || v.State != "caching" {
+		t.Fatalf("suspend: %+v %v", v, err)
+	}
+	if _, err := c.Abort(ctx, vip); !errors.Is(err, ErrBadRequest) {
+		t.Fatalf("abort: %v", err)
 	}
 	if _, err := c.Detach(ctx, vip); err != nil {
 		t.Fatal(err)

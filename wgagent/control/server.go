@@ -23,6 +23,8 @@ type Backend interface {
 	Status(ctx context.Context) (Status, error)
 	Attach(ctx context.Context, vip netip.Addr, dev string) (VIP, error)
 	Detach(ctx context.Context, vip netip.Addr) (VIP, error)
+	Suspend(ctx context.Context, vip netip.Addr) (VIP, error)
+	Abort(ctx context.Context, vip netip.Addr) (VIP, error)
 }
 
 // ErrBadRequest marks errors caused by the client's input; the server
@@ -136,15 +138,27 @@ func handler(b Backend) http.Handler {
 	})
 	mux.HandleFunc("POST /v1/vips", func(w http.ResponseWriter, r *http.Request) {
 		var req AttachRequest
-		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&req); err != nil {
-			reply(w, nil, fmt.Errorf("%w: %v", ErrBadRequest, err))
+		if err := decode(w, r, &req); err != nil {
+			reply(w, nil, err)
 			return
 		}
 		v, err := b.Attach(r.Context(), req.VIP, req.Dev)
 		reply(w, v, err)
 	})
+	for path, op := range map[string]func(context.Context, netip.Addr) (VIP, error){
+		"POST /v1/migrate/suspend": b.Suspend,
+		"POST /v1/migrate/abort":   b.Abort,
+	} {
+		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			var req VIPRequest
+			if err := decode(w, r, &req); err != nil {
+				reply(w, nil, err)
+				return
+			}
+			v, err := op(r.Context(), req.VIP)
+			reply(w, v, err)
+		})
+	}
 	mux.HandleFunc("DELETE /v1/vips/{vip}", func(w http.ResponseWriter, r *http.Request) {
 		vip, err := netip.ParseAddr(r.PathValue("vip"))
 		if err != nil {
@@ -155,6 +169,15 @@ func handler(b Backend) http.Handler {
 		reply(w, v, err)
 	})
 	return mux
+}
+
+func decode(w http.ResponseWriter, r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%w: %v", ErrBadRequest, err)
+	}
+	return nil
 }
 
 func reply(w http.ResponseWriter, v any, err error) {

@@ -1,0 +1,573 @@
+package wgagent
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmroam/vmroam/cache"
+	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/wgagent/control"
+)
+
+// VIP states as status shows them.
+const (
+	stateLocal      = "local"      // the VM runs here; standby route to the cache
+	stateCaching    = "caching"    // source: VM suspended, packets queued
+	stateForwarding = "forwarding" // source: queue flushed, stragglers forwarded
+	stateHolding    = "holding"    // destination: packets held until delivery
+	stateRemote     = "remote"
+	stateReleased   = "released"
+)
+
+// Route metrics of the cache device: the standby route of a local VIP is
+// worse than the VM's own route, so the kernel fails over to the cache by
+// itself the instant the VM's interface vanishes; the diversion route beats
+// every VM route (ours, metric 1, and Xen's vif-route, metric 2).
+const (
+	metricDivert  = 0
+	metricStandby = 100
+)
+
+// anycastGateway is the address every VM interface carries (DESIGN.md).
+var anycastGateway = netip.MustParseAddr("169.254.0.1")
+
+// vipCtl is the data path of one VIP that is local here or moving through
+// here. Its mutex guards everything below; Take runs on the interceptor's
+// reader goroutine and must not block or take the agent's lock.
+type vipCtl struct {
+	a   *Agent
+	vip netip.Addr
+
+	mu      sync.Mutex
+	state   string
+	source  bool // this host is (was) the VM's old host
+	dev     string
+	mac     net.HardwareAddr
+	queue   *cache.Queue // source: the cache; destination: held packets
+	stream  *cache.Queue // destination: packets from the handover stream
+	orderer *cache.Orderer
+	stop    chan struct{}
+	rec     control.Migration
+	started time.Time // when it left stateLocal
+	// byCarrier: the suspend came from the interface losing carrier, so
+	// carrier coming back (before any claim) means the VM stayed.
+	byCarrier bool
+}
+
+func (a *Agent) newQueue() *cache.Queue { return cache.NewQueue(a.cfg.CacheLimits, a.budget) }
+
+// Take queues a packet the cache device read for this VIP.
+func (c *vipCtl) Take(pkt []byte) {
+	c.mu.Lock()
+	q, state, delivering := c.queue, c.state, c.orderer != nil
+	c.mu.Unlock()
+	if reason := q.Push(pkt, time.Now()); reason != "" {
+		c.a.dropOnce(c, reason)
+	}
+	if state == stateLocal && !delivering {
+		// The standby route was used: the VM's interface went away
+		// before the agent heard of it.
+		c.a.signalStandby(c.vip)
+	}
+}
+
+// dropOnce logs the first drop of a migration, not every one.
+func (a *Agent) dropOnce(c *vipCtl, reason cache.DropReason) {
+	c.mu.Lock()
+	first := c.rec.Dropped == nil
+	if first {
+		c.rec.Dropped = map[string]uint64{}
+	}
+	c.mu.Unlock()
+	if first {
+		a.log.Warn("cache full or expired: dropping packets for this VIP (logged once per migration)", "vip", c.vip, "reason", reason)
+	}
+}
+
+func (a *Agent) signalStandby(vip netip.Addr) {
+	a.standbyMu.Lock()
+	a.standbyHits[vip] = true
+	a.standbyMu.Unlock()
+	a.kick()
+}
+
+// localCtl creates the standby controller of a VIP attached here. Called
+// with a.mu held.
+func (a *Agent) localCtl(vip netip.Addr, dev string) *vipCtl {
+	if a.intercept == nil {
+		return nil
+	}
+	c := a.ctls[vip]
+	if c == nil {
+		c = &vipCtl{a: a, vip: vip, state: stateLocal, queue: a.newQueue()}
+		a.ctls[vip] = c
+		a.intercept.Attach(vip, c)
+	}
+	c.mu.Lock()
+	c.dev = dev
+	c.mu.Unlock()
+	return c
+}
+
+// suspend starts caching a local VIP's packets. Called with a.mu held.
+func (a *Agent) suspendLocked(vip netip.Addr, why string) error {
+	c := a.ctls[vip]
+	if c == nil {
+		return fmt.Errorf("%w: %s is not attached here", control.ErrBadRequest, vip)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state != stateLocal {
+		return nil // already moving: idempotent
+	}
+	c.state = stateCaching
+	c.source = true
+	c.started = time.Now()
+	at := a.attached[vip]
+	c.rec = control.Migration{VIP: vip.String(), From: a.cfg.Name, Epoch: at.Epoch, Suspend: timePtr(c.started), Role: "source"}
+	if m, ok := cache.NeighborMAC(c.dev, vip); ok {
+		c.mac = m
+	} else if len(at.MAC) == 6 {
+		c.mac = at.MAC
+	}
+	a.log.Info("VM suspended: caching its packets", "vip", vip, "dev", c.dev, "why", why)
+	return nil
+}
+
+// abortLocked gives a cached VIP back to its VM here, delivering the queue
+// in order first. Called with a.mu held.
+func (a *Agent) abortLocked(vip netip.Addr, why string) error {
+	c := a.ctls[vip]
+	if c == nil {
+		return fmt.Errorf("%w: %s is not attached here", control.ErrBadRequest, vip)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state != stateCaching {
+		if c.state == stateLocal {
+			return nil
+		}
+		return fmt.Errorf("%w: %s is %s; only a caching VIP can be aborted", control.ErrBadRequest, vip, c.state)
+	}
+	a.log.Info("migration aborted: delivering the cache to the VM here", "vip", vip, "why", why, "queued", c.queue.Len())
+	c.rec.Aborted = true
+	a.startDeliveryLocked(c, c.queue, a.newQueue(), true)
+	return nil
+}
+
+// startDeliveryLocked runs an orderer that writes stream (then direct)
+// packets to the VM and, once drained, hands the VIP back to the kernel.
+// The caller holds c.mu.
+func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, closed bool) {
+	c.state = stateHolding
+	c.stream, c.queue = stream, direct
+	c.stop = make(chan struct{})
+	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.cfg.CacheSettle, Write: c.writer()}
+	c.orderer = o
+	if closed {
+		o.Closed()
+	}
+	o.SetCarrier(hasCarrier(c.dev))
+	a.watchCarrier(c.dev, o)
+	stop := c.stop
+	a.bg.Add(2)
+	go func() {
+		defer a.bg.Done()
+		if err := o.Run(stop); err != nil {
+			a.log.Error("delivering cached packets", "vip", c.vip, "err", err)
+		}
+	}()
+	go func() {
+		defer a.bg.Done()
+		a.watchDelivery(c, o, stop)
+	}()
+}
+
+// writer returns the delivery function, opening the packet socket on first
+// use: by then the VM's interface is up and its MAC known or resolvable.
+func (c *vipCtl) writer() func([]byte) error {
+	var d *cache.Deliverer
+	return func(pkt []byte) error {
+		if d == nil {
+			c.mu.Lock()
+			dev, mac := c.dev, c.mac
+			c.mu.Unlock()
+			if len(mac) != 6 {
+				if m, ok := cache.NeighborMAC(dev, c.vip); ok {
+					mac = m
+				} else if c.vip.Is4() {
+					m, err := cache.ResolveMAC(dev, c.vip, anycastGateway, time.Second)
+					if err != nil {
+						return err
+					}
+					mac = m
+				} else {
+					return fmt.Errorf("no MAC known for %s on %s", c.vip, dev)
+				}
+			}
+			var err error
+			if d, err = cache.NewDeliverer(dev, mac); err != nil {
+				return err
+			}
+		}
+		return d.Write(pkt)
+	}
+}
+
+// watchDelivery waits until the orderer drained what the migration brought,
+// then routes the VIP to the VM directly, and stops the orderer after a
+// grace period for packets that were already on their way to the cache.
+func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for !o.Drained() {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+	}
+	a.mu.Lock()
+	c.mu.Lock()
+	st := o.Stats()
+	c.rec.Delivered = st.Delivered
+	if !st.FirstDelivery.IsZero() {
+		c.rec.FirstDelivery = timePtr(st.FirstDelivery)
+	}
+	c.state = stateLocal
+	c.mu.Unlock()
+	a.mu.Unlock()
+	a.reconcile()
+	select {
+	case <-stop:
+	case <-time.After(300 * time.Millisecond):
+	}
+	a.mu.Lock()
+	c.mu.Lock()
+	a.unwatchCarrier(c.dev, o)
+	if c.stop == stop {
+		close(stop)
+		c.stop = nil
+	}
+	if c.orderer == o {
+		c.orderer = nil
+		// Whatever the orderer did not take goes to the new standby
+		// queue's consumer: the flap path below delivers it.
+		c.queue = a.newQueue()
+	}
+	c.rec.Done = timePtr(time.Now())
+	a.finishLocked(c)
+	c.mu.Unlock()
+	a.mu.Unlock()
+	a.log.Info("migration delivered", "vip", c.vip, "delivered", st.Delivered)
+}
+
+// finishLocked files the migration record. Both locks held.
+func (a *Agent) finishLocked(c *vipCtl) {
+	if c.rec.VIP == "" {
+		return
+	}
+	a.history = append(a.history, c.rec)
+	if len(a.history) > 100 {
+		a.history = a.history[len(a.history)-100:]
+	}
+	c.rec = control.Migration{}
+}
+
+// arriveLocked handles `vip attach` of a VIP another host owns: claim it,
+// hold its packets here, ask the old owner for its cache, deliver once the
+// VM's interface is up. Called with a.mu held; returns the new record.
+func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) gossip.Record {
+	r := a.cluster.Claim(vip)
+	c := a.localCtl(vip, dev)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.started = time.Now()
+	c.source = false
+	c.rec = control.Migration{VIP: vip.String(), From: old.Owner, To: a.cfg.Name, Epoch: r.Epoch, Claim: timePtr(c.started), Role: "destination"}
+	stream := a.newQueue()
+	a.startDeliveryLocked(c, stream, a.newQueue(), false)
+	o, stop := c.orderer, c.stop
+	a.log.Info("VM arriving: holding its packets and asking the old host for its cache", "vip", vip, "from", old.Owner, "epoch", r.Epoch)
+	a.bg.Add(1)
+	go func() {
+		defer a.bg.Done()
+		a.fetchHandover(c, old.Owner, r, stream, o, stop)
+	}()
+	return r
+}
+
+// fetchHandover connects to the old owner and feeds the stream queue.
+// Whatever happens, it ends by telling the orderer the source is closed.
+func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *cache.Queue, o *cache.Orderer, stop chan struct{}) {
+	defer o.Closed()
+	deadline := time.Now().Add(a.cfg.CacheLimits.MaxAge)
+	var conn net.Conn
+	for {
+		addr, alive := a.memberOverlay(from)
+		if !alive {
+			a.log.Warn("old owner is not alive: delivering what is held without its cache", "vip", c.vip, "from", from)
+			return
+		}
+		d := net.Dialer{Timeout: time.Second, LocalAddr: &net.TCPAddr{IP: a.cfg.Address.Addr().AsSlice()}}
+		var err error
+		conn, err = d.Dial("tcp", net.JoinHostPort(addr.String(), strconv.Itoa(a.cfg.HandoverPort)))
+		if err == nil {
+			a.log.Debug("handover: connected", "vip", c.vip, "from", from, "after", time.Since(c.started))
+			break
+		}
+		a.log.Debug("handover: connect", "vip", c.vip, "from", from, "err", err)
+		if time.Now().After(deadline) {
+			a.log.Error("handover: old owner unreachable; its cache is lost", "vip", c.vip, "from", from, "err", err)
+			return
+		}
+		select {
+		case <-stop:
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	defer conn.Close()
+	go func() {
+		<-stop
+		conn.Close()
+	}()
+	rd, rtt, err := cache.RequestHandover(conn, cache.Request{VIP: c.vip, Epoch: r.Epoch, Claimer: a.cfg.Name})
+	if err != nil {
+		a.log.Error("handover request", "vip", c.vip, "from", from, "err", err)
+		return
+	}
+	o.Settle = max(a.cfg.CacheSettle, rtt+2*time.Millisecond)
+	st, err := cache.Receive(rd, stream,
+		func(h cache.Header) {
+			c.mu.Lock()
+			if len(h.MAC) == 6 {
+				c.mac = h.MAC
+			}
+			c.rec.FlushStart = timePtr(time.Now())
+			c.mu.Unlock()
+		},
+		func(e cache.End) {
+			c.mu.Lock()
+			c.rec.FlushEnd = timePtr(time.Now())
+			c.rec.Lost += e.Dropped
+			c.mu.Unlock()
+			o.Ended()
+		}, nil)
+	c.mu.Lock()
+	c.rec.Flushed, c.rec.Forwarded = st.Flushed, st.Forwarded
+	c.mu.Unlock()
+	if err != nil {
+		a.log.Warn("handover stream ended early", "vip", c.vip, "from", from, "err", err)
+	}
+}
+
+func (a *Agent) memberOverlay(name string) (netip.Addr, bool) {
+	for _, m := range a.cluster.Members() {
+		if m.Name == name {
+			return m.Meta.Address, m.MetaErr == nil && m.State == gossip.MemberAlive
+		}
+	}
+	return netip.Addr{}, false
+}
+
+// serveHandovers answers handover requests from other agents.
+func (a *Agent) serveHandovers(ln net.Listener) {
+	defer a.bg.Done()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		a.bg.Add(1)
+		go func() {
+			defer a.bg.Done()
+			defer conn.Close()
+			if err := a.handleHandover(conn); err != nil {
+				a.log.Warn("handover", "remote", conn.RemoteAddr(), "err", err)
+			}
+		}()
+	}
+}
+
+func (a *Agent) handleHandover(conn net.Conn) error {
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	f, err := cache.NewReader(conn).Next()
+	if err != nil {
+		return fmt.Errorf("read request: %w", err)
+	}
+	conn.SetReadDeadline(time.Time{})
+	w := cache.NewWriter(conn)
+	refuse := func(format string, args ...any) error {
+		reason := fmt.Sprintf(format, args...)
+		w.Refuse(cache.Refuse{Reason: reason})
+		w.Flush()
+		return errors.New("refused: " + reason)
+	}
+	if f.Type != cache.FrameRequest {
+		return refuse("expected a request")
+	}
+	req := f.Request
+	a.log.Debug("handover request", "vip", req.VIP, "claimer", req.Claimer, "epoch", req.Epoch)
+	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
+	if addr, alive := a.memberOverlay(req.Claimer); !alive || addr != remote.Addr().Unmap() {
+		return refuse("%s is not the overlay address of a live member %q", remote.Addr(), req.Claimer)
+	}
+
+	a.mu.Lock()
+	c := a.ctls[req.VIP]
+	at, attached := a.attached[req.VIP]
+	if c == nil || !(attached || c.state == stateCaching) || (attached && req.Epoch <= at.Epoch) {
+		a.mu.Unlock()
+		return refuse("%s is not held here at an epoch below %d", req.VIP, req.Epoch)
+	}
+	// An arrival before the source noticed the VM leave is a suspend too.
+	a.suspendLocked(req.VIP, "claimed by "+req.Claimer)
+	c.mu.Lock()
+	c.state = stateForwarding
+	c.rec.To = req.Claimer
+	c.rec.Epoch = req.Epoch
+	c.rec.Claim = timePtr(time.Now())
+	q, mac, stop := c.queue, c.mac, make(chan struct{})
+	c.stop = stop
+	c.mu.Unlock()
+	delete(a.attached, req.VIP)
+	a.dirty = true
+	a.cluster.Assert(gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
+	a.mu.Unlock()
+	// Move the VIP to the new owner's peer before streaming: our own
+	// senders then go straight there.
+	t0 := time.Now()
+	a.reconcile()
+	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "reconcile", time.Since(t0), "mac", mac)
+
+	st, err := cache.SendQueue(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.cfg.CacheLinger, stop, nil)
+	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0))
+	a.mu.Lock()
+	c.mu.Lock()
+	c.rec.Flushed, c.rec.Forwarded = st.Flushed, st.Forwarded
+	if !st.FlushStart.IsZero() {
+		c.rec.FlushStart = timePtr(st.FlushStart)
+	}
+	if !st.FlushEnd.IsZero() {
+		c.rec.FlushEnd = timePtr(st.FlushEnd)
+	}
+	c.rec.Done = timePtr(time.Now())
+	a.finishLocked(c)
+	c.mu.Unlock()
+	if a.ctls[req.VIP] == c {
+		delete(a.ctls, req.VIP)
+		a.intercept.Detach(req.VIP, c)
+	}
+	a.mu.Unlock()
+	a.reconcile()
+	a.log.Info("handover done", "vip", req.VIP, "to", req.Claimer, "flushed", st.Flushed, "forwarded", st.Forwarded, "err", err)
+	return err
+}
+
+// reconcileMigrations runs in every reconcile with a.mu held: it acts on
+// standby hits, interfaces that vanished or came back, and timeouts.
+func (a *Agent) reconcileMigrationsLocked() {
+	a.standbyMu.Lock()
+	hits := a.standbyHits
+	a.standbyHits = map[netip.Addr]bool{}
+	a.standbyMu.Unlock()
+	now := time.Now()
+	for vip, c := range a.ctls {
+		c.mu.Lock()
+		state, dev, started := c.state, c.dev, c.started
+		c.mu.Unlock()
+		up := hasCarrier(dev)
+		switch {
+		case state == stateLocal && !up && a.attached[vip].VIP.IsValid():
+			a.suspendLocked(vip, "interface "+dev+" down or gone")
+			c.mu.Lock()
+			c.byCarrier = true
+			c.mu.Unlock()
+		case state == stateLocal && hits[vip] && c.orderer == nil:
+			// The route flapped but the VM is there: give it the packets.
+			c.mu.Lock()
+			a.startDeliveryLocked(c, c.queue, a.newQueue(), true)
+			c.mu.Unlock()
+		case state == stateCaching && up && c.byCarrier && a.attached[vip].VIP.IsValid():
+			a.abortLocked(vip, "interface "+dev+" has carrier again")
+		case state == stateCaching && now.Sub(started) > a.cfg.CacheLimits.MaxAge:
+			n := c.queue.Discard()
+			a.log.Warn("nobody claimed the VIP within the cache's max age: dropping its queue and releasing it", "vip", vip, "dropped", n)
+			c.mu.Lock()
+			c.rec.TimedOut = true
+			c.rec.Done = timePtr(now)
+			a.finishLocked(c)
+			c.mu.Unlock()
+			delete(a.ctls, vip)
+			a.intercept.Detach(vip, c)
+			delete(a.attached, vip)
+			a.dirty = true
+			a.cluster.Release(vip)
+		}
+	}
+}
+
+func timePtr(t time.Time) *time.Time { return &t }
+
+// watchCarrier tells o when dev's carrier changes, straight from the link
+// watcher: the handover time is measured from that moment.
+func (a *Agent) watchCarrier(dev string, o *cache.Orderer) {
+	a.carrierMu.Lock()
+	a.carrierWatch[dev] = o
+	a.carrierMu.Unlock()
+}
+
+func (a *Agent) unwatchCarrier(dev string, o *cache.Orderer) {
+	a.carrierMu.Lock()
+	if a.carrierWatch[dev] == o {
+		delete(a.carrierWatch, dev)
+	}
+	a.carrierMu.Unlock()
+}
+
+// watchLinks follows link changes: carrier for deliveries waiting on it,
+// and a reconcile for everything else (a VM interface gone or down).
+func (a *Agent) watchLinks(stop <-chan struct{}) {
+	defer a.bg.Done()
+	ch := make(chan netlink.LinkUpdate, 64)
+	if err := netlink.LinkSubscribeWithOptions(ch, stop, netlink.LinkSubscribeOptions{
+		ErrorCallback: func(err error) { a.log.Warn("link watcher", "err", err) },
+	}); err != nil {
+		a.log.Error("cannot watch links; relying on periodic checks", "err", err)
+		return
+	}
+	for {
+		select {
+		case <-stop:
+			return
+		case u, ok := <-ch:
+			if !ok {
+				return
+			}
+			name := u.Attrs().Name
+			up := u.Header.Type != unix.RTM_DELLINK && u.Attrs().RawFlags&unix.IFF_LOWER_UP != 0
+			a.carrierMu.Lock()
+			o := a.carrierWatch[name]
+			a.carrierMu.Unlock()
+			if o != nil {
+				o.SetCarrier(up)
+			}
+			a.kick()
+		}
+	}
+}
+
+// hasCarrier reports whether dev exists and has carrier.
+func hasCarrier(dev string) bool {
+	l, err := netlink.LinkByName(dev)
+	return err == nil && l.Attrs().RawFlags&unix.IFF_LOWER_UP != 0
+}
