@@ -19,8 +19,10 @@ import (
 	"github.com/vmroam/vmroam/wgagent/control"
 )
 
-// binary is the vmroam binary built once for all tests.
-var binary string
+// binary is the vmroam binary built once for all tests, with the race
+// detector; fastBinary is built without it, for tests that measure traffic
+// (the race detector slows the data path several times over).
+var binary, fastBinary string
 
 func TestMain(m *testing.M) {
 	os.Exit(func() int {
@@ -31,9 +33,13 @@ func TestMain(m *testing.M) {
 		}
 		defer os.RemoveAll(dir)
 		binary = filepath.Join(dir, "vmroam")
-		if out, err := exec.Command("go", "build", "-race", "-o", binary, "github.com/vmroam/vmroam/cmd/vmroam").CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "build vmroam: %v\n%s", err, out)
-			return 1
+		fastBinary = filepath.Join(dir, "vmroam-fast")
+		for _, b := range [][]string{{"-race", "-o", binary}, {"-o", fastBinary}} {
+			args := append(append([]string{"build"}, b...), "github.com/vmroam/vmroam/cmd/vmroam")
+			if out, err := exec.Command("go", args...).CombinedOutput(); err != nil {
+				fmt.Fprintf(os.Stderr, "build vmroam: %v\n%s", err, out)
+				return 1
+			}
 		}
 		return m.Run()
 	}())
@@ -43,13 +49,19 @@ func TestMain(m *testing.M) {
 // the test when the lab cannot run here.
 func newLab(t testing.TB, n int) *lab.Lab {
 	t.Helper()
+	return newLabWith(t, n, binary)
+}
+
+// newLabWith is newLab with another vmroam binary.
+func newLabWith(t testing.TB, n int, bin string) *lab.Lab {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end: skipped with -short")
 	}
 	if err := lab.RequireRoot(); err != nil {
 		t.Skipf("end-to-end needs root and network namespaces: %v", err)
 	}
-	l, err := lab.New(lab.Config{Hosts: n, Binary: binary, Logf: t.Logf})
+	l, err := lab.New(lab.Config{Hosts: n, Binary: bin, Logf: t.Logf})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -247,20 +247,8 @@ func (l *Lab) iperf(from, to *VM, dur time.Duration, clientExtra ...string) (*ip
 		}
 	}()
 
-	// Wait until it listens.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if srv.exited() {
-			return nil, fmt.Errorf("lab: iperf3 server in %s exited (%v): %s", to.NS, srv.err, logTail(logPath, 20))
-		}
-		out, _ := l.Exec(to.NS, "ss", "-Hltn", "sport = :"+port)
-		if strings.Contains(string(out), ":"+port) {
-			break
-		}
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("lab: iperf3 server in %s not listening on %s after 10s: %s", to.NS, port, logTail(logPath, 20))
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := l.waitListening(srv, to, port, logPath); err != nil {
+		return nil, err
 	}
 
 	args := []string{"iperf3", "-c", dst.String(), "-p", port, "-t", strconv.Itoa(secs), "-J"}
@@ -287,6 +275,24 @@ func (l *Lab) iperf(from, to *VM, dur time.Duration, clientExtra ...string) (*ip
 	l.logf("lab %s: iperf3 %s -> %s %s: %.0f Mbit/s", l.ID, from.Name, to.Name,
 		strings.Join(clientExtra, " "), res.End.SumReceived.BitsPerSecond/1e6)
 	return &res, nil
+}
+
+// waitListening waits until the iperf3 server srv in VM to listens on port.
+func (l *Lab) waitListening(srv *proc, to *VM, port, logPath string) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if srv.exited() {
+			return fmt.Errorf("lab: iperf3 server in %s exited (%v): %s", to.NS, srv.err, logTail(logPath, 20))
+		}
+		out, _ := l.Exec(to.NS, "ss", "-Hltn", "sport = :"+port)
+		if strings.Contains(string(out), ":"+port) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("lab: iperf3 server in %s not listening on %s after 10s: %s", to.NS, port, logTail(logPath, 20))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // jsonPart drops anything before the first '{' (warnings ip or iperf3 may print).

@@ -237,3 +237,22 @@ func isGone(err error) bool {
 	return strings.Contains(s, "No such process") || strings.Contains(s, "Cannot find device") ||
 		strings.Contains(s, "No such device")
 }
+
+// UnplugVM moves vm's vif into host to's namespace and leaves it down: the
+// VM is paused in transit (its old host sees the vif vanish, the new one
+// has no carrier yet). ResumeVM ends the pause, as MoveVM does at once.
+func (l *Lab) UnplugVM(vm *VM, to *Host) error {
+	if err := l.ownHost(to); err != nil {
+		return err
+	}
+	from := vm.Host
+	if from == to {
+		return l.ip(from.NS, "link", "set", vm.Vif, "down")
+	}
+	if _, err := l.Exec(from.NS, "ip", "link", "set", vm.Vif, "netns", to.NS); err != nil {
+		return err
+	}
+	vm.Host = to
+	l.logf("lab %s: VM %s unplugged from %s, waiting on %s", l.ID, vm.Name, from.Name, to.Name)
+	return nil
+}
