@@ -28,9 +28,17 @@ type Route struct {
 	Dev string
 	// Metric orders routes to the same prefix; lower wins.
 	Metric int
+	// Via, when valid, is an on-link gateway on Dev: the kernel then
+	// resolves Via's neighbour entry instead of Dst's.
+	Via netip.Addr
 }
 
-func (r Route) String() string { return fmt.Sprintf("%s dev %s metric %d", r.Dst, r.Dev, r.Metric) }
+func (r Route) String() string {
+	if r.Via.IsValid() {
+		return fmt.Sprintf("%s via %s dev %s onlink metric %d", r.Dst, r.Via, r.Dev, r.Metric)
+	}
+	return fmt.Sprintf("%s dev %s metric %d", r.Dst, r.Dev, r.Metric)
+}
 
 // ipv6DefaultMetric is the metric the kernel gives an IPv6 route added
 // with none; keys must match what the kernel lists.
@@ -82,6 +90,19 @@ func (t *Table) Desired() []Route {
 	return out
 }
 
+// Add puts one route into the kernel now, ahead of the next reconcile,
+// which keeps it if the desired set has it by then and removes it if not.
+func (t *Table) Add(r Route) error {
+	link, err := netlink.LinkByName(r.Dev)
+	if err != nil {
+		return fmt.Errorf("route %s: %s: %w", r.Dst, r.Dev, ErrNoDevice)
+	}
+	if err := netlink.RouteReplace(kernelRoute(r, link.Attrs().Index)); err != nil {
+		return fmt.Errorf("add route %s: %w", r, err)
+	}
+	return nil
+}
+
 // ErrNoDevice marks a desired route whose interface does not exist now.
 var ErrNoDevice = errors.New("interface not found")
 
@@ -104,7 +125,7 @@ func (t *Table) Reconcile() error {
 			errs = append(errs, fmt.Errorf("route %s: %s: %w", r.Dst, r.Dev, ErrNoDevice))
 			continue
 		}
-		if cur, ok := have[k]; ok && cur.LinkIndex == link.Attrs().Index {
+		if cur, ok := have[k]; ok && cur.LinkIndex == link.Attrs().Index && sameGateway(cur.Gw, r.Via) {
 			continue
 		}
 		if err := netlink.RouteReplace(kernelRoute(r, link.Attrs().Index)); err != nil {
@@ -130,7 +151,7 @@ func (t *Table) Flush() error {
 }
 
 func kernelRoute(r Route, index int) *netlink.Route {
-	return &netlink.Route{
+	kr := &netlink.Route{
 		LinkIndex: index,
 		Dst:       ipNet(r.Dst),
 		Priority:  r.Metric,
@@ -138,6 +159,20 @@ func kernelRoute(r Route, index int) *netlink.Route {
 		Scope:     netlink.SCOPE_LINK,
 		Table:     unix.RT_TABLE_MAIN,
 	}
+	if r.Via.IsValid() {
+		kr.Gw = r.Via.AsSlice()
+		kr.Scope = netlink.SCOPE_UNIVERSE
+		kr.SetFlag(netlink.FLAG_ONLINK)
+	}
+	return kr
+}
+
+func sameGateway(gw net.IP, via netip.Addr) bool {
+	if len(gw) == 0 {
+		return !via.IsValid()
+	}
+	a, ok := netip.AddrFromSlice(gw)
+	return ok && via.IsValid() && a.Unmap() == via
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {
