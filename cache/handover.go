@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -200,10 +201,10 @@ func bytesReader(b []byte) io.Reader { return &byteSliceReader{b: b} }
 
 // Orderer delivers a destination's packets in the order that loses and
 // reorders nothing: first what the source flushed (stream packets, in
-// order), and a packet that reached the destination directly only after
-// the source's end marker and once its flow has settled: its first direct
-// packet arrived at least settle ago, so that every packet the same sender
-// sent by the old path before switching has come through the stream.
+// order), and a packet that reached the destination directly only once its
+// flow has settled: settle has passed since both the flow's first direct
+// packet and the end marker, so that every packet the same sender sent by
+// the old path before switching has come through the stream.
 //
 // The backlog goes out paced, not in one burst: a VM that just resumed
 // reads its sockets no faster than before, and a burst would overflow its
@@ -217,17 +218,22 @@ type Orderer struct {
 	Speedup float64 // default 1.5
 	MinRate float64 // packets/s; default 20000
 
-	mu       sync.Mutex
-	ended    bool // end marker seen: the flushed backlog is complete
-	closed   bool // the source will send nothing more
-	carrier  bool
-	wake     chan struct{}
-	first    map[Flow]time.Time
-	cls      *Classifier
-	pending  []byte
-	pendFlow Flow
-	pendAt   time.Time
-	hasPend  bool
+	mu        sync.Mutex
+	ended     bool // end marker seen: the flushed backlog is complete
+	closed    bool // the source will send nothing more
+	carrier   bool
+	endAt     time.Time // when the end marker arrived
+	carrierUp time.Time
+	wake      chan struct{}
+	first     map[Flow]time.Time
+	cls       *Classifier
+	pending   []byte
+	pendFlow  Flow
+	pendAt    time.Time
+	hasPend   bool
+	pendSeen  atomic.Bool // hasPend, for Idle from other goroutines
+	released  map[Flow]bool
+	late      uint64
 
 	// Pacing: a token bucket refilled at the current pace.
 	tokens    float64
@@ -246,6 +252,12 @@ type Orderer struct {
 type OrdererStats struct {
 	Delivered, DeliveredBytes uint64
 	FirstDelivery             time.Time
+	// CarrierUp is when the VM's interface was last seen getting carrier:
+	// from then to FirstDelivery is the handover time.
+	CarrierUp time.Time
+	// Late counts stream packets that came after their flow's direct
+	// packets had been delivered: the old path was slower than Settle.
+	Late uint64
 }
 
 func (o *Orderer) init() {
@@ -265,14 +277,35 @@ func (o *Orderer) poke() {
 
 // SetCarrier says whether the VM's interface is up: nothing is delivered
 // before.
-func (o *Orderer) SetCarrier(up bool) { o.set(func() { o.carrier = up }) }
+func (o *Orderer) SetCarrier(up bool) {
+	o.set(func() {
+		if up && !o.carrier {
+			o.carrierUp = time.Now()
+		}
+		o.carrier = up
+	})
+}
 
 // Ended says the stream's end marker arrived.
-func (o *Orderer) Ended() { o.set(func() { o.ended = true }) }
+func (o *Orderer) Ended() {
+	o.set(func() {
+		if !o.ended {
+			o.endAt = time.Now()
+		}
+		o.ended = true
+	})
+}
 
 // Closed says the source will send nothing more (close marker, failure or
 // timeout): every held packet may go.
-func (o *Orderer) Closed() { o.set(func() { o.ended, o.closed = true, true }) }
+func (o *Orderer) Closed() {
+	o.set(func() {
+		if !o.ended {
+			o.endAt = time.Now()
+		}
+		o.ended, o.closed = true, true
+	})
+}
 
 func (o *Orderer) set(f func()) {
 	o.mu.Lock()
@@ -286,7 +319,7 @@ func (o *Orderer) set(f func()) {
 func (o *Orderer) Stats() OrdererStats {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	return OrdererStats{Delivered: o.delivered, DeliveredBytes: o.deliveredB, FirstDelivery: o.firstDelivery}
+	return OrdererStats{Delivered: o.delivered, DeliveredBytes: o.deliveredB, FirstDelivery: o.firstDelivery, CarrierUp: o.carrierUp, Late: o.late}
 }
 
 // Drained reports that the source is closed and everything received so far
@@ -296,6 +329,11 @@ func (o *Orderer) Drained() bool {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return o.drained
+}
+
+// Idle reports that nothing received is waiting to be delivered.
+func (o *Orderer) Idle() bool {
+	return o.Stream.Len() == 0 && o.Direct.Len() == 0 && !o.pendSeen.Load()
 }
 
 // Run delivers until stop is closed; it returns the first write error.
@@ -340,7 +378,7 @@ func (o *Orderer) Run(stop <-chan struct{}) error {
 // delivered for good.
 func (o *Orderer) step() (time.Duration, bool, error) {
 	o.mu.Lock()
-	carrier, ended, closed := o.carrier, o.ended, o.closed
+	carrier, ended, closed, endAt := o.carrier, o.ended, o.closed, o.endAt
 	o.mu.Unlock()
 	if !carrier {
 		return 0, false, nil
@@ -354,6 +392,11 @@ func (o *Orderer) step() (time.Duration, bool, error) {
 		pkt, _, ok := o.Stream.Pop(now)
 		if !ok {
 			break
+		}
+		if len(o.released) > 0 {
+			if f, err := o.cls.Classify(pkt); err == nil && o.released[f] {
+				o.late++ // its flow's direct packets went first: reordered
+			}
 		}
 		if err := o.deliver(pkt); err != nil {
 			return 0, false, err
@@ -374,6 +417,7 @@ func (o *Orderer) step() (time.Duration, bool, error) {
 			o.pending = append(o.pending[:0], pkt...)
 			o.pendAt = at
 			o.hasPend = true
+			o.pendSeen.Store(true)
 			if f, err := o.cls.Classify(o.pending); err == nil {
 				o.pendFlow = f
 			} else {
@@ -383,14 +427,26 @@ func (o *Orderer) step() (time.Duration, bool, error) {
 				o.first[o.pendFlow] = at
 			}
 		}
-		release := o.first[o.pendFlow].Add(o.Settle)
+		// Settle from the flow's first direct packet, but not from before
+		// the end marker: a packet the source took just before writing
+		// the marker may still follow it as a straggler.
+		release := o.first[o.pendFlow]
+		if release.Before(endAt) {
+			release = endAt
+		}
+		release = release.Add(o.Settle)
 		if !closed && now.Before(release) {
 			return release.Sub(now), false, nil
 		}
 		if err := o.deliver(o.pending); err != nil {
 			return 0, false, err
 		}
+		if o.released == nil {
+			o.released = map[Flow]bool{}
+		}
+		o.released[o.pendFlow] = true
 		o.hasPend = false
+		o.pendSeen.Store(false)
 	}
 	if closed && o.Stream.Len() == 0 && o.Direct.Len() == 0 && !o.hasPend {
 		return 0, true, nil

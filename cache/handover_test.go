@@ -1,0 +1,242 @@
+package cache
+
+import (
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+)
+
+// udpFrom builds a UDP packet from src port sport carrying seq, so tests
+// can check order per flow.
+func udpFrom(t testing.TB, sport uint16, seq uint32) []byte {
+	ip := ip4(layers.IPProtocolUDP)
+	u := &layers.UDP{SrcPort: layers.UDPPort(sport), DstPort: 5201}
+	if err := u.SetNetworkLayerForChecksum(ip); err != nil {
+		t.Fatal(err)
+	}
+	payload := make([]byte, 4)
+	binary.BigEndian.PutUint32(payload, seq)
+	return serialize(t, ip, u, gopacket.Payload(payload))
+}
+
+func seqOf(pkt []byte) (sport uint16, seq uint32) {
+	return binary.BigEndian.Uint16(pkt[20:22]), binary.BigEndian.Uint32(pkt[28:32])
+}
+
+func TestSendQueueReceive(t *testing.T) {
+	src := NewQueue(DefaultLimits(), nil)
+	for i := range 1000 {
+		src.Push(udpFrom(t, 1, uint32(i)), time.Now())
+	}
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 1}
+	vip := netip.MustParseAddr("100.64.1.2")
+
+	var sent FlushStats
+	var sendErr error
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		sent, sendErr = SendQueue(a, src, Header{VIP: vip, Epoch: 7, MAC: mac}, 300*time.Millisecond, nil, nil)
+	}()
+
+	dst := NewQueue(DefaultLimits(), nil)
+	var hdr Header
+	var end End
+	ended := make(chan struct{})
+	var st FlushStats
+	var recvErr error
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		st, recvErr = Receive(b, dst, func(h Header) { hdr = h }, func(e End) { end = e; close(ended) }, nil)
+	}()
+	<-ended
+	// Stragglers after the end marker still come, in order.
+	for i := 1000; i < 1100; i++ {
+		src.Push(udpFrom(t, 1, uint32(i)), time.Now())
+	}
+	wg.Wait()
+	if sendErr != nil || recvErr != nil {
+		t.Fatalf("send %v, receive %v", sendErr, recvErr)
+	}
+	if hdr.VIP != vip || hdr.Epoch != 7 || hdr.MAC.String() != mac.String() || hdr.Queued != 1000 {
+		t.Fatalf("header %+v", hdr)
+	}
+	if end.Packets != 1000 || sent.Flushed != 1000 || st.Flushed != 1000 {
+		t.Fatalf("end %+v, sent %+v, received %+v", end, sent, st)
+	}
+	if sent.Forwarded != 100 || st.Forwarded != 100 {
+		t.Fatalf("stragglers: sent %d, received %d, want 100", sent.Forwarded, st.Forwarded)
+	}
+	for i := range 1100 {
+		pkt, _, ok := dst.Pop(time.Now())
+		if !ok {
+			t.Fatalf("packet %d missing", i)
+		}
+		if _, seq := seqOf(pkt); seq != uint32(i) {
+			t.Fatalf("packet %d has seq %d", i, seq)
+		}
+	}
+}
+
+func TestReceiveRefused(t *testing.T) {
+	a, b := net.Pipe()
+	defer b.Close()
+	go func() {
+		w := NewWriter(a)
+		w.Refuse(Refuse{Reason: "not here"})
+		w.Flush()
+		a.Close()
+	}()
+	_, err := Receive(b, NewQueue(DefaultLimits(), nil), nil, nil, nil)
+	if !errors.Is(err, ErrRefused) {
+		t.Fatalf("err = %v, want ErrRefused", err)
+	}
+}
+
+// recorder collects what an orderer delivers.
+type recorder struct {
+	mu  sync.Mutex
+	got [][2]uint32 // sport, seq
+	at  []time.Time
+}
+
+func (r *recorder) write(pkt []byte) error {
+	sport, seq := seqOf(pkt)
+	r.mu.Lock()
+	r.got = append(r.got, [2]uint32{uint32(sport), seq})
+	r.at = append(r.at, time.Now())
+	r.mu.Unlock()
+	return nil
+}
+
+func (r *recorder) count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.got)
+}
+
+func waitCount(t *testing.T, r *recorder, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for r.count() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("delivered %d, want %d", r.count(), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func TestOrdererStreamFirstThenSettledFlows(t *testing.T) {
+	stream, direct := NewQueue(DefaultLimits(), nil), NewQueue(DefaultLimits(), nil)
+	rec := &recorder{}
+	o := &Orderer{Stream: stream, Direct: direct, Settle: 100 * time.Millisecond, Write: rec.write}
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- o.Run(stop) }()
+	defer func() {
+		close(stop)
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+
+	// Flow 1's old path (stream) and new path (direct) overlap; flow 2
+	// only arrives directly.
+	for i := range 10 {
+		stream.Push(udpFrom(t, 1, uint32(i)), time.Now())
+	}
+	firstDirect := time.Now()
+	direct.Push(udpFrom(t, 1, 20), firstDirect)
+	direct.Push(udpFrom(t, 2, 0), time.Now())
+
+	time.Sleep(20 * time.Millisecond)
+	if rec.count() != 0 {
+		t.Fatalf("delivered %d packets before the VM had carrier", rec.count())
+	}
+	o.SetCarrier(true)
+	waitCount(t, rec, 10)
+	time.Sleep(20 * time.Millisecond)
+	if rec.count() != 10 {
+		t.Fatalf("held packets delivered before the end marker: %v", rec.got)
+	}
+	o.Ended()
+	// A straggler of flow 1 on the old path arrives after the end marker,
+	// within the settle time: it must still come before flow 1's direct
+	// packet.
+	stream.Push(udpFrom(t, 1, 10), time.Now())
+	waitCount(t, rec, 13)
+	rec.mu.Lock()
+	released := rec.at[11]
+	rec.mu.Unlock()
+	if held := released.Sub(firstDirect); held < 100*time.Millisecond {
+		t.Errorf("a direct packet was released %v after it arrived, before its flow settled (100ms)", held)
+	}
+	want := [][2]uint32{{1, 0}, {1, 1}, {1, 2}, {1, 3}, {1, 4}, {1, 5}, {1, 6}, {1, 7}, {1, 8}, {1, 9}, {1, 10}, {1, 20}, {2, 0}}
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	for i := range want {
+		if rec.got[i] != want[i] {
+			t.Fatalf("delivery order %v, want %v", rec.got, want)
+		}
+	}
+}
+
+func TestOrdererClosedReleasesAndDrains(t *testing.T) {
+	stream, direct := NewQueue(DefaultLimits(), nil), NewQueue(DefaultLimits(), nil)
+	rec := &recorder{}
+	o := &Orderer{Stream: stream, Direct: direct, Settle: time.Hour, Write: rec.write}
+	direct.Push(udpFrom(t, 3, 1), time.Now())
+	o.SetCarrier(true)
+	o.Closed()
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- o.Run(stop) }()
+	waitCount(t, rec, 1)
+	deadline := time.Now().Add(5 * time.Second)
+	for !o.Drained() {
+		if time.Now().After(deadline) {
+			t.Fatal("not drained")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if st := o.Stats(); st.Delivered != 1 || st.FirstDelivery.IsZero() {
+		t.Errorf("stats %+v", st)
+	}
+	close(stop)
+	<-done
+}
+
+func TestOrdererPaces(t *testing.T) {
+	stream, direct := NewQueue(DefaultLimits(), nil), NewQueue(DefaultLimits(), nil)
+	for i := range 2000 {
+		stream.Push(udpFrom(t, 1, uint32(i)), time.Now())
+	}
+	rec := &recorder{}
+	o := &Orderer{Stream: stream, Direct: direct, Write: rec.write, MinRate: 20000, Speedup: 1}
+	o.SetCarrier(true)
+	o.Closed()
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() { done <- o.Run(stop) }()
+	waitCount(t, rec, 2000)
+	took := time.Since(start)
+	close(stop)
+	<-done
+	// 2000 packets at 20,000/s (plus a 64-packet burst) take ~97 ms.
+	if took < 80*time.Millisecond {
+		t.Errorf("2000 packets delivered in %v: not paced at 20,000/s", took)
+	}
+}
