@@ -1,12 +1,16 @@
 package wgagent
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -15,6 +19,7 @@ import (
 	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
+	"github.com/vmroam/vmroam/wgagent/route"
 )
 
 // VIP states as status shows them.
@@ -60,12 +65,18 @@ type vipCtl struct {
 	// byCarrier: the suspend came from the interface losing carrier, so
 	// carrier coming back (before any claim) means the VM stayed.
 	byCarrier bool
+	// fencing: the VIP routes to the VM through fenceGateway while the
+	// last packets the cache device took are delivered (see fence).
+	fencing bool
+	// lastTake is when Take last ran, in UnixNano.
+	lastTake atomic.Int64
 }
 
 func (a *Agent) newQueue() *cache.Queue { return cache.NewQueue(a.cfg.CacheLimits, a.budget) }
 
 // Take queues a packet the cache device read for this VIP.
 func (c *vipCtl) Take(pkt []byte) {
+	c.lastTake.Store(time.Now().UnixNano())
 	c.mu.Lock()
 	q, state, delivering := c.queue, c.state, c.orderer != nil
 	c.mu.Unlock()
@@ -235,14 +246,28 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 		case <-tick.C:
 		}
 	}
+	a.fence(c, o)
 	a.mu.Lock()
 	c.mu.Lock()
 	st := o.Stats()
-	c.rec.Delivered = st.Delivered
+	c.rec.Delivered, c.rec.Late = st.Delivered, st.Late
 	if !st.FirstDelivery.IsZero() {
 		c.rec.FirstDelivery = timePtr(st.FirstDelivery)
 	}
+	if !st.CarrierUp.IsZero() {
+		c.rec.CarrierUp = timePtr(st.CarrierUp)
+	}
+	if c.queue != nil {
+		qs := c.queue.Stats()
+		c.rec.Held = qs.Packets
+		c.rec.Dropped = dropMap(qs, c.stream)
+		if c.source && c.stream != nil { // an abort: the stream is the cache
+			ss := c.stream.Stats()
+			c.rec.Cached, c.rec.CachedBytes = ss.Packets, ss.Bytes
+		}
+	}
 	c.state = stateLocal
+	c.fencing = false
 	c.mu.Unlock()
 	a.mu.Unlock()
 	a.reconcile()
@@ -270,6 +295,81 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 	a.log.Info("migration delivered", "vip", c.vip, "delivered", st.Delivered)
 }
 
+// Fence gateways: on-link addresses on a VM's interface that nobody
+// answers for. Routing a VIP through one makes the kernel queue its packets
+// while it resolves the gateway, until the agent says where it is.
+var (
+	fenceGateway4 = netip.MustParseAddr("169.254.0.2")
+	fenceGateway6 = netip.MustParseAddr("fe80::76:6d72")
+)
+
+func fenceGateway(vip netip.Addr) netip.Addr {
+	if vip.Is4() {
+		return fenceGateway4
+	}
+	return fenceGateway6
+}
+
+// fence hands the VIP from the cache back to the kernel without letting a
+// packet overtake one still inside the cache: it points the VIP's route at
+// the VM through an unresolved gateway (the kernel queues new packets in
+// order), waits until the cache has delivered everything it took, then
+// resolves the gateway to the VM's MAC, which releases the kernel's queue.
+// Without a known MAC it does nothing and the switch is plain.
+func (a *Agent) fence(c *vipCtl, o *cache.Orderer) {
+	c.mu.Lock()
+	dev, mac := c.dev, c.mac
+	c.mu.Unlock()
+	if len(mac) != 6 {
+		if m, ok := cache.NeighborMAC(dev, c.vip); ok {
+			mac = m
+		} else {
+			return
+		}
+	}
+	link, err := netlink.LinkByName(dev)
+	if err != nil {
+		return
+	}
+	gw := fenceGateway(c.vip)
+	fam := netlink.FAMILY_V4
+	if gw.Is6() {
+		fam = netlink.FAMILY_V6
+	}
+	neigh := func(ip netip.Addr, state int) *netlink.Neigh {
+		return &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: fam, State: state, IP: ip.AsSlice(), HardwareAddr: mac}
+	}
+	netlink.NeighDel(neigh(gw, 0)) // left resolved by an earlier fence
+	// The kernel's queue for an unresolved neighbour is small (208 KiB);
+	// make room for the fence's few milliseconds of traffic.
+	for _, p := range []string{"/proc/sys/net/ipv4/neigh/" + dev + "/unres_qlen_bytes", "/proc/sys/net/ipv6/neigh/" + dev + "/unres_qlen_bytes"} {
+		os.WriteFile(p, []byte("8388608"), 0o644)
+	}
+	a.mu.Lock()
+	c.mu.Lock()
+	c.fencing = true // so a reconcile keeps the fence route
+	c.mu.Unlock()
+	a.mu.Unlock()
+	if err := a.routes.Add(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: metricDivert}); err != nil {
+		a.log.Warn("fence route", "vip", c.vip, "err", err)
+	}
+	// Nothing new reaches the cache now; wait for what is inside.
+	// Short is better: whatever the kernel queued meanwhile is flushed
+	// while new packets already pass, so the queue should stay small.
+	deadline := time.Now().Add(50 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		if o.Idle() && time.Since(time.Unix(0, c.lastTake.Load())) > 200*time.Microsecond {
+			break
+		}
+		time.Sleep(20 * time.Microsecond)
+	}
+	if err := netlink.NeighSet(neigh(gw, netlink.NUD_PERMANENT)); err != nil {
+		a.log.Warn("fence: resolving the fence gateway", "vip", c.vip, "err", err)
+	}
+	// The VIP's own neighbour entry, for after the fence route goes.
+	netlink.NeighSet(neigh(c.vip, netlink.NUD_REACHABLE))
+}
+
 // finishLocked files the migration record. Both locks held.
 func (a *Agent) finishLocked(c *vipCtl) {
 	if c.rec.VIP == "" {
@@ -286,15 +386,25 @@ func (a *Agent) finishLocked(c *vipCtl) {
 // hold its packets here, ask the old owner for its cache, deliver once the
 // VM's interface is up. Called with a.mu held; returns the new record.
 func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) gossip.Record {
-	r := a.cluster.Claim(vip)
+	// Divert before claiming: senders switch to this host as soon as the
+	// claim reaches them, and what they send must be held here, not
+	// routed back to the old owner through the tunnel.
+	if err := a.routes.Add(route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: metricDivert}); err != nil {
+		a.log.Warn("holding route", "vip", vip, "err", err)
+	}
 	c := a.localCtl(vip, dev)
+	c.mu.Lock()
+	c.state = stateHolding // until startDeliveryLocked: Take holds
+	c.mu.Unlock()
+	r := a.cluster.Claim(vip)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.started = time.Now()
 	c.source = false
 	c.rec = control.Migration{VIP: vip.String(), From: old.Owner, To: a.cfg.Name, Epoch: r.Epoch, Claim: timePtr(c.started), Role: "destination"}
 	stream := a.newQueue()
-	a.startDeliveryLocked(c, stream, a.newQueue(), false)
+	// c.queue has held what arrived since the holding route went in.
+	a.startDeliveryLocked(c, stream, c.queue, false)
 	o, stop := c.orderer, c.stop
 	a.log.Info("VM arriving: holding its packets and asking the old host for its cache", "vip", vip, "from", old.Owner, "epoch", r.Epoch)
 	a.bg.Add(1)
@@ -321,7 +431,11 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 		var err error
 		conn, err = d.Dial("tcp", net.JoinHostPort(addr.String(), strconv.Itoa(a.cfg.HandoverPort)))
 		if err == nil {
-			a.log.Debug("handover: connected", "vip", c.vip, "from", from, "after", time.Since(c.started))
+			lv := slog.LevelDebug
+			if time.Since(c.started) > time.Second {
+				lv = slog.LevelWarn // worth knowing: every held packet waits
+			}
+			a.log.Log(context.Background(), lv, "handover: connected", "vip", c.vip, "from", from, "after", time.Since(c.started))
 			break
 		}
 		a.log.Debug("handover: connect", "vip", c.vip, "from", from, "err", err)
@@ -454,6 +568,9 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	a.mu.Lock()
 	c.mu.Lock()
 	c.rec.Flushed, c.rec.Forwarded = st.Flushed, st.Forwarded
+	qs := q.Stats()
+	c.rec.Cached, c.rec.CachedBytes = qs.Packets, qs.Bytes
+	c.rec.Dropped = dropMap(qs, nil)
 	if !st.FlushStart.IsZero() {
 		c.rec.FlushStart = timePtr(st.FlushStart)
 	}
@@ -463,12 +580,21 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	c.rec.Done = timePtr(time.Now())
 	a.finishLocked(c)
 	c.mu.Unlock()
-	if a.ctls[req.VIP] == c {
+	mine := a.ctls[req.VIP] == c
+	if mine {
 		delete(a.ctls, req.VIP)
-		a.intercept.Detach(req.VIP, c)
 	}
 	a.mu.Unlock()
+	// Routes first, then the sink: a straggler that still reaches the
+	// cache device in between is not dropped unclaimed.
 	a.reconcile()
+	if mine {
+		time.Sleep(50 * time.Millisecond)
+		if n := q.Len(); n > 0 {
+			a.log.Warn("handover: packets reached the old host after the stream closed", "vip", req.VIP, "count", n)
+		}
+		a.intercept.Detach(req.VIP, c)
+	}
 	a.log.Info("handover done", "vip", req.VIP, "to", req.Claimer, "flushed", st.Flushed, "forwarded", st.Forwarded, "err", err)
 	return err
 }
@@ -517,6 +643,21 @@ func (a *Agent) reconcileMigrationsLocked() {
 }
 
 func timePtr(t time.Time) *time.Time { return &t }
+
+// dropMap merges the drop counts of a queue's stats and, if not nil, of
+// another queue.
+func dropMap(qs cache.Stats, other *cache.Queue) map[string]uint64 {
+	m := map[string]uint64{}
+	for r, n := range qs.Dropped {
+		m[string(r)] += n
+	}
+	if other != nil {
+		for r, n := range other.Stats().Dropped {
+			m[string(r)] += n
+		}
+	}
+	return m
+}
 
 // watchCarrier tells o when dev's carrier changes, straight from the link
 // watcher: the handover time is measured from that moment.

@@ -285,7 +285,12 @@ func (a *Agent) wantRoutes(records []gossip.Record) []route.Route {
 	diverted := map[netip.Addr]bool{}
 	for vip, c := range a.ctls {
 		c.mu.Lock()
-		if c.state != stateLocal {
+		switch {
+		case c.state == stateLocal:
+		case c.fencing:
+			diverted[vip] = true
+			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: fenceGateway(vip), Metric: metricDivert})
+		default:
 			diverted[vip] = true
 			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: metricDivert})
 		}

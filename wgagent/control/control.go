@@ -108,6 +108,7 @@ type Migration struct {
 	Claim         *time.Time `json:"claim,omitempty"`
 	FlushStart    *time.Time `json:"flush_start,omitempty"`
 	FlushEnd      *time.Time `json:"flush_end,omitempty"`
+	CarrierUp     *time.Time `json:"carrier_up,omitempty"` // the VM's interface got carrier here
 	FirstDelivery *time.Time `json:"first_delivery,omitempty"`
 	Done          *time.Time `json:"done,omitempty"`
 
@@ -117,6 +118,9 @@ type Migration struct {
 	Held        uint64 `json:"held"`
 	Forwarded   uint64 `json:"forwarded"`
 	Delivered   uint64 `json:"delivered"`
+	// Late counts packets from the old host that arrived after newer
+	// packets of the same flow had been delivered (reordered).
+	Late uint64 `json:"late"`
 	// Lost counts packets the other side reported dropped.
 	Lost     uint64            `json:"lost"`
 	Dropped  map[string]uint64 `json:"dropped"` // by reason, on this host
