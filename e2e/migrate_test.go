@@ -33,6 +33,13 @@ func migrate(t *testing.T, l *lab.Lab, vm *lab.VM, to *lab.Host, downtime time.D
 	cli(t, l, from, "vip", "detach", vm.VIPs[0].String())
 }
 
+func handover(m control.Migration) time.Duration {
+	if m.CarrierUp == nil || m.FirstDelivery == nil {
+		return -1
+	}
+	return m.FirstDelivery.Sub(*m.CarrierUp)
+}
+
 // waitMigrated waits until `to` has delivered the VIP and owns it.
 func waitMigrated(t *testing.T, l *lab.Lab, to *lab.Host, vip netip.Addr) control.Migration {
 	t.Helper()
@@ -119,4 +126,160 @@ func TestMigrationUDPNoLoss(t *testing.T) {
 			t.FailNow()
 		}
 	}
+}
+
+// TestMigrationBackAndForthAndTCP moves a VM between two hosts ten times
+// under one UDP stream, then once under a TCP stream.
+func TestMigrationBackAndForthAndTCP(t *testing.T) {
+	l := newLabWith(t, 3, fastBinary)
+	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
+	for _, h := range l.Hosts {
+		if _, err := l.StartAgent(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := l.AddVM("m", h1, vipM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := l.AddVM("c", h3, vipC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli(t, l, h1, "vip", "attach", vipM.String(), "--dev", m.Vif)
+	cli(t, l, h3, "vip", "attach", vipC.String(), "--dev", c.Vif)
+	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("ten moves under UDP", func(t *testing.T) {
+		flow, err := l.StartUDPFlow(c, m, 60*time.Second, "20M", 200)
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second)
+		for i := range 10 {
+			to := h2
+			if i%2 == 1 {
+				to = h1
+			}
+			migrate(t, l, m, to, 200*time.Millisecond)
+			mig := waitMigrated(t, l, to, vipM)
+			t.Logf("move %d to %s: flushed %d, forwarded %d, held %d, delivered %d, late %d, dropped %v, settle-handover %v",
+				i+1, to.Name, mig.Flushed, mig.Forwarded, mig.Held, mig.Delivered, mig.Late, mig.Dropped, handover(mig))
+		}
+		res, err := flow.Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if out, err := l.Exec(m.NS, "nstat", "-az", "UdpRcvbufErrors", "UdpInErrors"); err == nil {
+			t.Logf("VM m's counters:\n%s", out)
+		}
+		t.Logf("iperf3 over 10 moves: %d datagrams, %d lost, %d out of order", res.Packets, res.Lost, res.OutOfOrder)
+		if res.Packets < 500000 || res.Lost != 0 || res.OutOfOrder != 0 {
+			t.Errorf("%d datagrams, %d lost, %d out of order: want >= 500000, 0, 0", res.Packets, res.Lost, res.OutOfOrder)
+		}
+	})
+
+	t.Run("TCP survives a move", func(t *testing.T) {
+		flow, err := l.StartTCPFlow(c, m, 8*time.Second, "50M")
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Second)
+		to := h2
+		if m.Host == h2 {
+			to = h1
+		}
+		migrate(t, l, m, to, 500*time.Millisecond)
+		res, err := flow.Wait()
+		if err != nil {
+			t.Fatal(err) // a reset connection fails the client
+		}
+		waitMigrated(t, l, to, vipM)
+		n := len(res.Intervals)
+		if n < 12 {
+			t.Fatalf("only %d half-second intervals: %v", n, res.Intervals)
+		}
+		// The last two seconds, well after the move, carried data.
+		for _, b := range res.Intervals[n-4:] {
+			if b == 0 {
+				t.Fatalf("no data after the move: intervals %v", res.Intervals)
+			}
+		}
+		t.Logf("TCP: %.1f MB in %.1fs, per half second: %v", res.Bytes/1e6, res.Seconds, res.Intervals)
+	})
+}
+
+// TestMigrationAbortAndTimeout caches a VM's traffic and gives it back
+// (abort), then caches it with nobody claiming it (timeout).
+func TestMigrationAbortAndTimeout(t *testing.T) {
+	l := newLabWith(t, 2, fastBinary)
+	h1, h2 := l.Hosts[0], l.Hosts[1]
+	for _, h := range l.Hosts {
+		if _, err := l.StartAgent(h, "--cache-max-age", "3s", "--reconcile-interval", "500ms"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := l.AddVM("m", h1, vipM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := l.AddVM("c", h2, vipC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli(t, l, h1, "vip", "attach", vipM.String(), "--dev", m.Vif)
+	cli(t, l, h2, "vip", "attach", vipC.String(), "--dev", c.Vif)
+	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("abort delivers the cache in order", func(t *testing.T) {
+		p, err := l.StartPinger(c, vipM, 5*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond)
+		cli(t, l, h1, "migrate", "suspend", vipM.String())
+		time.Sleep(500 * time.Millisecond)
+		cli(t, l, h1, "migrate", "abort", vipM.String())
+		time.Sleep(500 * time.Millisecond)
+		st := p.Stop(2 * time.Second)
+		if st.LostCount != 0 || st.Reordered != 0 || st.Duplicates != 0 {
+			t.Fatalf("pings across suspend and abort: %v", st)
+		}
+		var rec control.Migration
+		eventually(t, 10*time.Second, "abort recorded", func() error {
+			for _, m := range status(t, l, h1).Migrations {
+				if m.Aborted && m.Done != nil {
+					rec = m
+					return nil
+				}
+			}
+			return fmt.Errorf("no finished aborted migration yet")
+		})
+		if rec.Cached < 50 || rec.Delivered < rec.Cached {
+			t.Fatalf("abort cached %d, delivered %d: the cache was not used", rec.Cached, rec.Delivered)
+		}
+		t.Logf("pings: %v; cached %d, delivered %d", st, rec.Cached, rec.Delivered)
+	})
+
+	t.Run("nobody claims: dropped and released", func(t *testing.T) {
+		cli(t, l, h1, "migrate", "suspend", vipM.String())
+		eventually(t, 20*time.Second, "VIP released after max age", func() error {
+			st := status(t, l, h2)
+			if o := vipOwner(st, vipM); o != "" {
+				return fmt.Errorf("owner still %q", o)
+			}
+			return nil
+		})
+		var timedOut bool
+		for _, m := range status(t, l, h1).Migrations {
+			timedOut = timedOut || m.TimedOut
+		}
+		if !timedOut {
+			t.Fatal("h1 does not report the timed-out migration")
+		}
+	})
 }

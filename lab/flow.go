@@ -32,8 +32,13 @@ type FlowResult struct {
 
 // StartUDPFlow starts an iperf3 UDP stream from from to to's first VIP for
 // dur: length-byte datagrams at bitrate (e.g. "20M").
+//
+// The receiver gets a 2 MiB socket buffer, as a VM expecting bursts
+// would: on a loaded two-core machine the reader can lag for milliseconds,
+// and a default 208 KiB buffer holds only ~200 small datagrams.
 func (l *Lab) StartUDPFlow(from, to *VM, dur time.Duration, bitrate string, length int) (*Flow, error) {
-	return l.startFlow(from, to, dur, "-u", "-b", bitrate, "-l", strconv.Itoa(length))
+	// iperf3's client passes -w on to the server's sockets.
+	return l.startFlow(from, to, dur, "-w", "2M", "-u", "-b", bitrate, "-l", strconv.Itoa(length))
 }
 
 // StartTCPFlow starts an iperf3 TCP stream from from to to's first VIP for
