@@ -114,8 +114,8 @@ func printMigrations(w io.Writer, ms []control.Migration) {
 			dropped += n
 		}
 		handover := "-"
-		if m.Claim != nil && m.FirstDelivery != nil {
-			handover = m.FirstDelivery.Sub(*m.Claim).Round(time.Millisecond).String()
+		if m.CarrierUp != nil && m.FirstDelivery != nil {
+			handover = m.FirstDelivery.Sub(*m.CarrierUp).Round(10 * time.Microsecond).String()
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", m.VIP, m.Role, orDash(m.From), orDash(m.To), m.Epoch, state,
 			m.Cached, m.Flushed, m.Held, m.Forwarded, m.Delivered, dropped+m.Lost, handover)
