@@ -7,7 +7,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build deps test unit lint vet fmt-check bench demo fuzz clean
+.PHONY: all build deps test unit lint vet fmt-check bench bench-migration demo fuzz clean
 
 all: build
 
@@ -41,7 +41,12 @@ unit:
 bench: deps
 	$(GO) test -run '^$$' -bench BenchmarkThroughput -benchtime 1x -count=1 -timeout 30m -v ./e2e/
 
-# Three hosts, two VMs, in namespaces: status of each host.
+# Migrations with and without the cache: loss, reordering, delay, handover.
+bench-migration: deps
+	$(GO) test -run '^$$' -bench BenchmarkMigration -benchtime 1x -count=1 -timeout 30m -v ./e2e/
+	$(GO) test -run '^$$' -bench 'BenchmarkQueue|BenchmarkClassify' -benchmem ./cache/
+
+# A VM migrates between namespace hosts under pings, with and without the cache.
 demo: deps build
 	$(GO) run ./lab/demo -binary $(BIN) $(DEMO_ARGS)
 
@@ -49,6 +54,8 @@ demo: deps build
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRecords$$' -fuzztime $(FUZZTIME) ./gossip/
 	$(GO) test -run '^$$' -fuzz '^FuzzMetaUnmarshal$$' -fuzztime $(FUZZTIME) ./gossip/
+	$(GO) test -run '^$$' -fuzz '^FuzzReader$$' -fuzztime $(FUZZTIME) ./cache/
+	$(GO) test -run '^$$' -fuzz '^FuzzClassify$$' -fuzztime $(FUZZTIME) ./cache/
 
 clean:
 	rm -rf bin

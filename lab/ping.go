@@ -10,9 +10,11 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -102,6 +104,19 @@ type PingStats struct {
 	// LongestLossRun is the longest run of consecutive unanswered sequence
 	// numbers; times the interval it approximates the outage.
 	LongestLossRun int
+	// RTTs of every answered request, in the order the replies came.
+	RTTs []time.Duration
+}
+
+// RTTPercentile returns the p-th percentile (0 to 100) of the RTTs.
+func (st PingStats) RTTPercentile(p float64) time.Duration {
+	if len(st.RTTs) == 0 {
+		return 0
+	}
+	s := slices.Clone(st.RTTs)
+	slices.Sort(s)
+	i := int(p / 100 * float64(len(s)-1))
+	return s[min(max(i, 0), len(s)-1)]
 }
 
 func (st PingStats) String() string {
@@ -212,6 +227,7 @@ type pingSession struct {
 	rttSum    time.Duration
 	rttMin    time.Duration
 	rttMax    time.Duration
+	rtts      []time.Duration
 	icmpErrs  map[string]int
 	sendErrs  map[string]int
 	closeOnce sync.Once
@@ -248,7 +264,19 @@ func newPingSession(from *VM, to netip.Addr) (*pingSession, error) {
 	err := inNetNS(from.NS, func() error {
 		c, err := net.ListenPacket(network, laddr)
 		s.conn = c
-		return err
+		if err != nil {
+			return err
+		}
+		// Replies to pings a migration held come back in a burst; the
+		// default 208 KiB buffer holds about 300 of them.
+		if sc, ok := c.(syscall.Conn); ok {
+			if raw, err := sc.SyscallConn(); err == nil {
+				raw.Control(func(fd uintptr) {
+					unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 8<<20)
+				})
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("lab: ping socket in %s: %w", from.NS, err)
@@ -337,6 +365,7 @@ func (s *pingSession) handle(b []byte, from net.Addr) {
 			}
 			s.anyReply = true
 			s.rttSum += rtt
+			s.rtts = append(s.rtts, rtt)
 			if s.rttMin == 0 || rtt < s.rttMin {
 				s.rttMin = rtt
 			}
@@ -393,6 +422,7 @@ func (s *pingSession) stats() PingStats {
 		Reordered:  s.reordered,
 		MinRTT:     s.rttMin,
 		MaxRTT:     s.rttMax,
+		RTTs:       slices.Clone(s.rtts),
 		ICMPErrors: map[string]int{},
 		SendErrors: map[string]int{},
 	}

@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // VM is a virtual machine: a namespace whose eth0 holds the VIPs, joined by
@@ -254,5 +255,31 @@ func (l *Lab) UnplugVM(vm *VM, to *Host) error {
 	}
 	vm.Host = to
 	l.logf("lab %s: VM %s unplugged from %s, waiting on %s", l.ID, vm.Name, from.Name, to.Name)
+	return nil
+}
+
+// MigrateVM moves vm to `to` as a live migration does, through the agents:
+// the VM vanishes from its old host, the new host's hook attaches its VIPs
+// while it is still paused, after downtime it runs there, and last the old
+// host's hook detaches it (Xen calls it after success).
+func (l *Lab) MigrateVM(vm *VM, to *Host, downtime time.Duration) error {
+	from := vm.Host
+	if err := l.UnplugVM(vm, to); err != nil {
+		return err
+	}
+	for _, v := range vm.VIPs {
+		if _, err := l.CLI(to, "vip", "attach", v.String(), "--dev", vm.Vif); err != nil {
+			return err
+		}
+	}
+	time.Sleep(downtime)
+	if err := l.ResumeVM(vm); err != nil {
+		return err
+	}
+	for _, v := range vm.VIPs {
+		if _, err := l.CLI(from, "vip", "detach", v.String()); err != nil {
+			return err
+		}
+	}
 	return nil
 }

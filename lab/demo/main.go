@@ -1,8 +1,10 @@
 // Command demo runs vmroam in the namespace lab for someone with no Xen at
-// hand: three hosts on one bridge, an agent on each, two VMs that ping each
-// other through WireGuard, then one VM moved to the third host. It prints
-// what `vmroam status` says on every host along the way and removes the lab
-// when it ends (or on Ctrl-C).
+// hand: three hosts on one bridge, an agent on each, a client VM pinging a
+// VM every 2 ms while that VM live-migrates to another host, paused for one
+// second on the way. It runs the move twice, with the migration cache and
+// without it (--cache=false), counts the pings sent, answered and lost
+// live, and prints both results side by side. It removes the lab when it
+// ends (or on Ctrl-C).
 //
 //	make demo        (go run ./lab/demo -binary bin/vmroam)
 package main
@@ -16,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -24,11 +27,12 @@ import (
 
 func main() {
 	binary := flag.String("binary", "bin/vmroam", "path to the vmroam binary")
+	downtime := flag.Duration("downtime", time.Second, "how long the VM is paused while it moves")
 	keep := flag.Bool("keep", false, "keep the lab up at the end until Ctrl-C, to look around")
 	verbose := flag.Bool("v", false, "show every lab step")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, *binary, *keep, *verbose)
+	err := run(ctx, *binary, *downtime, *keep, *verbose)
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
@@ -36,7 +40,12 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, binary string, keep, verbose bool) error {
+var (
+	vipM = netip.MustParseAddr("100.100.20.1") // the VM that moves
+	vipC = netip.MustParseAddr("100.100.20.3") // the client pinging it
+)
+
+func run(ctx context.Context, binary string, downtime time.Duration, keep, verbose bool) error {
 	if err := lab.RequireRoot(); err != nil {
 		return fmt.Errorf("%w (run it as root: sudo make demo)", err)
 	}
@@ -69,61 +78,61 @@ func run(ctx context.Context, binary string, keep, verbose bool) error {
 			return err
 		}
 	}
-	vipA, vipB := netip.MustParseAddr("100.100.10.1"), netip.MustParseAddr("100.100.10.2")
-	a, err := l.AddVM("a", h1, vipA)
+	m, err := l.AddVM("m", h1, vipM)
 	if err != nil {
 		return err
 	}
-	b, err := l.AddVM("b", h2, vipB)
+	c, err := l.AddVM("c", h3, vipC)
 	if err != nil {
 		return err
 	}
-	say("VM a (%s) runs on h1, VM b (%s) on h2; the hypervisor hook would now call:", vipA, vipB)
-	for _, c := range []struct {
-		h   *lab.Host
-		vm  *lab.VM
-		vip netip.Addr
-	}{{h1, a, vipA}, {h2, b, vipB}} {
-		if err := cli(l, c.h, "vip", "attach", c.vip.String(), "--dev", c.vm.Vif); err != nil {
-			return err
-		}
-	}
-	say("VM a pings VM b through the WireGuard mesh")
-	if err := l.WaitPing(a, vipB, 30*time.Second); err != nil {
+	say("VM m (%s) runs on h1, VM c (%s) on h3; their hypervisors' hooks call:", vipM, vipC)
+	if err := cli(l, h1, "vip", "attach", vipM.String(), "--dev", m.Vif); err != nil {
 		return err
 	}
-	if err := l.Ping(a, vipB, 5, 0); err != nil {
+	if err := cli(l, h3, "vip", "attach", vipC.String(), "--dev", c.Vif); err != nil {
 		return err
 	}
-	fmt.Println("  5/5 replies")
-	for _, h := range l.Hosts {
-		if err := cli(l, h, "status"); err != nil {
-			return err
-		}
-	}
-	if err := ctx.Err(); err != nil {
+	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
 		return err
 	}
 
-	say("Moving VM b from h2 to h3 (detach on h2, move the vif, attach on h3)")
-	if err := cli(l, h2, "vip", "detach", vipB.String()); err != nil {
+	say("Live-migrating m from h1 to h2 WITH the cache (VM paused %v)", downtime)
+	with, err := measure(ctx, l, c, m, h2, downtime)
+	if err != nil {
 		return err
 	}
-	if err := l.MoveVM(b, h3); err != nil {
+	if err := cli(l, h2, "status"); err != nil {
 		return err
 	}
-	if err := cli(l, h3, "vip", "attach", vipB.String(), "--dev", b.Vif); err != nil {
+
+	say("Restarting the agents with --cache=false: only re-routing, as without vmroam's cache")
+	for _, h := range l.Hosts {
+		if err := h.Agent.Stop(); err != nil {
+			return err
+		}
+		if _, err := l.StartAgent(h, "--cache=false"); err != nil {
+			return err
+		}
+	}
+	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
 		return err
 	}
-	start := time.Now()
-	if err := l.WaitPing(a, vipB, 30*time.Second); err != nil {
+	say("Live-migrating m from h2 back to h1 WITHOUT the cache (VM paused %v)", downtime)
+	without, err := measure(ctx, l, c, m, h1, downtime)
+	if err != nil {
 		return err
 	}
-	fmt.Printf("  VM a reaches VM b on h3 again after %v\n", time.Since(start).Round(time.Millisecond))
-	if err := cli(l, h1, "status"); err != nil {
-		return err
+
+	say("Pings from c to m (every 2 ms) across the move")
+	fmt.Printf("  %-22s %8s %8s %6s %9s %12s\n", "", "sent", "answered", "lost", "reordered", "slowest RTT")
+	for _, r := range []struct {
+		name string
+		st   lab.PingStats
+	}{{"with the cache", with}, {"without (--cache=false)", without}} {
+		fmt.Printf("  %-22s %8d %8d %6d %9d %12v\n", r.name, r.st.Sent, r.st.Received, r.st.LostCount, r.st.Reordered, r.st.MaxRTT.Round(time.Millisecond))
 	}
-	say("The migration issue adds the cache: no packet lost while a VM moves.")
+	fmt.Println("  With the cache, the pings sent while the VM was paused waited and were answered; without it they were lost.")
 
 	if keep {
 		say("Lab kept up (work dir %s). Try: ip netns exec %s %s status --socket %s\nCtrl-C removes it.", l.Dir, h1.NS, bin, h1.Socket)
@@ -135,24 +144,54 @@ func run(ctx context.Context, binary string, keep, verbose bool) error {
 	return nil
 }
 
+// measure pings m from c every 2 ms while m migrates to `to`, printing a
+// live count, and returns the final counts.
+func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downtime time.Duration) (lab.PingStats, error) {
+	p, err := l.StartPinger(c, vipM, 2*time.Millisecond)
+	if err != nil {
+		return lab.PingStats{}, err
+	}
+	// On a terminal the count updates in place; in a log, once a second.
+	every, eol := time.Second, "\n"
+	if fi, err := os.Stdout.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
+		every, eol = 100*time.Millisecond, ""
+	}
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				st := p.Stats()
+				fmt.Printf("\r  sent %5d  answered %5d  waiting or lost %5d %s", st.Sent, st.Received, st.Sent-st.Received, eol)
+			}
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	err = l.MigrateVM(m, to, downtime)
+	if err == nil {
+		select {
+		case <-ctx.Done():
+			err = ctx.Err()
+		case <-time.After(2*time.Second + downtime):
+		}
+	}
+	close(done)
+	st := p.Stop(2 * time.Second)
+	fmt.Printf("\r  sent %5d  answered %5d  lost %5d  reordered %d%s\n", st.Sent, st.Received, st.LostCount, st.Reordered, strings.Repeat(" ", 10))
+	return st, err
+}
+
 func say(format string, args ...any) {
 	fmt.Printf("\n==> "+format+"\n", args...)
 }
 
 func cli(l *lab.Lab, h *lab.Host, args ...string) error {
-	fmt.Printf("\n[%s] $ vmroam %s\n", h.Name, joinArgs(args))
+	fmt.Printf("\n[%s] $ vmroam %s\n", h.Name, strings.Join(args, " "))
 	out, err := l.CLI(h, args...)
 	fmt.Print(string(out))
 	return err
-}
-
-func joinArgs(args []string) string {
-	s := ""
-	for i, a := range args {
-		if i > 0 {
-			s += " "
-		}
-		s += a
-	}
-	return s
 }
