@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"context"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -21,21 +19,17 @@ import (
 func BenchmarkThroughput(b *testing.B) {
 	const rounds = 5
 	const dur = 5 * time.Second
-	dir := b.TempDir()
-	// The race-instrumented test binary would measure the race detector.
-	bin := filepath.Join(dir, "vmroam")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/vmroam/vmroam/cmd/vmroam").CombinedOutput(); err != nil {
-		b.Fatalf("build vmroam: %v\n%s", err, out)
-	}
 	if err := lab.RequireRoot(); err != nil {
 		b.Skipf("needs root and network namespaces: %v", err)
 	}
+	dir := b.TempDir()
 	wgGo, err := lab.BuildWireguardGo(context.Background(), dir)
 	if err != nil {
 		b.Fatal(err)
 	}
 
-	vl, err := lab.New(lab.Config{Hosts: 2, Binary: bin, Logf: b.Logf})
+	// fastBinary: a race-instrumented agent would measure the race detector.
+	vl, err := lab.New(lab.Config{Hosts: 2, Binary: fastBinary, Logf: b.Logf})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -2,14 +2,10 @@ package e2e
 
 import (
 	"fmt"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/vmroam/vmroam/lab"
 )
 
 // BenchmarkMigration measures migrations in the lab, with the cache and
@@ -22,14 +18,6 @@ import (
 //	make bench-migration
 func BenchmarkMigration(b *testing.B) {
 	const runs = 3
-	dir := b.TempDir()
-	bin := filepath.Join(dir, "vmroam")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/vmroam/vmroam/cmd/vmroam").CombinedOutput(); err != nil {
-		b.Fatalf("build vmroam: %v\n%s", err, out)
-	}
-	if err := lab.RequireRoot(); err != nil {
-		b.Skipf("needs root and network namespaces: %v", err)
-	}
 	type row struct {
 		mode                     string
 		downtime                 time.Duration
@@ -44,30 +32,9 @@ func BenchmarkMigration(b *testing.B) {
 				extra = []string{"--cache=false"}
 			}
 			func() {
-				l, err := lab.New(lab.Config{Hosts: 3, Binary: bin})
-				if err != nil {
-					b.Fatal(err)
-				}
-				defer l.Close()
+				l, m, c := migrationLab(b, 3, extra...)
 				h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
-				for _, h := range l.Hosts {
-					if _, err := l.StartAgent(h, extra...); err != nil {
-						b.Fatal(err)
-					}
-				}
-				m, err := l.AddVM("m", h1, vipM)
-				if err != nil {
-					b.Fatal(err)
-				}
-				c, err := l.AddVM("c", h3, vipC)
-				if err != nil {
-					b.Fatal(err)
-				}
-				cli(b, l, h1, "vip", "attach", vipM.String(), "--dev", m.Vif)
-				cli(b, l, h3, "vip", "attach", vipC.String(), "--dev", c.Vif)
-				if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
-					b.Fatal(err)
-				}
+				defer l.Close()
 				for _, downtime := range []time.Duration{500 * time.Millisecond, 2 * time.Second} {
 					r := &row{mode: mode, downtime: downtime}
 					rows = append(rows, r)
@@ -85,7 +52,7 @@ func BenchmarkMigration(b *testing.B) {
 							b.Fatal(err)
 						}
 						time.Sleep(2 * time.Second)
-						if err := l.MigrateVM(m, to, downtime); err != nil {
+						if err := l.MigrateVM(m, to, downtime, true); err != nil {
 							b.Fatal(err)
 						}
 						res, err := flow.Wait()

@@ -15,10 +15,38 @@ var (
 	vipC = netip.MustParseAddr("100.100.20.3") // the client that sends to it
 )
 
-// migrate moves vm to `to` with the given downtime (lab.MigrateVM).
-func migrate(t *testing.T, l *lab.Lab, vm *lab.VM, to *lab.Host, downtime time.Duration) {
+// migrationLab builds a lab of n hosts running agents (with agentArgs) and
+// two VMs: m, which moves, on the first host, and c, its client, on the
+// last; both attached and c reaching m.
+func migrationLab(t testing.TB, n int, agentArgs ...string) (l *lab.Lab, m, c *lab.VM) {
 	t.Helper()
-	if err := l.MigrateVM(vm, to, downtime); err != nil {
+	l = newLabWith(t, n, fastBinary)
+	first, last := l.Hosts[0], l.Hosts[n-1]
+	for _, h := range l.Hosts {
+		if _, err := l.StartAgent(h, agentArgs...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var err error
+	if m, err = l.AddVM("m", first, vipM); err != nil {
+		t.Fatal(err)
+	}
+	if c, err = l.AddVM("c", last, vipC); err != nil {
+		t.Fatal(err)
+	}
+	cli(t, l, first, "vip", "attach", vipM.String(), "--dev", m.Vif)
+	cli(t, l, last, "vip", "attach", vipC.String(), "--dev", c.Vif)
+	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return l, m, c
+}
+
+// migrate moves vm to `to` with the given downtime (lab.MigrateVM); with
+// announce, the old host hears of the suspend first, as from Xen.
+func migrate(t *testing.T, l *lab.Lab, vm *lab.VM, to *lab.Host, downtime time.Duration, announce bool) {
+	t.Helper()
+	if err := l.MigrateVM(vm, to, downtime, announce); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -64,42 +92,26 @@ func waitMigrated(t testing.TB, l *lab.Lab, to *lab.Host, vip netip.Addr) contro
 }
 
 // TestMigrationUDPNoLoss sends 12,500 UDP datagrams a second to a VM while
-// it moves from host 1 to host 2 (0.5 s paused) and back (2 s paused), and
-// checks with iperf3's own counters that none was lost or reordered.
+// it moves from host 1 to host 2 (0.5 s paused, its interface vanishing
+// without warning) and back (2 s paused, the suspend announced), and checks
+// with iperf3's own counters that none was lost or reordered.
 func TestMigrationUDPNoLoss(t *testing.T) {
-	l := newLabWith(t, 3, fastBinary)
-	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
-	for _, h := range l.Hosts {
-		if _, err := l.StartAgent(h); err != nil {
-			t.Fatal(err)
-		}
-	}
-	m, err := l.AddVM("m", h1, vipM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := l.AddVM("c", h3, vipC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli(t, l, h1, "vip", "attach", vipM.String(), "--dev", m.Vif)
-	cli(t, l, h3, "vip", "attach", vipC.String(), "--dev", c.Vif)
-	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
+	l, m, c := migrationLab(t, 3)
+	h1, h2 := l.Hosts[0], l.Hosts[1]
 
 	for _, step := range []struct {
 		to       *lab.Host
 		downtime time.Duration
-	}{{h2, 500 * time.Millisecond}, {h1, 2 * time.Second}} {
-		name := fmt.Sprintf("to %s with %v downtime", step.to.Name, step.downtime)
+		announce bool
+	}{{h2, 500 * time.Millisecond, false}, {h1, 2 * time.Second, true}} {
+		name := fmt.Sprintf("to %s with %v downtime, suspend announced %v", step.to.Name, step.downtime, step.announce)
 		ok := t.Run(name, func(t *testing.T) {
 			flow, err := l.StartUDPFlow(c, m, step.downtime+6*time.Second, "20M", 200)
 			if err != nil {
 				t.Fatal(err)
 			}
 			time.Sleep(2 * time.Second) // traffic flowing before the move
-			migrate(t, l, m, step.to, step.downtime)
+			migrate(t, l, m, step.to, step.downtime, step.announce)
 			res, err := flow.Wait()
 			if err != nil {
 				t.Fatal(err)
@@ -128,26 +140,8 @@ func TestMigrationUDPNoLoss(t *testing.T) {
 // TestMigrationBackAndForthAndTCP moves a VM between two hosts ten times
 // under one UDP stream, then once under a TCP stream.
 func TestMigrationBackAndForthAndTCP(t *testing.T) {
-	l := newLabWith(t, 3, fastBinary)
-	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
-	for _, h := range l.Hosts {
-		if _, err := l.StartAgent(h); err != nil {
-			t.Fatal(err)
-		}
-	}
-	m, err := l.AddVM("m", h1, vipM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := l.AddVM("c", h3, vipC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli(t, l, h1, "vip", "attach", vipM.String(), "--dev", m.Vif)
-	cli(t, l, h3, "vip", "attach", vipC.String(), "--dev", c.Vif)
-	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
+	l, m, c := migrationLab(t, 3)
+	h1, h2 := l.Hosts[0], l.Hosts[1]
 
 	t.Run("ten moves under UDP", func(t *testing.T) {
 		flow, err := l.StartUDPFlow(c, m, 60*time.Second, "20M", 200)
@@ -160,7 +154,7 @@ func TestMigrationBackAndForthAndTCP(t *testing.T) {
 			if i%2 == 1 {
 				to = h1
 			}
-			migrate(t, l, m, to, 200*time.Millisecond)
+			migrate(t, l, m, to, 200*time.Millisecond, true)
 			mig := waitMigrated(t, l, to, vipM)
 			if mig.Late != 0 || len(mig.Dropped) != 0 && sum(mig.Dropped) != 0 {
 				t.Errorf("move %d: the cache itself reordered (%d late) or dropped (%v)", i+1, mig.Late, mig.Dropped)
@@ -199,7 +193,7 @@ func TestMigrationBackAndForthAndTCP(t *testing.T) {
 		if m.Host == h2 {
 			to = h1
 		}
-		migrate(t, l, m, to, 500*time.Millisecond)
+		migrate(t, l, m, to, 500*time.Millisecond, true)
 		res, err := flow.Wait()
 		if err != nil {
 			t.Fatal(err) // a reset connection fails the client
@@ -222,26 +216,8 @@ func TestMigrationBackAndForthAndTCP(t *testing.T) {
 // TestMigrationAbortAndTimeout caches a VM's traffic and gives it back
 // (abort), then caches it with nobody claiming it (timeout).
 func TestMigrationAbortAndTimeout(t *testing.T) {
-	l := newLabWith(t, 2, fastBinary)
+	l, _, c := migrationLab(t, 2, "--cache-max-age", "3s", "--reconcile-interval", "500ms")
 	h1, h2 := l.Hosts[0], l.Hosts[1]
-	for _, h := range l.Hosts {
-		if _, err := l.StartAgent(h, "--cache-max-age", "3s", "--reconcile-interval", "500ms"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	m, err := l.AddVM("m", h1, vipM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := l.AddVM("c", h2, vipC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli(t, l, h1, "vip", "attach", vipM.String(), "--dev", m.Vif)
-	cli(t, l, h2, "vip", "attach", vipC.String(), "--dev", c.Vif)
-	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
 
 	t.Run("abort delivers the cache in order", func(t *testing.T) {
 		p, err := l.StartPinger(c, vipM, 5*time.Millisecond)

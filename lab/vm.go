@@ -258,12 +258,22 @@ func (l *Lab) UnplugVM(vm *VM, to *Host) error {
 	return nil
 }
 
-// MigrateVM moves vm to `to` as a live migration does, through the agents:
-// the VM vanishes from its old host, the new host's hook attaches its VIPs
-// while it is still paused, after downtime it runs there, and last the old
-// host's hook detaches it (Xen calls it after success).
-func (l *Lab) MigrateVM(vm *VM, to *Host, downtime time.Duration) error {
+// MigrateVM moves vm to `to` as a live migration does, through the agents.
+// With announce, the old host is first told the VM is suspending (`vmroam
+// migrate suspend`, as a Xen suspend watch does), so nothing is in flight
+// to the VM's interface when it goes; without, the interface just
+// vanishes. Then the new host's hook attaches the VIPs while the VM is
+// still paused, after downtime it runs there, and last the old host's hook
+// detaches it (Xen calls it after success).
+func (l *Lab) MigrateVM(vm *VM, to *Host, downtime time.Duration, announce bool) error {
 	from := vm.Host
+	if announce {
+		for _, v := range vm.VIPs {
+			if _, err := l.CLI(from, "migrate", "suspend", v.String()); err != nil {
+				return err
+			}
+		}
+	}
 	if err := l.UnplugVM(vm, to); err != nil {
 		return err
 	}

@@ -171,7 +171,7 @@ func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downti
 		}
 	}()
 	time.Sleep(500 * time.Millisecond)
-	err = l.MigrateVM(m, to, downtime)
+	err = l.MigrateVM(m, to, downtime, true)
 	if err == nil {
 		select {
 		case <-ctx.Done():
