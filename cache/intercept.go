@@ -133,7 +133,8 @@ func (in *Interceptor) read() {
 			}
 			if s, ok := in.sinks[dst]; ok {
 				s.Take(pkt)
-			} else {
+			} else if !dst.IsMulticast() && !dst.IsLinkLocalUnicast() {
+				// (The kernel's own IPv6 chatter on the device is no loss.)
 				in.unclaimed.Add(1)
 			}
 		}

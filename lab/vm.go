@@ -293,3 +293,61 @@ func (l *Lab) MigrateVM(vm *VM, to *Host, downtime time.Duration, announce bool)
 	}
 	return nil
 }
+
+// PrepareIncoming creates the interface vm will have on host to, as Xen
+// creates the destination vif before the source domain suspends: a second
+// veth pair whose VM end (eth1, down) has the same MAC as eth0, and whose
+// host end (returned) sits down in to's namespace. CompleteIncoming moves
+// the VM onto it.
+func (l *Lab) PrepareIncoming(vm *VM, to *Host) (string, error) {
+	if err := l.ownHost(to); err != nil {
+		return "", err
+	}
+	newVif := vm.Vif + "n"
+	if len(newVif) > 15 {
+		newVif = newVif[len(newVif)-15:]
+	}
+	out, err := l.Exec(vm.NS, "cat", "/sys/class/net/eth0/address")
+	if err != nil {
+		return "", err
+	}
+	mac := strings.TrimSpace(string(out))
+	mtu := strconv.Itoa(VifMTU)
+	if err := l.ip(to.NS, "link", "add", newVif, "mtu", mtu, "type", "veth",
+		"peer", "name", "eth1", "mtu", mtu, "address", mac, "netns", vm.NS); err != nil {
+		return "", err
+	}
+	return newVif, nil
+}
+
+// CompleteIncoming ends a move begun by PrepareIncoming: the VM's old
+// interface pair goes away (the source domain is destroyed), eth1 becomes
+// its eth0 with the same addresses and routes, and the new vif is plugged
+// on to as Xen's vif-route would.
+func (l *Lab) CompleteIncoming(vm *VM, to *Host, newVif string) error {
+	steps := [][]string{{"link", "del", "eth0"}, {"link", "set", "eth1", "name", "eth0"}}
+	for _, a := range vm.VIPs {
+		args := []string{"addr", "add", hostPrefix(a).String(), "dev", "eth0"}
+		if a.Is6() {
+			args = append(args, "nodad")
+		}
+		steps = append(steps, args)
+	}
+	steps = append(steps, []string{"link", "set", "eth0", "up"},
+		[]string{"-4", "route", "add", "default", "via", GatewayV4.String(), "dev", "eth0", "onlink"})
+	if vm.hasV6() {
+		steps = append(steps, []string{"-6", "route", "add", "default", "via", GatewayV6.String(), "dev", "eth0"})
+	}
+	for _, s := range steps {
+		if err := l.ip(vm.NS, s...); err != nil {
+			return err
+		}
+	}
+	from := vm.Host
+	vm.Vif, vm.Host = newVif, to
+	if err := l.plugVif(vm, to); err != nil {
+		return err
+	}
+	l.logf("lab %s: VM %s moved %s -> %s onto %s", l.ID, vm.Name, from.Name, to.Name, newVif)
+	return nil
+}

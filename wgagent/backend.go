@@ -215,6 +215,9 @@ func (b backend) Status(context.Context) (control.Status, error) {
 	}
 	st.Problems = slices.Clone(a.problems)
 	st.Migrations = a.migrationsLocked()
+	if a.intercept != nil {
+		st.CacheUnclaimed = a.intercept.Unclaimed()
+	}
 	a.mu.Unlock()
 	if st.Problems == nil {
 		st.Problems = []string{}

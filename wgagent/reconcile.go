@@ -50,15 +50,16 @@ func (a *Agent) reconcile() {
 		a.learnMACsLocked()
 	}
 
+	// The address first: a new peer's warm-up datagram is sent from it.
+	if err := a.ensureAddress(); err != nil {
+		problem("address: %v", err)
+	}
 	peers := a.wantPeers(members, records, problem)
 	if err := a.applyPeers(peers); err != nil {
 		problem("WireGuard: %v", err)
 	}
 
 	a.routes.Set(a.wantRoutes(records))
-	if err := a.ensureAddress(); err != nil {
-		problem("address: %v", err)
-	}
 	if err := a.routes.Reconcile(); err != nil {
 		problem("routes: %v", err)
 	}
@@ -250,6 +251,11 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 		if err := a.dev.Configure(wgtypes.Config{Peers: changes}); err != nil {
 			return err
 		}
+		for _, w := range want {
+			if _, ok := cur[w.key]; !ok {
+				a.warmUp(w.allowedIPs[0].Addr())
+			}
+		}
 		if dev, err = a.dev.State(); err != nil {
 			return err
 		}
@@ -338,6 +344,21 @@ func (a *Agent) ensureAddress() error {
 		return fmt.Errorf("add %s to %s: %w", want, a.cfg.Interface, err)
 	}
 	return nil
+}
+
+// warmUp sends one datagram into the tunnel to a new peer so that the
+// WireGuard handshake happens now, not when a migration's first packets
+// need the tunnel (wireguard-go keeps only a few packets while it
+// handshakes and drops the rest). The peer answers with a port
+// unreachable, which is all it is for.
+func (a *Agent) warmUp(peer netip.Addr) {
+	c, err := net.DialUDP("udp", &net.UDPAddr{IP: a.cfg.Address.Addr().AsSlice()}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(peer, 9)))
+	if err != nil {
+		a.log.Debug("warm-up datagram", "peer", peer, "err", err)
+		return
+	}
+	c.Write([]byte("vmroam"))
+	c.Close()
 }
 
 func hostPrefix(ip netip.Addr) netip.Prefix {

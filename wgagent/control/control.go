@@ -29,6 +29,9 @@ type Status struct {
 	VIPs      []VIP      `json:"vips"`
 	Conflicts []Conflict `json:"conflicts"`
 	Gossip    Gossip     `json:"gossip"`
+	// CacheUnclaimed counts packets the cache device read for a VIP that
+	// no migration here was taking: lost.
+	CacheUnclaimed uint64 `json:"cache_unclaimed"`
 	// Migrations are this host's side of recent migrations, oldest first,
 	// then those under way.
 	Migrations []Migration `json:"migrations"`
