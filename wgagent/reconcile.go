@@ -251,21 +251,21 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 		if err := a.dev.Configure(wgtypes.Config{Peers: changes}); err != nil {
 			return err
 		}
-		for _, w := range want {
-			if _, ok := cur[w.key]; !ok {
-				a.warmUp(w.allowedIPs[0].Addr())
-			}
-		}
+
 		if dev, err = a.dev.State(); err != nil {
 			return err
 		}
 	}
-	// Second pass: prefixes still on a peer that should not have them.
+	// Second pass: prefixes still on a peer that should not have them;
+	// and a warm-up for every peer without a session yet.
 	var shrink []wgtypes.PeerConfig
 	for _, p := range dev.Peers {
 		w, ok := wanted[p.PublicKey]
 		if !ok {
 			continue
+		}
+		if p.LastHandshakeTime.IsZero() {
+			a.warmUp(w.allowedIPs[0].Addr())
 		}
 		want := map[netip.Prefix]bool{}
 		for _, q := range w.allowedIPs {
@@ -346,11 +346,12 @@ func (a *Agent) ensureAddress() error {
 	return nil
 }
 
-// warmUp sends one datagram into the tunnel to a new peer so that the
-// WireGuard handshake happens now, not when a migration's first packets
-// need the tunnel (wireguard-go keeps only a few packets while it
-// handshakes and drops the rest). The peer answers with a port
-// unreachable, which is all it is for.
+// warmUp sends one datagram into the tunnel to a peer without a session
+// yet, at every reconcile until it has one, so that the WireGuard
+// handshake happens now, not when a migration's first packets need the
+// tunnel (wireguard-go keeps only a few packets while it handshakes and
+// drops the rest). The peer answers with a port unreachable, which is all
+// it is for.
 func (a *Agent) warmUp(peer netip.Addr) {
 	c, err := net.DialUDP("udp", &net.UDPAddr{IP: a.cfg.Address.Addr().AsSlice()}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(peer, 9)))
 	if err != nil {
