@@ -82,7 +82,9 @@ func handover(m control.Migration) time.Duration {
 func waitMigrated(t testing.TB, l *lab.Lab, to *lab.Host, vip netip.Addr) control.Migration {
 	t.Helper()
 	var last control.Migration
-	eventually(t, 30*time.Second, "migration of "+vip.String()+" to "+to.Name+" delivered", func() error {
+	// Generous: a handover connection has been seen to take 12 s to come
+	// up on a loaded CI machine (open in issue 3); held packets wait.
+	eventually(t, 60*time.Second, "migration of "+vip.String()+" to "+to.Name+" delivered", func() error {
 		st := status(t, l, to)
 		for _, v := range st.VIPs {
 			if v.VIP == vip.String() && v.State != "local" {
@@ -164,7 +166,7 @@ func TestMigrationBackAndForthAndTCP(t *testing.T) {
 	h1, h2 := l.Hosts[0], l.Hosts[1]
 
 	t.Run("ten moves under UDP", func(t *testing.T) {
-		flow, err := l.StartUDPFlow(c, m, 60*time.Second, "20M", 200)
+		flow, err := l.StartUDPFlow(c, m, 45*time.Second, "20M", 200)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -190,7 +192,7 @@ func TestMigrationBackAndForthAndTCP(t *testing.T) {
 			t.Logf("VM m's counters:\n%s", out)
 		}
 		t.Logf("iperf3 over 10 moves: %d datagrams, %d lost, %d out of order", res.Packets, res.Lost, res.OutOfOrder)
-		if res.Packets < 500000 {
+		if res.Packets < 400000 {
 			t.Errorf("only %d datagrams: the stream did not run", res.Packets)
 		}
 		// Known gap (issue 3 stays open): when the new host hands the VIP

@@ -427,7 +427,9 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 			a.log.Warn("old owner is not alive: delivering what is held without its cache", "vip", c.vip, "from", from)
 			return
 		}
-		d := net.Dialer{Timeout: time.Second, LocalAddr: &net.TCPAddr{IP: a.cfg.Address.Addr().AsSlice()}}
+		// Short attempts: a lost SYN is retried by a new dial sooner than
+		// by TCP's own 1 s backoff.
+		d := net.Dialer{Timeout: 300 * time.Millisecond, LocalAddr: &net.TCPAddr{IP: a.cfg.Address.Addr().AsSlice()}}
 		var err error
 		conn, err = d.Dial("tcp", net.JoinHostPort(addr.String(), strconv.Itoa(a.cfg.HandoverPort)))
 		if err == nil {
