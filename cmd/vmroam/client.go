@@ -27,28 +27,35 @@ func client(socket string) *control.Client {
 }
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("status", "status [--json] [--socket PATH]", stdout, stderr)
+	st, asJSON, err := fetchStatus(ctx, "status", args, stdout, stderr)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		return writeJSON(stdout, st)
+	}
+	printStatus(stdout, st)
+	return nil
+}
+
+// fetchStatus parses the flags of a command that reads the agent's status
+// ([--json] [--socket PATH], no arguments) and fetches it.
+func fetchStatus(ctx context.Context, name string, args []string, stdout, stderr io.Writer) (control.Status, bool, error) {
+	fs := newFlagSet(name, name+" [--json] [--socket PATH]", stdout, stderr)
 	var socket string
 	socketFlag(fs, &socket)
 	asJSON := fs.Bool("json", false, "print JSON")
 	pos, err := parse(fs, args)
 	if err != nil {
-		return err
+		return control.Status{}, false, err
 	}
 	if len(pos) > 0 {
-		return usagef("status takes no arguments, got %q", pos)
+		return control.Status{}, false, usagef("%s takes no arguments, got %q", name, pos)
 	}
 	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
 	defer cancel()
 	st, err := client(socket).Status(ctx)
-	if err != nil {
-		return err
-	}
-	if *asJSON {
-		return writeJSON(stdout, st)
-	}
-	printStatus(stdout, st)
-	return nil
+	return st, *asJSON, err
 }
 
 func writeJSON(w io.Writer, v any) error {
@@ -206,22 +213,11 @@ func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		}
 		return nil
 	case "list":
-		fs := newFlagSet("vip list", "vip list [--json] [--socket PATH]", stdout, stderr)
-		var socket string
-		socketFlag(fs, &socket)
-		asJSON := fs.Bool("json", false, "print JSON")
-		pos, err := parse(fs, args)
+		st, asJSON, err := fetchStatus(ctx, "vip list", args, stdout, stderr)
 		if err != nil {
 			return err
 		}
-		if len(pos) > 0 {
-			return usagef("vip list takes no arguments, got %q", pos)
-		}
-		st, err := client(socket).Status(ctx)
-		if err != nil {
-			return err
-		}
-		if *asJSON {
+		if asJSON {
 			return writeJSON(stdout, st.VIPs)
 		}
 		printVIPs(stdout, st.VIPs)
