@@ -263,32 +263,27 @@ func (a *Agent) migrationsLocked() []control.Migration {
 
 // Suspend starts caching a local VIP's packets (`vmroam migrate suspend`).
 func (b backend) Suspend(_ context.Context, vip netip.Addr) (control.VIP, error) {
-	a := b.a
-	if a.intercept == nil {
-		return control.VIP{}, badRequest("the migration cache is off (--cache=false)")
-	}
-	a.mu.Lock()
-	err := a.suspendLocked(vip.Unmap(), "migrate suspend")
-	a.mu.Unlock()
-	if err != nil {
-		return control.VIP{}, err
-	}
-	a.reconcile()
-	return a.vipStatus(vip.Unmap()), nil
+	return b.migrateOp(vip, func(v netip.Addr) error { return b.a.suspendLocked(v, "migrate suspend") })
 }
 
 // Abort delivers a caching VIP's queue to its VM here (`vmroam migrate abort`).
 func (b backend) Abort(_ context.Context, vip netip.Addr) (control.VIP, error) {
+	return b.migrateOp(vip, func(v netip.Addr) error { return b.a.abortLocked(v, "migrate abort") })
+}
+
+// migrateOp runs a migrate command under the agent's lock, then reconciles.
+func (b backend) migrateOp(vip netip.Addr, op func(netip.Addr) error) (control.VIP, error) {
 	a := b.a
 	if a.intercept == nil {
 		return control.VIP{}, badRequest("the migration cache is off (--cache=false)")
 	}
+	vip = vip.Unmap()
 	a.mu.Lock()
-	err := a.abortLocked(vip.Unmap(), "migrate abort")
+	err := op(vip)
 	a.mu.Unlock()
 	if err != nil {
 		return control.VIP{}, err
 	}
 	a.reconcile()
-	return a.vipStatus(vip.Unmap()), nil
+	return a.vipStatus(vip), nil
 }

@@ -128,11 +128,19 @@ func (a *Agent) localCtl(vip netip.Addr, dev string) *vipCtl {
 	return c
 }
 
-// suspend starts caching a local VIP's packets. Called with a.mu held.
+// ctlLocked finds the controller of a VIP attached here. a.mu held.
+func (a *Agent) ctlLocked(vip netip.Addr) (*vipCtl, error) {
+	if c := a.ctls[vip]; c != nil {
+		return c, nil
+	}
+	return nil, fmt.Errorf("%w: %s is not attached here", control.ErrBadRequest, vip)
+}
+
+// suspendLocked starts caching a local VIP's packets. Called with a.mu held.
 func (a *Agent) suspendLocked(vip netip.Addr, why string) error {
-	c := a.ctls[vip]
-	if c == nil {
-		return fmt.Errorf("%w: %s is not attached here", control.ErrBadRequest, vip)
+	c, err := a.ctlLocked(vip)
+	if err != nil {
+		return err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -156,9 +164,9 @@ func (a *Agent) suspendLocked(vip netip.Addr, why string) error {
 // abortLocked gives a cached VIP back to its VM here, delivering the queue
 // in order first. Called with a.mu held.
 func (a *Agent) abortLocked(vip netip.Addr, why string) error {
-	c := a.ctls[vip]
-	if c == nil {
-		return fmt.Errorf("%w: %s is not attached here", control.ErrBadRequest, vip)
+	c, err := a.ctlLocked(vip)
+	if err != nil {
+		return err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
