@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -181,23 +182,8 @@ func RequestHandover(conn net.Conn, req Request) (io.Reader, time.Duration, erro
 	if _, err := io.ReadFull(conn, first); err != nil {
 		return nil, 0, fmt.Errorf("handover: no answer: %w", err)
 	}
-	return io.MultiReader(bytesReader(first), conn), time.Since(start), nil
+	return io.MultiReader(bytes.NewReader(first), conn), time.Since(start), nil
 }
-
-type byteSliceReader struct {
-	b []byte
-}
-
-func (r *byteSliceReader) Read(p []byte) (int, error) {
-	if len(r.b) == 0 {
-		return 0, io.EOF
-	}
-	n := copy(p, r.b)
-	r.b = r.b[n:]
-	return n, nil
-}
-
-func bytesReader(b []byte) io.Reader { return &byteSliceReader{b: b} }
 
 // Orderer delivers a destination's packets in the order that loses and
 // reorders nothing: first what the source flushed (stream packets, in
