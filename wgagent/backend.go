@@ -46,9 +46,10 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 		a.dirty = true
 	}
 	if ok {
-		if c := a.ctls[vip]; c != nil && c.state == stateCaching {
-			// The VM is back where it was: give it its packets.
-			a.abortLocked(vip, "attached again on this host")
+		if c := a.ctls[vip]; c != nil {
+			// A repeated hook changes nothing; a VM caught in a
+			// suspend is back where it was and gets its packets.
+			a.onLocked(c, evReattach, "attached again on this host")
 		}
 	} else {
 		var r gossip.Record

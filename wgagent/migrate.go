@@ -142,23 +142,8 @@ func (a *Agent) suspendLocked(vip netip.Addr, why string) error {
 	if err != nil {
 		return err
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.state != stateLocal {
-		return nil // already moving: idempotent
-	}
-	c.state = stateCaching
-	c.source = true
-	c.started = time.Now()
-	at := a.attached[vip]
-	c.rec = control.Migration{VIP: vip.String(), From: a.cfg.Name, Epoch: at.Epoch, Suspend: timePtr(c.started), Role: "source"}
-	if m, ok := cache.NeighborMAC(c.dev, vip); ok {
-		c.mac = m
-	} else if len(at.MAC) == 6 {
-		c.mac = at.MAC
-	}
-	a.log.Info("VM suspended: caching its packets", "vip", vip, "dev", c.dev, "why", why)
-	return nil
+	_, err = a.onLocked(c, evSuspend, why)
+	return err
 }
 
 // abortLocked gives a cached VIP back to its VM here, delivering the queue
@@ -168,18 +153,75 @@ func (a *Agent) abortLocked(vip netip.Addr, why string) error {
 	if err != nil {
 		return err
 	}
+	_, err = a.onLocked(c, evAbort, why)
+	return err
+}
+
+// onLocked feeds ev to c's state machine (vipstate.go) and performs the
+// action it returns, except those that need the caller's context (stream,
+// hold, hand-back, forget, wait), which it only returns. Called with a.mu
+// held and c.mu not.
+func (a *Agent) onLocked(c *vipCtl, ev vipEvent, why string) (vipAction, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.state != stateCaching {
-		if c.state == stateLocal {
-			return nil
+	prev, act := c.stepLocked(ev)
+	switch act {
+	case actRefuse:
+		if ev == evAbort {
+			return act, fmt.Errorf("%w: %s is %s; only a caching VIP can be aborted", control.ErrBadRequest, c.vip, prev)
 		}
-		return fmt.Errorf("%w: %s is %s; only a caching VIP can be aborted", control.ErrBadRequest, vip, c.state)
+		return act, fmt.Errorf("%w: %s is %s here: cannot %s", control.ErrBadRequest, c.vip, prev, ev)
+	case actCache:
+		a.beginLocked(c, why)
+	case actStream:
+		if prev == stateLocal {
+			a.beginLocked(c, why) // the claim is the suspend
+		}
+	case actDeliver:
+		if prev == stateCaching {
+			a.log.Info("migration aborted: delivering the cache to the VM here", "vip", c.vip, "why", why, "queued", c.queue.Len())
+			c.rec.Aborted = true
+		}
+		a.startDeliveryLocked(c, c.queue, a.newQueue(), true)
+	case actDrop:
+		n := c.queue.Discard()
+		a.log.Warn("nobody claimed the VIP within the cache's max age: dropping its queue and releasing it", "vip", c.vip, "dropped", n)
+		c.rec.TimedOut = true
+		c.rec.Done = timePtr(time.Now())
+		a.finishLocked(c)
+		delete(a.ctls, c.vip)
+		a.intercept.Detach(c.vip, c)
+		delete(a.attached, c.vip)
+		a.dirty = true
+		a.cluster.Release(c.vip)
 	}
-	a.log.Info("migration aborted: delivering the cache to the VM here", "vip", vip, "why", why, "queued", c.queue.Len())
-	c.rec.Aborted = true
-	a.startDeliveryLocked(c, c.queue, a.newQueue(), true)
-	return nil
+	if act != actNone {
+		a.log.Debug("migration step", "vip", c.vip, "event", ev, "from", prev, "to", c.state, "action", act)
+	}
+	return act, nil
+}
+
+// stepLocked moves c's state machine by ev. c.mu held.
+func (c *vipCtl) stepLocked(ev vipEvent) (prev string, act vipAction) {
+	prev = c.state
+	next, act := step(vipPhase{state: c.state, byCarrier: c.byCarrier}, ev)
+	c.state, c.byCarrier = next.state, next.byCarrier
+	return prev, act
+}
+
+// beginLocked records the start of a migration away from this host. Both
+// locks held.
+func (a *Agent) beginLocked(c *vipCtl, why string) {
+	c.source = true
+	c.started = time.Now()
+	at := a.attached[c.vip]
+	c.rec = control.Migration{VIP: c.vip.String(), From: a.cfg.Name, Epoch: at.Epoch, Suspend: timePtr(c.started), Role: "source"}
+	if m, ok := cache.NeighborMAC(c.dev, c.vip); ok {
+		c.mac = m
+	} else if len(at.MAC) == 6 {
+		c.mac = at.MAC
+	}
+	a.log.Info("VM suspended: caching its packets", "vip", c.vip, "dev", c.dev, "why", why)
 }
 
 // startDeliveryLocked runs an orderer that writes stream (then direct)
@@ -274,7 +316,7 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 			c.rec.Cached, c.rec.CachedBytes = ss.Packets, ss.Bytes
 		}
 	}
-	c.state = stateLocal
+	c.stepLocked(evDrained)
 	c.fencing = false
 	c.mu.Unlock()
 	a.mu.Unlock()
@@ -394,16 +436,28 @@ func (a *Agent) finishLocked(c *vipCtl) {
 // hold its packets here, ask the old owner for its cache, deliver once the
 // VM's interface is up. Called with a.mu held; returns the new record.
 func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) gossip.Record {
+	if prev := a.ctls[vip]; prev != nil {
+		prev.mu.Lock()
+		if _, act := prev.stepLocked(evArrive); act == actHold && prev.stop != nil {
+			// Back here while the move away still forwards stragglers:
+			// end that stream; what comes now is this arrival's to hold.
+			close(prev.stop)
+			prev.stop = nil
+		}
+		prev.mu.Unlock()
+	}
+	// The controller takes the VIP's packets before any route leads them
+	// to the cache device, so none arrives without a sink.
+	c := &vipCtl{a: a, vip: vip, dev: dev, queue: a.newQueue()}
+	c.stepLocked(evArrive)
+	a.ctls[vip] = c
+	a.intercept.Attach(vip, c)
 	// Divert before claiming: senders switch to this host as soon as the
 	// claim reaches them, and what they send must be held here, not
 	// routed back to the old owner through the tunnel.
 	if err := a.routes.Add(route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: metricDivert}); err != nil {
 		a.log.Warn("holding route", "vip", vip, "err", err)
 	}
-	c := a.localCtl(vip, dev)
-	c.mu.Lock()
-	c.state = stateHolding // until startDeliveryLocked: Take holds
-	c.mu.Unlock()
 	r := a.cluster.Claim(vip)
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -429,6 +483,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 	defer o.Closed()
 	deadline := time.Now().Add(a.cfg.CacheLimits.MaxAge)
 	var conn net.Conn
+	var dialRTT time.Duration
 	for {
 		addr, alive := a.memberOverlay(from)
 		if !alive {
@@ -439,8 +494,10 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 		// by TCP's own 1 s backoff.
 		d := net.Dialer{Timeout: 300 * time.Millisecond, LocalAddr: &net.TCPAddr{IP: a.cfg.Address.Addr().AsSlice()}}
 		var err error
+		t0 := time.Now()
 		conn, err = d.Dial("tcp", net.JoinHostPort(addr.String(), strconv.Itoa(a.cfg.HandoverPort)))
 		if err == nil {
+			dialRTT = time.Since(t0)
 			lv := slog.LevelDebug
 			if time.Since(c.started) > time.Second {
 				lv = slog.LevelWarn // worth knowing: every held packet waits
@@ -469,7 +526,9 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 		a.log.Error("handover request", "vip", c.vip, "from", from, "err", err)
 		return
 	}
-	o.Settle = max(a.cfg.CacheSettle, rtt+2*time.Millisecond)
+	// The answer's round trip is the path's, unless the source made the
+	// request wait (see handoverWait); the connect's is one too.
+	o.Settle = max(a.cfg.CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
 	st, err := cache.Receive(rd, stream,
 		func(h cache.Header) {
 			c.mu.Lock()
@@ -502,6 +561,9 @@ func (a *Agent) memberOverlay(name string) (netip.Addr, bool) {
 	}
 	return netip.Addr{}, false
 }
+
+// handoverWait bounds how long a claim waits for a delivery under way here.
+const handoverWait = 10 * time.Second
 
 // serveHandovers answers handover requests from other agents.
 func (a *Agent) serveHandovers(ln net.Listener) {
@@ -546,17 +608,32 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		return refuse("%s is not the overlay address of a live member %q", remote.Addr(), req.Claimer)
 	}
 
-	a.mu.Lock()
-	c := a.ctls[req.VIP]
-	at, attached := a.attached[req.VIP]
-	if c == nil || !(attached || c.state == stateCaching) || (attached && req.Epoch <= at.Epoch) {
+	var c *vipCtl
+	for wait := time.Now().Add(handoverWait); ; {
+		a.mu.Lock()
+		c = a.ctls[req.VIP]
+		at, attached := a.attached[req.VIP]
+		if c == nil || !(attached || c.state == stateCaching) || (attached && req.Epoch <= at.Epoch) {
+			a.mu.Unlock()
+			return refuse("%s is not held here at an epoch below %d", req.VIP, req.Epoch)
+		}
+		act, err := a.onLocked(c, evClaim, "claimed by "+req.Claimer)
+		if err != nil {
+			a.mu.Unlock()
+			return refuse("%v", err)
+		}
+		if act == actStream {
+			break
+		}
 		a.mu.Unlock()
-		return refuse("%s is not held here at an epoch below %d", req.VIP, req.Epoch)
+		// actWait: the VM arrived here and moves on before its packets
+		// were all delivered; hand over once they are.
+		if time.Now().After(wait) {
+			return refuse("%s is still being delivered here after %v", req.VIP, handoverWait)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
-	// An arrival before the source noticed the VM leave is a suspend too.
-	a.suspendLocked(req.VIP, "claimed by "+req.Claimer)
 	c.mu.Lock()
-	c.state = stateForwarding
 	c.rec.To = req.Claimer
 	c.rec.Epoch = req.Epoch
 	c.rec.Claim = timePtr(time.Now())
@@ -619,35 +696,20 @@ func (a *Agent) reconcileMigrationsLocked() {
 	now := time.Now()
 	for vip, c := range a.ctls {
 		c.mu.Lock()
-		state, dev, started := c.state, c.dev, c.started
+		state, dev, started, delivering := c.state, c.dev, c.started, c.orderer != nil
 		c.mu.Unlock()
+		_, attached := a.attached[vip]
 		up := hasCarrier(dev)
 		switch {
-		case state == stateLocal && !up && a.attached[vip].VIP.IsValid():
-			a.suspendLocked(vip, "interface "+dev+" down or gone")
-			c.mu.Lock()
-			c.byCarrier = true
-			c.mu.Unlock()
-		case state == stateLocal && hits[vip] && c.orderer == nil:
-			// The route flapped but the VM is there: give it the packets.
-			c.mu.Lock()
-			a.startDeliveryLocked(c, c.queue, a.newQueue(), true)
-			c.mu.Unlock()
-		case state == stateCaching && up && c.byCarrier && a.attached[vip].VIP.IsValid():
-			a.abortLocked(vip, "interface "+dev+" has carrier again")
-		case state == stateCaching && now.Sub(started) > a.cfg.CacheLimits.MaxAge:
-			n := c.queue.Discard()
-			a.log.Warn("nobody claimed the VIP within the cache's max age: dropping its queue and releasing it", "vip", vip, "dropped", n)
-			c.mu.Lock()
-			c.rec.TimedOut = true
-			c.rec.Done = timePtr(now)
-			a.finishLocked(c)
-			c.mu.Unlock()
-			delete(a.ctls, vip)
-			a.intercept.Detach(vip, c)
-			delete(a.attached, vip)
-			a.dirty = true
-			a.cluster.Release(vip)
+		case state == stateLocal && !up && attached:
+			a.onLocked(c, evCarrierLost, "interface "+dev+" down or gone")
+		case state == stateLocal && hits[vip] && !delivering:
+			a.onLocked(c, evStandbyHit, "the standby route took packets")
+		case state == stateCaching && up && attached:
+			a.onLocked(c, evCarrierBack, "interface "+dev+" has carrier again")
+		}
+		if state == stateCaching && now.Sub(started) > a.cfg.CacheLimits.MaxAge {
+			a.onLocked(c, evTimeout, "max age")
 		}
 	}
 }
