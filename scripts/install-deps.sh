@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, the tools the lab and the tests use and
 # that this machine lacks: iproute2 (ip), wireguard-tools (wg), iperf3,
-# procps (sysctl), iputils-ping. Does nothing when all are there.
+# procps (sysctl), iputils-ping, nftables (nft). Does nothing when all are
+# there.
 set -euo pipefail
 need=()
-for pkg_cmd in iproute2:ip wireguard-tools:wg iperf3:iperf3 procps:sysctl iputils-ping:ping; do
+for pkg_cmd in iproute2:ip wireguard-tools:wg iperf3:iperf3 procps:sysctl iputils-ping:ping nftables:nft; do
 	command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || need+=("${pkg_cmd%%:*}")
 done
 [ ${#need[@]} -eq 0 ] && exit 0
