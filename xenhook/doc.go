@@ -1,6 +1,17 @@
-// Package xenhook turns hypervisor events (Xen hotplug and xenstore, libvirt's
-// qemu hook, carrier and gratuitous ARP/RARP on a VM's interface) into agent
-// calls. It owns no state.
+// Package xenhook turns hypervisor events into agent calls: Xen's hotplug
+// hook (scripts/xen/vmroam.hook) and the xenstore watches that say a
+// domain is being suspended for migration or is arriving from one. It owns
+// no state the agent relies on; what it remembers only keeps it from
+// reporting the same event twice.
 //
-// Not built yet: the hypervisor integration issue fills it in.
+// The xenstore facts it builds on, from Xen's sources: libxl asks a guest to
+// suspend by writing "suspend" to /local/domain/<domid>/control/shutdown
+// (libxl__domain_pvcontrol) and the guest acknowledges by clearing it;
+// during `xl migrate` the destination creates the domain as
+// "<name>--incoming" (written to /local/domain/<domid>/name when the domain
+// is made, before the memory stream) and the source renames its copy
+// "<name>--migratedaway" once the destination has the whole image
+// (tools/xl/xl_migrate.c). xenstored's "@introduceDomain" fires only when
+// the domain is introduced, which for an incoming domain is after the
+// stream, so the name under /local/domain is what announces it early.
 package xenhook
