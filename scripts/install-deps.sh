@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, the tools the lab and the tests use and
 # that this machine lacks: iproute2 (ip), wireguard-tools (wg), iperf3,
-# procps (sysctl), iputils-ping, nftables (nft). Does nothing when all are
-# there.
+# procps (sysctl), iputils-ping, nftables (nft), and for the Xen hook's
+# test Xen's hotplug scripts (xen-utils-common) and the ifconfig vif-route
+# calls (net-tools). Each entry is package:what-it-provides, a command or,
+# starting with /, a file. Does nothing when all are there.
 set -euo pipefail
 need=()
-for pkg_cmd in iproute2:ip wireguard-tools:wg iperf3:iperf3 procps:sysctl iputils-ping:ping nftables:nft; do
-	command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || need+=("${pkg_cmd%%:*}")
+for pkg_what in iproute2:ip wireguard-tools:wg iperf3:iperf3 procps:sysctl iputils-ping:ping nftables:nft \
+	xen-utils-common:/etc/xen/scripts/vif-route net-tools:ifconfig; do
+	what=${pkg_what#*:}
+	case $what in
+	/*) [ -e "$what" ] ;;
+	*) command -v "$what" >/dev/null 2>&1 ;;
+	esac || need+=("${pkg_what%%:*}")
 done
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
