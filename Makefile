@@ -6,15 +6,17 @@ BIN     := bin/vmroam
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 FUZZTIME ?= 10s
+XEN_SCRIPT_DIR ?= /etc/xen/scripts
 
-.PHONY: all build deps test unit lint vet fmt-check bench bench-migration demo fuzz clean
+.PHONY: all build deps test unit lint vet fmt-check bench bench-migration demo fuzz install-xen clean
 
 all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/vmroam
 
-# Debian packages the lab and tests use (iproute2, wireguard-tools, iperf3).
+# Debian packages the lab and tests use (iproute2, wireguard-tools, iperf3,
+# Xen's hotplug scripts for the Xen hook's test, ...).
 deps:
 	@scripts/install-deps.sh
 
@@ -57,6 +59,12 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzReader$$' -fuzztime $(FUZZTIME) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzClassify$$' -fuzztime $(FUZZTIME) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./xenhook/xenstore/
+
+# The Xen hotplug hook: vif-route and vif-bridge source it when a vif goes
+# online or offline. DESTDIR stages the install (packaging).
+install-xen:
+	install -d $(DESTDIR)$(XEN_SCRIPT_DIR)/vif-post.d
+	install -m 0755 scripts/xen/vmroam.hook $(DESTDIR)$(XEN_SCRIPT_DIR)/vif-post.d/vmroam.hook
 
 clean:
 	rm -rf bin
