@@ -38,6 +38,7 @@ type Error struct {
 	Errno string // the errno name xenstored sent: "ENOENT", "EACCES", "EINVAL", ...
 }
 
+// Error says which request on which path xenstored refused, and why.
 func (e *Error) Error() string {
 	return fmt.Sprintf("xenstore %s %s: %s", e.Op, e.Path, e.Errno)
 }
