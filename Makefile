@@ -56,6 +56,8 @@ demo: deps build
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRecords$$' -fuzztime $(FUZZTIME) ./gossip/
 	$(GO) test -run '^$$' -fuzz '^FuzzMetaUnmarshal$$' -fuzztime $(FUZZTIME) ./gossip/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeNetworks$$' -fuzztime $(FUZZTIME) ./gossip/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeState$$' -fuzztime $(FUZZTIME) ./gossip/
 	$(GO) test -run '^$$' -fuzz '^FuzzReader$$' -fuzztime $(FUZZTIME) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzClassify$$' -fuzztime $(FUZZTIME) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./xenhook/xenstore/

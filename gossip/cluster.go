@@ -20,12 +20,14 @@ import (
 )
 
 // Events receives what changes in the cluster. Its methods are called from
-// memberlist's goroutines (and from the callers of Claim, Release and
-// Assert), possibly before New returns, and must not block: the agent only
-// signals a reconcile loop from them.
+// memberlist's goroutines (and from the callers of Claim, Release, Assert,
+// DeclareNetwork and RemoveNetwork), possibly before New returns, and must
+// not block: the agent only signals a reconcile loop from them.
 type Events interface {
 	MembersChanged() // a member joined, left, failed or changed metadata
-	RecordsChanged() // the location table changed
+	// RecordsChanged says the location table or the networks changed:
+	// the agent reconciles both from the Table in one pass.
+	RecordsChanged()
 }
 
 // Config configures a Cluster. Start from DefaultConfig.
@@ -104,7 +106,7 @@ type Stats struct {
 	Members         int    // alive members, self included
 	DroppedMessages uint64 // malformed user messages / remote states dropped
 	DroppedMeta     uint64 // members whose metadata did not decode (they are ignored as peers)
-	Broadcasts      uint64 // records queued for broadcast
+	Broadcasts      uint64 // records and networks queued for broadcast
 }
 
 const (
@@ -133,9 +135,10 @@ type Cluster struct {
 	table  *Table
 	queue  *memberlist.TransmitLimitedQueue
 
-	// mergeMu makes merging a record and queueing its broadcast one step,
-	// so that the queue sees a VIP's records in table order and a newer
-	// record is never replaced there by an older one.
+	// mergeMu makes merging a record or network and queueing its
+	// broadcast one step, so that the queue sees a VIP's records (a
+	// network's versions) in table order and a newer one is never
+	// replaced there by an older one.
 	mergeMu sync.Mutex
 
 	metaMu sync.Mutex
@@ -287,8 +290,9 @@ func (c *Cluster) Name() string { return c.name }
 // it is the port that was picked.
 func (c *Cluster) LocalPort() int { return c.mc.BindPort }
 
-// Table returns the location table. Change it through Claim, Release and
-// Assert, which also broadcast; merging into it directly spreads nothing.
+// Table returns the location table and the networks. Change it through
+// Claim, Release, Assert, DeclareNetwork and RemoveNetwork, which also
+// broadcast; merging into it directly spreads nothing.
 func (c *Cluster) Table() *Table { return c.table }
 
 // Join blocks until one of addrs ("host" or "host:port") answered and this
@@ -501,11 +505,12 @@ func (c *Cluster) Assert(r Record) bool {
 	return changed
 }
 
-// mergeRemote merges records that came from another member. With
-// rebroadcast, each record that changed the table is queued again, because
-// memberlist does not relay user broadcasts.
-func (c *Cluster) mergeRemote(rs []Record, rebroadcast bool) {
+// mergeRemote merges records and networks that came from another member.
+// With rebroadcast, each one that changed the table is queued again,
+// because memberlist does not relay user broadcasts.
+func (c *Cluster) mergeRemote(rs []Record, ns []Network, rebroadcast bool) {
 	changedAny := false
+	var changedNets []string
 	c.mergeMu.Lock()
 	for _, r := range rs {
 		changed, conflict := c.table.merge(r)
@@ -521,10 +526,81 @@ func (c *Cluster) mergeRemote(rs []Record, rebroadcast bool) {
 			c.enqueueLocked(r)
 		}
 	}
+	for _, n := range ns {
+		if !c.table.MergeNetwork(n) {
+			continue
+		}
+		changedAny = true
+		changedNets = append(changedNets, n.Name)
+		c.log.Debug("network learned", "network", n.Name, "prefix", n.Prefix,
+			"removed", n.Removed(), "epoch", n.Epoch, "origin", n.Origin)
+		if rebroadcast {
+			c.enqueueNetworkLocked(n)
+		}
+	}
 	c.mergeMu.Unlock()
+	if len(changedNets) > 0 {
+		c.logOverlaps(changedNets)
+	}
 	if changedAny {
 		c.notifyRecords()
 	}
+}
+
+// logOverlaps warns about the overlaps that involve the named networks,
+// which just changed: an operator has to remove one network of each pair.
+func (c *Cluster) logOverlaps(names []string) {
+	for _, o := range c.table.NetworkOverlaps() {
+		if slices.Contains(names, o.Winner.Name) || slices.Contains(names, o.Loser.Name) {
+			c.log.Warn("virtual networks overlap; the loser is inactive until one of them is removed",
+				"winner", o.Winner.Name, "winner_prefix", o.Winner.Prefix,
+				"loser", o.Loser.Name, "loser_prefix", o.Loser.Prefix)
+		}
+	}
+}
+
+// DeclareNetwork writes name -> prefix at an epoch one above any seen for
+// name (removed or not), merges it and broadcasts it. It refuses, with an
+// error that names the clash, an invalid name or prefix (see
+// ValidNetworkName, ValidNetworkPrefix) and a prefix that overlaps another
+// live network as far as this member knows. Declaring the same name with
+// the same prefix again is a no-op that returns the current version, so an
+// agent can re-apply its configuration on every start. Changing a live
+// network's prefix is refused: VMs already use addresses in it, so it must
+// be removed first.
+func (c *Cluster) DeclareNetwork(name string, prefix netip.Prefix) (Network, error) {
+	c.mergeMu.Lock()
+	n, changed, err := c.table.declareNetwork(name, prefix, c.name)
+	if changed {
+		c.enqueueNetworkLocked(n)
+	}
+	c.mergeMu.Unlock()
+	if err != nil {
+		return Network{}, fmt.Errorf("gossip: declare network: %w", err)
+	}
+	if changed {
+		c.log.Info("declared network", "network", n.Name, "prefix", n.Prefix, "epoch", n.Epoch)
+		c.notifyRecords()
+	}
+	return n, nil
+}
+
+// RemoveNetwork writes a tombstone for name at the next epoch, merges it
+// and broadcasts it; ok is false if name is not live. Any member may remove
+// any network: declarations belong to the cluster, not to their origin.
+func (c *Cluster) RemoveNetwork(name string) (Network, bool) {
+	c.mergeMu.Lock()
+	n, ok := c.table.removeNetwork(name, c.name)
+	if ok {
+		c.enqueueNetworkLocked(n)
+	}
+	c.mergeMu.Unlock()
+	if !ok {
+		return Network{}, false
+	}
+	c.log.Info("removed network", "network", name, "epoch", n.Epoch)
+	c.notifyRecords()
+	return n, true
 }
 
 func (c *Cluster) logConflict(vip netip.Addr) {
@@ -536,6 +612,12 @@ func (c *Cluster) logConflict(vip netip.Addr) {
 // enqueueLocked queues r for broadcast; mergeMu is held.
 func (c *Cluster) enqueueLocked(r Record) {
 	c.queue.QueueBroadcast(&recordBroadcast{vip: r.VIP, msg: EncodeRecords([]Record{r})})
+	c.broadcasts.Add(1)
+}
+
+// enqueueNetworkLocked queues n for broadcast; mergeMu is held.
+func (c *Cluster) enqueueNetworkLocked(n Network) {
+	c.queue.QueueBroadcast(&networkBroadcast{name: n.Name, msg: EncodeNetworks([]Network{n})})
 	c.broadcasts.Add(1)
 }
 
@@ -700,7 +782,14 @@ func (c *Cluster) handleMsg(b []byte) {
 			c.drop("malformed records message", err)
 			return
 		}
-		c.mergeRemote(rs, true)
+		c.mergeRemote(rs, nil, true)
+	case msgNetworks:
+		ns, err := DecodeNetworks(b)
+		if err != nil {
+			c.drop("malformed networks message", err)
+			return
+		}
+		c.mergeRemote(nil, ns, true)
 	case msgLeave:
 		name, nonce, err := decodeLeave(b)
 		if err != nil {
@@ -837,8 +926,11 @@ func (d delegate) GetBroadcasts(overhead, limit int) [][]byte {
 	return d.c.queue.GetBroadcasts(overhead, limit)
 }
 
+// LocalState is the whole table, records and networks with their
+// tombstones. Its size grows with the table and is not bounded here:
+// memberlist sends push/pull state over TCP.
 func (d delegate) LocalState(join bool) []byte {
-	return EncodeRecords(d.c.table.Records())
+	return encodeState(d.c.table.Records(), d.c.table.NetworkVersions())
 }
 
 // MergeRemoteState merges a peer's whole table. Changes learned in the
@@ -846,16 +938,31 @@ func (d delegate) LocalState(join bool) []byte {
 // (a partition, a lost packet) and the rest of the cluster likely missed it
 // too. Changes learned while joining are not: there the joiner is simply
 // behind, and rebroadcasting the whole table would crowd out real news.
+//
+// A bare records message is still taken as a state: that is what agents
+// from before virtual networks send.
 func (d delegate) MergeRemoteState(buf []byte, join bool) {
 	if len(buf) == 0 {
 		return
 	}
-	rs, err := DecodeRecords(buf)
+	var (
+		rs  []Record
+		ns  []Network
+		err error
+	)
+	switch buf[0] {
+	case msgState:
+		rs, ns, err = decodeState(buf)
+	case msgRecords:
+		rs, err = DecodeRecords(buf)
+	default:
+		err = fmt.Errorf("unknown state type %#x", buf[0])
+	}
 	if err != nil {
 		d.c.drop("malformed remote state", err)
 		return
 	}
-	d.c.mergeRemote(rs, !join)
+	d.c.mergeRemote(rs, ns, !join)
 }
 
 type eventDelegate struct{ c *Cluster }
@@ -878,6 +985,22 @@ func (b *recordBroadcast) Finished()       {}
 func (b *recordBroadcast) Invalidates(o memberlist.Broadcast) bool {
 	ob, ok := o.(*recordBroadcast)
 	return ok && ob.vip == b.vip
+}
+
+// networkBroadcast carries one network version. It is named by the network
+// so that a newer version replaces an older one still in the queue.
+type networkBroadcast struct {
+	name string
+	msg  []byte
+}
+
+func (b *networkBroadcast) Name() string    { return "net/" + b.name }
+func (b *networkBroadcast) Message() []byte { return b.msg }
+func (b *networkBroadcast) Finished()       {}
+
+func (b *networkBroadcast) Invalidates(o memberlist.Broadcast) bool {
+	ob, ok := o.(*networkBroadcast)
+	return ok && ob.name == b.name
 }
 
 // leaveBroadcast carries a leave intent; done, if set, is closed once the

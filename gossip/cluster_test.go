@@ -9,7 +9,9 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"reflect"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -260,6 +262,162 @@ func TestCluster(t *testing.T) {
 	}
 }
 
+func hasNetwork(n *node, want Network) func() bool {
+	return func() bool {
+		got, ok := n.Table().Network(want.Name)
+		return ok && got == want
+	}
+}
+
+func TestClusterNetworks(t *testing.T) {
+	a, b, c := newNode(t, 1, key1), newNode(t, 2, key1), newNode(t, 3, key1)
+	b.join(t, a)
+	c.join(t, a)
+	nodes := []*node{a, b, c}
+	for _, n := range nodes {
+		waitFor(t, n.Name()+" to see 3 members", func() bool { return n.Stats().Members == 3 })
+	}
+
+	// told counts the RecordsChanged calls of each node.
+	told := func(nodes []*node) []int64 {
+		counts := make([]int64, len(nodes))
+		for i, n := range nodes {
+			counts[i] = n.ev.records.Load()
+		}
+		return counts
+	}
+	// learn waits until every node has want and was told about a change
+	// since the counts before.
+	learn := func(t *testing.T, nodes []*node, before []int64, what string, want Network) {
+		t.Helper()
+		for i, n := range nodes {
+			waitFor(t, n.Name()+" to learn "+what, hasNetwork(n, want))
+			waitFor(t, n.Name()+" to be told about "+what, func() bool { return n.ev.records.Load() > before[i] })
+		}
+	}
+
+	blue := Network{Name: "blue", Prefix: mp("100.64.0.0/16"), Epoch: 1, Origin: a.Name()}
+	six := Network{Name: "six", Prefix: mp("fd7a:115c:1::/48"), Epoch: 1, Origin: c.Name()}
+	t.Run("declare", func(t *testing.T) {
+		before := told(nodes)
+		got, err := a.DeclareNetwork(blue.Name, blue.Prefix)
+		if err != nil || got != blue {
+			t.Fatalf("DeclareNetwork = %v, %v; want %v", got, err, blue)
+		}
+		learn(t, nodes, before, "blue", blue)
+		before = told(nodes)
+		if got, err := c.DeclareNetwork(six.Name, six.Prefix); err != nil || got != six {
+			t.Fatalf("DeclareNetwork = %v, %v; want %v", got, err, six)
+		}
+		learn(t, nodes, before, "six", six)
+		for _, n := range nodes {
+			if got, want := n.Table().ActiveNetworks(), []Network{blue, six}; !reflect.DeepEqual(got, want) {
+				t.Errorf("%s: active %v, want %v", n.Name(), got, want)
+			}
+		}
+	})
+
+	t.Run("refused", func(t *testing.T) {
+		broadcasts := b.Stats().Broadcasts
+		refusals := []struct {
+			name   string
+			prefix netip.Prefix
+			want   string
+		}{
+			{"green", mp("100.64.1.0/24"), `network "green" (100.64.1.0/24) overlaps network "blue" (100.64.0.0/16)`},
+			{"green", mp("fd7a:115c::/32"), `network "green" (fd7a:115c::/32) overlaps network "six" (fd7a:115c:1::/48)`},
+			{"blue", mp("100.65.0.0/16"), "remove it first"},
+			{"Green", mp("100.65.0.0/16"), "must start with"},
+			{"green", mp("127.0.0.0/8"), "loopback"},
+		}
+		for _, r := range refusals {
+			got, err := b.DeclareNetwork(r.name, r.prefix)
+			if err == nil || !strings.Contains(err.Error(), r.want) {
+				t.Errorf("DeclareNetwork(%s, %s) = %v, %v; want an error with %q", r.name, r.prefix, got, err, r.want)
+			}
+		}
+		// The same declaration again, from another member: a no-op.
+		if got, err := b.DeclareNetwork(blue.Name, blue.Prefix); err != nil || got != blue {
+			t.Errorf("declaring blue again = %v, %v; want %v", got, err, blue)
+		}
+		if got := b.Stats().Broadcasts; got != broadcasts {
+			t.Errorf("refusals and a no-op queued %d broadcasts", got-broadcasts)
+		}
+	})
+
+	t.Run("remove", func(t *testing.T) {
+		before := told(nodes)
+		rm, ok := b.RemoveNetwork(six.Name)
+		if want := (Network{Name: six.Name, Epoch: 2, Origin: b.Name()}); !ok || rm != want {
+			t.Fatalf("RemoveNetwork = %v, %v; want %v", rm, ok, want)
+		}
+		learn(t, nodes, before, "the removal of six", rm)
+		for _, n := range nodes {
+			if got, want := n.Table().Networks(), []Network{blue}; !reflect.DeepEqual(got, want) {
+				t.Errorf("%s: networks %v, want %v", n.Name(), got, want)
+			}
+		}
+		if _, ok := c.RemoveNetwork(six.Name); ok {
+			t.Error("removed six twice")
+		}
+		if _, ok := c.RemoveNetwork("never"); ok {
+			t.Error("removed a network never declared")
+		}
+	})
+
+	t.Run("late joiner across a partition", func(t *testing.T) {
+		d := newNode(t, 4, key1)
+		all := append(slices.Clone(nodes), d)
+		before := told(all)
+		// d, alone (a partition of one), declares a network that overlaps
+		// blue. Its name sorts first: once the partition heals it wins
+		// everywhere and blue is inactive.
+		aqua, err := d.DeclareNetwork("aqua", mp("100.64.0.0/12"))
+		if err != nil {
+			t.Fatalf("d declares aqua: %v", err)
+		}
+		known := b.Table().NetworkVersions()
+		d.join(t, b)
+		// Push/pull during the join carries every version, removals
+		// included: no polling.
+		for _, want := range known {
+			if got, ok := d.Table().Network(want.Name); !ok || got != want {
+				t.Errorf("late joiner has %v, %v; want %v", got, ok, want)
+			}
+		}
+		learn(t, all, before, "aqua", aqua)
+		wantOverlaps := []NetworkOverlap{{Winner: aqua, Loser: blue}}
+		for _, n := range all {
+			waitFor(t, n.Name()+" to resolve the overlap", func() bool {
+				return reflect.DeepEqual(n.Table().ActiveNetworks(), []Network{aqua}) &&
+					reflect.DeepEqual(n.Table().NetworkOverlaps(), wantOverlaps)
+			})
+			if got, ok := n.Table().NetworkOf(netip.MustParseAddr("100.64.1.1")); !ok || got != aqua {
+				t.Errorf("%s: NetworkOf = %v, %v; want aqua", n.Name(), got, ok)
+			}
+		}
+
+		// The operator removes aqua anywhere: blue is active again.
+		before = told(all)
+		rm, ok := c.RemoveNetwork(aqua.Name)
+		if !ok {
+			t.Fatal("c could not remove aqua")
+		}
+		learn(t, all, before, "the removal of aqua", rm)
+		for _, n := range all {
+			if got, want := n.Table().ActiveNetworks(), []Network{blue}; !reflect.DeepEqual(got, want) {
+				t.Errorf("%s: active %v, want %v", n.Name(), got, want)
+			}
+			if got := n.Table().NetworkOverlaps(); len(got) != 0 {
+				t.Errorf("%s: overlaps %v", n.Name(), got)
+			}
+			if s := n.Stats(); s.DroppedMessages != 0 {
+				t.Errorf("%s: %+v", n.Name(), s)
+			}
+		}
+	})
+}
+
 func TestJoinRefusedWithoutTheKey(t *testing.T) {
 	a, b := newNode(t, 1, key1), newNode(t, 2, key1)
 	b.join(t, a)
@@ -355,6 +513,10 @@ func TestHostilePeer(t *testing.T) {
 		append(EncodeRecords(sampleRecords()), 1),
 		{msgLeave, 0},
 		{msgLeave, 3, 'a', 'b'},
+		{msgNetworks, 200},
+		rawNetwork("A", v4Prefix(10, 0, 0, 0, 8), []byte{1}, "junk"),
+		append(EncodeNetworks(sampleNetworks()), 1),
+		encodeState(nil, nil), // a state is no broadcast
 	}
 	for _, msg := range bad {
 		if err := junk.SendReliable(self, msg); err != nil {
@@ -370,6 +532,11 @@ func TestHostilePeer(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "a to take the good record", hasRecord(a, good))
+	goodNet := Network{Name: "junk-net", Prefix: mp("100.80.0.0/16"), Epoch: 1, Origin: "junk"}
+	if err := junk.SendReliable(self, EncodeNetworks([]Network{goodNet})); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a to take the good network", hasNetwork(a, goodNet))
 }
 
 func TestKeepJoined(t *testing.T) {
@@ -500,5 +667,61 @@ func TestNewValidates(t *testing.T) {
 				t.Fatal("New succeeded")
 			}
 		})
+	}
+}
+
+// TestMergeRemoteState feeds the push/pull delegate directly: the state an
+// agent sends, an older agent's bare records, and junk.
+func TestMergeRemoteState(t *testing.T) {
+	a := newNode(t, 1, key1)
+	d := delegate{a.Cluster}
+
+	old := Record{VIP: netip.MustParseAddr("100.64.5.1"), Owner: "old-agent", Epoch: 3}
+	d.MergeRemoteState(EncodeRecords([]Record{old}), false)
+	if !hasRecord(a, old)() {
+		t.Fatal("a bare records state was not merged")
+	}
+	if a.ev.records.Load() == 0 {
+		t.Error("RecordsChanged not called")
+	}
+
+	r := Record{VIP: netip.MustParseAddr("fd7a::5"), Owner: "new-agent", Epoch: 1}
+	n := Network{Name: "blue", Prefix: mp("100.64.0.0/16"), Epoch: 4, Origin: "new-agent"}
+	gone := Network{Name: "gone", Epoch: 2, Origin: "new-agent"}
+	before := a.ev.records.Load()
+	d.MergeRemoteState(encodeState([]Record{r}, []Network{n, gone}), false)
+	if !hasRecord(a, r)() {
+		t.Error("the record of a state was not merged")
+	}
+	if got, want := a.Table().NetworkVersions(), []Network{n, gone}; !reflect.DeepEqual(got, want) {
+		t.Errorf("networks %v, want %v", got, want)
+	}
+	if a.ev.records.Load() != before+1 {
+		t.Errorf("RecordsChanged called %d times for one state, want once", a.ev.records.Load()-before)
+	}
+	before = a.ev.records.Load()
+	d.MergeRemoteState(encodeState([]Record{r}, []Network{n, gone}), false)
+	if a.ev.records.Load() != before {
+		t.Error("RecordsChanged called for a state that changed nothing")
+	}
+
+	// What a member sends back carries all of it.
+	rs, ns, err := decodeState(d.LocalState(false))
+	if err != nil {
+		t.Fatalf("LocalState does not decode: %v", err)
+	}
+	if !reflect.DeepEqual(rs, a.Table().Records()) || !reflect.DeepEqual(ns, []Network{n, gone}) {
+		t.Errorf("LocalState holds %v %v", rs, ns)
+	}
+
+	for i, junk := range [][]byte{
+		{0x7f},
+		EncodeNetworks([]Network{n}), // a networks message is not a state
+		append(encodeState(nil, nil), 0),
+	} {
+		d.MergeRemoteState(junk, true)
+		if got := a.Stats().DroppedMessages; got != uint64(i+1) {
+			t.Errorf("junk state %d: %d dropped", i, got)
+		}
 	}
 }

@@ -13,8 +13,10 @@ const MaxOwnerLen = 255
 // Message types: the first byte of every user message and of the push/pull
 // state, so that a later message kind never parses as records.
 const (
-	msgRecords byte = 0x01
-	msgLeave   byte = 0x02
+	msgRecords  byte = 0x01
+	msgLeave    byte = 0x02
+	msgNetworks byte = 0x03
+	msgState    byte = 0x04 // push/pull state: records and networks
 )
 
 // minRecordLen is the smallest encoded record: IPv4 family and address, a

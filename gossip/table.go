@@ -1,19 +1,22 @@
 package gossip
 
 import (
+	"fmt"
 	"math"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 )
 
-// Table holds the winning location record of every known VIP, and the
-// conflicts seen at the current epoch of a VIP. It is safe for concurrent
-// use.
+// Table holds the winning location record of every known VIP, the
+// conflicts seen at the current epoch of a VIP, and the current version of
+// every virtual network. It is safe for concurrent use.
 type Table struct {
 	mu        sync.Mutex
 	recs      map[netip.Addr]Record
 	conflicts map[netip.Addr]*conflictSet
+	nets      map[string]Network
 }
 
 // Conflict says that several members claimed one VIP at one epoch, which
@@ -35,6 +38,7 @@ func NewTable() *Table {
 	return &Table{
 		recs:      make(map[netip.Addr]Record),
 		conflicts: make(map[netip.Addr]*conflictSet),
+		nets:      make(map[string]Network),
 	}
 }
 
@@ -175,4 +179,195 @@ func sortedOwners(set map[string]struct{}) []string {
 	}
 	slices.Sort(owners)
 	return owners
+}
+
+// MergeNetwork keeps n if it supersedes the current version of n.Name (or
+// there is none) and reports whether the table changed. An invalid version
+// (see ValidNetworkName, ValidNetworkPrefix, MaxOwnerLen) is ignored.
+//
+// Two live networks may overlap after merging: declarations refuse an
+// overlap only against what the declaring member knew. NetworkOverlaps and
+// ActiveNetworks resolve that the same way everywhere.
+func (t *Table) MergeNetwork(n Network) bool {
+	if n.validate() != nil {
+		return false
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.mergeNetworkLocked(n)
+}
+
+func (t *Table) mergeNetworkLocked(n Network) bool {
+	if cur, ok := t.nets[n.Name]; ok && !n.Supersedes(cur) {
+		return false
+	}
+	t.nets[n.Name] = n
+	return true
+}
+
+// Networks returns every live (not removed) network, sorted by name.
+func (t *Table) Networks() []Network {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.liveNetworksLocked()
+}
+
+func (t *Table) liveNetworksLocked() []Network {
+	ns := make([]Network, 0, len(t.nets))
+	for _, n := range t.nets {
+		if !n.Removed() {
+			ns = append(ns, n)
+		}
+	}
+	slices.SortFunc(ns, compareNetworkNames)
+	return ns
+}
+
+func compareNetworkNames(a, b Network) int { return strings.Compare(a.Name, b.Name) }
+
+// NetworkVersions returns every network version including tombstones,
+// sorted by name: the push/pull state must carry removals, or a member that
+// missed one would bring the network back.
+func (t *Table) NetworkVersions() []Network {
+	t.mu.Lock()
+	ns := make([]Network, 0, len(t.nets))
+	for _, n := range t.nets {
+		ns = append(ns, n)
+	}
+	t.mu.Unlock()
+	slices.SortFunc(ns, compareNetworkNames)
+	return ns
+}
+
+// Network returns the current version of name, tombstone included; ok is
+// false if name was never seen.
+func (t *Table) Network(name string) (Network, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n, ok := t.nets[name]
+	return n, ok
+}
+
+// NetworkOverlap is one clash between live networks whose prefixes overlap,
+// which declarations cannot prevent when two members declare at once or a
+// partition heals. Winner keeps its prefix; Loser is inactive until an
+// operator removes one of them.
+type NetworkOverlap struct{ Winner, Loser Network }
+
+// NetworkOverlaps lists every pair of an active network (see
+// ActiveNetworks) and an inactive live network whose prefixes overlap,
+// sorted by winner then loser name. The network whose name sorts first
+// wins; only in a chain, where b overlaps both a and c but a and c are
+// disjoint, does c win over b although b sorts first: b lost to a already,
+// so c clashes with no active network. Pairs of two inactive networks are
+// left out, as neither holds its prefix. The losers are exactly the live
+// networks ActiveNetworks leaves out.
+func (t *Table) NetworkOverlaps() []NetworkOverlap {
+	t.mu.Lock()
+	live := t.liveNetworksLocked()
+	t.mu.Unlock()
+	_, ov := resolveNetworks(live)
+	return ov
+}
+
+// ActiveNetworks returns Networks() minus the losers of NetworkOverlaps:
+// the live networks, sorted by name, that each overlap no network kept
+// before them. It depends only on the set of live networks, so every member
+// that has merged the same versions routes the same networks, whatever
+// order the merges came in.
+func (t *Table) ActiveNetworks() []Network {
+	t.mu.Lock()
+	live := t.liveNetworksLocked()
+	t.mu.Unlock()
+	active, _ := resolveNetworks(live)
+	return active
+}
+
+// NetworkOf returns the active network whose prefix contains addr (active
+// networks are disjoint, so there is at most one).
+func (t *Table) NetworkOf(addr netip.Addr) (Network, bool) {
+	addr = addr.Unmap()
+	for _, n := range t.ActiveNetworks() {
+		if n.Prefix.Contains(addr) {
+			return n, true
+		}
+	}
+	return Network{}, false
+}
+
+// resolveNetworks splits live networks, sorted by name, into the active
+// ones and the overlaps that make the others inactive.
+func resolveNetworks(live []Network) (active []Network, overlaps []NetworkOverlap) {
+	active = make([]Network, 0, len(live))
+	var losers []Network
+	for _, n := range live {
+		if slices.ContainsFunc(active, func(a Network) bool { return Overlaps(a.Prefix, n.Prefix) }) {
+			losers = append(losers, n)
+		} else {
+			active = append(active, n)
+		}
+	}
+	overlaps = []NetworkOverlap{}
+	for _, l := range losers {
+		for _, a := range active {
+			if Overlaps(a.Prefix, l.Prefix) {
+				overlaps = append(overlaps, NetworkOverlap{Winner: a, Loser: l})
+			}
+		}
+	}
+	slices.SortFunc(overlaps, func(x, y NetworkOverlap) int {
+		if c := strings.Compare(x.Winner.Name, y.Winner.Name); c != 0 {
+			return c
+		}
+		return strings.Compare(x.Loser.Name, y.Loser.Name)
+	})
+	return active, overlaps
+}
+
+// declareNetwork merges name -> prefix written by origin at one epoch above
+// the current version, unless that is refused: an invalid name or prefix, a
+// prefix that overlaps another live network, or a new prefix for a live
+// network (VMs already use addresses in the old one). Declaring a live
+// network's own prefix again changes nothing and returns the current
+// version, so that re-applying a configuration is harmless.
+func (t *Table) declareNetwork(name string, prefix netip.Prefix, origin string) (n Network, changed bool, err error) {
+	if err := ValidNetworkName(name); err != nil {
+		return Network{}, false, err
+	}
+	if err := ValidNetworkPrefix(prefix); err != nil {
+		return Network{}, false, fmt.Errorf("network %q: %w", name, err)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	cur, ok := t.nets[name]
+	if ok && !cur.Removed() {
+		if cur.Prefix == prefix {
+			return cur, false, nil
+		}
+		return Network{}, false, fmt.Errorf("network %q already has prefix %s; remove it first, VMs may use addresses in it", name, cur.Prefix)
+	}
+	for _, o := range t.liveNetworksLocked() {
+		if Overlaps(o.Prefix, prefix) {
+			return Network{}, false, fmt.Errorf("network %q (%s) overlaps network %q (%s)", name, prefix, o.Name, o.Prefix)
+		}
+	}
+	if cur.Epoch == math.MaxUint64 {
+		return Network{}, false, fmt.Errorf("network %q: epoch exhausted", name)
+	}
+	// With no version yet cur.Epoch is 0, so the first declaration has epoch 1.
+	n = Network{Name: name, Prefix: prefix, Epoch: cur.Epoch + 1, Origin: origin}
+	return n, t.mergeNetworkLocked(n), nil
+}
+
+// removeNetwork merges a tombstone for name, written by origin, at one
+// epoch above the current version, if name is live.
+func (t *Table) removeNetwork(name, origin string) (Network, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	cur, ok := t.nets[name]
+	if !ok || cur.Removed() || cur.Epoch == math.MaxUint64 {
+		return Network{}, false
+	}
+	n := Network{Name: name, Epoch: cur.Epoch + 1, Origin: origin}
+	return n, t.mergeNetworkLocked(n)
 }
