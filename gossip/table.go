@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 )
 
 // Table holds the winning location record of every known VIP, the
@@ -17,6 +18,11 @@ type Table struct {
 	recs      map[netip.Addr]Record
 	conflicts map[netip.Addr]*conflictSet
 	nets      map[string]Network
+	// released is when this member learnt that a VIP was released (the
+	// tombstone's arrival here): allocations keep such addresses unused
+	// for a while. Records carry no clock, so each member counts from
+	// its own first sight, which errs on the safe side.
+	released map[netip.Addr]time.Time
 }
 
 // Conflict says that several members claimed one VIP at one epoch, which
@@ -39,6 +45,7 @@ func NewTable() *Table {
 		recs:      make(map[netip.Addr]Record),
 		conflicts: make(map[netip.Addr]*conflictSet),
 		nets:      make(map[string]Network),
+		released:  make(map[netip.Addr]time.Time),
 	}
 }
 
@@ -80,7 +87,21 @@ func (t *Table) mergeLocked(r Record) (changed, conflict bool) {
 		}
 	}
 	t.recs[r.VIP] = r
+	if r.Owner == "" {
+		t.released[r.VIP] = time.Now()
+	} else {
+		delete(t.released, r.VIP)
+	}
 	return true, conflict
+}
+
+// ReleasedAt returns when this member learnt that vip was released; ok is
+// false unless vip's current record is a tombstone.
+func (t *Table) ReleasedAt(vip netip.Addr) (time.Time, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	at, ok := t.released[vip.Unmap()]
+	return at, ok
 }
 
 func (t *Table) noteConflictLocked(vip netip.Addr, epoch uint64, owners ...string) bool {
