@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"strings"
 	"syscall"
@@ -82,6 +83,28 @@ func (c *Client) Abort(ctx context.Context, vip netip.Addr) (VIP, error) {
 	var v VIP
 	err := c.do(ctx, http.MethodPost, "/v1/migrate/abort", VIPRequest{VIP: vip}, &v)
 	return v, err
+}
+
+// Allocate asks for a free address in network, attached to dev ("" =
+// reserved on the agent's host).
+func (c *Client) Allocate(ctx context.Context, network, dev string) (VIP, error) {
+	var v VIP
+	err := c.do(ctx, http.MethodPost, "/v1/vips/allocate", AllocateRequest{Network: network, Dev: dev}, &v)
+	return v, err
+}
+
+// AddNetwork declares a virtual network cluster-wide.
+func (c *Client) AddNetwork(ctx context.Context, name string, prefix netip.Prefix) (Network, error) {
+	var n Network
+	err := c.do(ctx, http.MethodPost, "/v1/networks", NetworkRequest{Name: name, Prefix: prefix}, &n)
+	return n, err
+}
+
+// RemoveNetwork removes a virtual network cluster-wide.
+func (c *Client) RemoveNetwork(ctx context.Context, name string) (Network, error) {
+	var n Network
+	err := c.do(ctx, http.MethodDelete, "/v1/networks/"+url.PathEscape(name), nil, &n)
+	return n, err
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {

@@ -35,6 +35,8 @@ type Status struct {
 	// Migrations are this host's side of recent migrations, oldest first,
 	// then those under way.
 	Migrations []Migration `json:"migrations"`
+	// Networks are the virtual networks declared in the cluster.
+	Networks []Network `json:"networks"`
 	// Problems are conditions the operator should know about (a VIP's
 	// interface missing, a reconcile that failed), newest state only.
 	Problems []string `json:"problems"`
@@ -134,4 +136,31 @@ type Migration struct {
 // VIPRequest names one VIP.
 type VIPRequest struct {
 	VIP netip.Addr `json:"vip"`
+}
+
+// Network is a virtual network: VMs with addresses in Prefix reach each
+// other and no VIP of another network.
+type Network struct {
+	Name   string       `json:"name"`
+	Prefix netip.Prefix `json:"prefix"`
+	Epoch  uint64       `json:"epoch"`
+	Origin string       `json:"origin"` // the host that declared this version
+	// Active is false while the prefix overlaps a network whose name sorts
+	// first (declared at once on two hosts, or across a partition): then
+	// Overlaps names it and the network isolates nothing until one goes.
+	Active   bool   `json:"active"`
+	Overlaps string `json:"overlaps,omitempty"`
+}
+
+// NetworkRequest declares a virtual network.
+type NetworkRequest struct {
+	Name   string       `json:"name"`
+	Prefix netip.Prefix `json:"prefix"`
+}
+
+// AllocateRequest asks for a free address in a virtual network, attached to
+// Dev if given, else reserved on the agent's host.
+type AllocateRequest struct {
+	Network string `json:"network"`
+	Dev     string `json:"dev,omitempty"`
 }

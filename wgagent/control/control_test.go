@@ -9,10 +9,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
-type fakeBackend struct{ attached map[netip.Addr]string }
+type fakeBackend struct {
+	attached map[netip.Addr]string
+	networks map[string]netip.Prefix
+}
 
 func (f *fakeBackend) Status(context.Context) (Status, error) {
 	st := Status{Name: "h1"}
@@ -44,6 +48,65 @@ func (f *fakeBackend) Suspend(_ context.Context, vip netip.Addr) (VIP, error) {
 
 func (f *fakeBackend) Abort(_ context.Context, vip netip.Addr) (VIP, error) {
 	return VIP{}, fmt.Errorf("%w: %s is not caching", ErrBadRequest, vip)
+}
+
+func (f *fakeBackend) AddNetwork(_ context.Context, name string, prefix netip.Prefix) (Network, error) {
+	if !prefix.IsValid() {
+		return Network{}, fmt.Errorf("%w: a prefix is required", ErrBadRequest)
+	}
+	f.networks[name] = prefix
+	return Network{Name: name, Prefix: prefix, Epoch: 1, Active: true}, nil
+}
+
+func (f *fakeBackend) RemoveNetwork(_ context.Context, name string) (Network, error) {
+	if _, ok := f.networks[name]; !ok {
+		return Network{}, fmt.Errorf("%w: no network %q", ErrBadRequest, name)
+	}
+	delete(f.networks, name)
+	return Network{Name: name, Epoch: 2}, nil
+}
+
+func (f *fakeBackend) Allocate(_ context.Context, network, dev string) (VIP, error) {
+	p, ok := f.networks[network]
+	if !ok {
+		return VIP{}, fmt.Errorf("%w: no virtual network %q", ErrBadRequest, network)
+	}
+	return VIP{VIP: p.Addr().Next().String(), Dev: dev, State: "reserved"}, nil
+}
+
+func TestNetworks(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	f := &fakeBackend{networks: map[string]netip.Prefix{}}
+	srv, err := Listen(path, f, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	ctx := context.Background()
+	c := NewClient(path)
+	p := netip.MustParsePrefix("100.64.1.0/24")
+	if n, err := c.AddNetwork(ctx, "blue", p); err != nil || n.Prefix != p || n.Name != "blue" || !n.Active {
+		t.Fatalf("add: %+v %v", n, err)
+	}
+	if f.networks["blue"] != p {
+		t.Fatalf("backend got %v", f.networks)
+	}
+	if _, err := c.AddNetwork(ctx, "red", netip.Prefix{}); !errors.Is(err, ErrBadRequest) {
+		t.Fatalf("add without prefix: %v", err)
+	}
+	// A name that needs escaping in the URL reaches the backend intact.
+	if _, err := c.RemoveNetwork(ctx, "a/b c"); !errors.Is(err, ErrBadRequest) || !strings.Contains(err.Error(), `"a/b c"`) {
+		t.Fatalf("remove odd name: %v", err)
+	}
+	if v, err := c.Allocate(ctx, "blue", "vif3"); err != nil || v.VIP != "100.64.1.1" || v.Dev != "vif3" {
+		t.Fatalf("allocate: %+v %v", v, err)
+	}
+	if _, err := c.Allocate(ctx, "green", ""); !errors.Is(err, ErrBadRequest) {
+		t.Fatalf("allocate in an unknown network: %v", err)
+	}
+	if n, err := c.RemoveNetwork(ctx, "blue"); err != nil || n.Epoch != 2 {
+		t.Fatalf("remove: %+v %v", n, err)
+	}
 }
 
 func TestRoundTrip(t *testing.T) {

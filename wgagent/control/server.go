@@ -25,6 +25,9 @@ type Backend interface {
 	Detach(ctx context.Context, vip netip.Addr) (VIP, error)
 	Suspend(ctx context.Context, vip netip.Addr) (VIP, error)
 	Abort(ctx context.Context, vip netip.Addr) (VIP, error)
+	AddNetwork(ctx context.Context, name string, prefix netip.Prefix) (Network, error)
+	RemoveNetwork(ctx context.Context, name string) (Network, error)
+	Allocate(ctx context.Context, network, dev string) (VIP, error)
 }
 
 // ErrBadRequest marks errors caused by the client's input; the server
@@ -167,6 +170,28 @@ func handler(b Backend) http.Handler {
 		}
 		v, err := b.Detach(r.Context(), vip)
 		reply(w, v, err)
+	})
+	mux.HandleFunc("POST /v1/vips/allocate", func(w http.ResponseWriter, r *http.Request) {
+		var req AllocateRequest
+		if err := decode(w, r, &req); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		v, err := b.Allocate(r.Context(), req.Network, req.Dev)
+		reply(w, v, err)
+	})
+	mux.HandleFunc("POST /v1/networks", func(w http.ResponseWriter, r *http.Request) {
+		var req NetworkRequest
+		if err := decode(w, r, &req); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		n, err := b.AddNetwork(r.Context(), req.Name, req.Prefix)
+		reply(w, n, err)
+	})
+	mux.HandleFunc("DELETE /v1/networks/{name}", func(w http.ResponseWriter, r *http.Request) {
+		n, err := b.RemoveNetwork(r.Context(), r.PathValue("name"))
+		reply(w, n, err)
 	})
 	return mux
 }
