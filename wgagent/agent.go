@@ -24,6 +24,7 @@ import (
 	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
+	"github.com/vmroam/vmroam/wgagent/filter"
 	"github.com/vmroam/vmroam/wgagent/route"
 	"github.com/vmroam/vmroam/wgagent/wgdev"
 )
@@ -68,6 +69,13 @@ type Agent struct {
 	dirty    bool     // persisted state changed since the last save
 	ctls     map[netip.Addr]*vipCtl
 	history  []control.Migration
+
+	// vmroam's nftables table; nil when Config.Filter is off.
+	filter        *filter.Table
+	filterApplied *filter.Ruleset // what the table holds; nil = unknown
+	// configProblems are mistakes in the config found after start (a
+	// network that clashes); status shows them until a restart.
+	configProblems []string
 }
 
 // New opens the WireGuard interface, the gossip member and the control
@@ -146,6 +154,14 @@ func New(cfg Config) (*Agent, error) {
 		a.log.Warn("migration cache off (--cache=false): packets for a moving VM are lost until it is reachable at its new host")
 	}
 
+	if cfg.Filter {
+		if a.filter, err = filter.New(""); err != nil {
+			return nil, err
+		}
+	} else {
+		a.log.Warn("nftables table off (--filter=false): no isolation between virtual networks, no MSS clamping into the tunnel")
+	}
+
 	gcfg := gossip.DefaultConfig()
 	gcfg.Name = cfg.Name
 	gcfg.BindAddr = cfg.BindAddr
@@ -166,7 +182,9 @@ func New(cfg Config) (*Agent, error) {
 	// and the next reconcile lets it go.
 	for _, at := range st.Attachments {
 		a.attached[at.VIP] = at
-		a.localCtl(at.VIP, at.Dev)
+		if at.Dev != "" {
+			a.localCtl(at.VIP, at.Dev)
+		}
 		a.cluster.Assert(gossip.Record{VIP: at.VIP, Owner: cfg.Name, Epoch: at.Epoch})
 	}
 
@@ -201,6 +219,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.log.Info("joining", "members", join)
 			a.cluster.Join(ctx, join)
 		}
+		a.declareConfigured()
 		a.cluster.KeepJoined(ctx, join)
 	}()
 	defer wg.Wait()
@@ -260,6 +279,12 @@ func (a *Agent) teardown() {
 	}
 	if err := a.routes.Flush(); err != nil {
 		a.log.Warn("removing routes", "err", err)
+	}
+	if a.filter != nil {
+		if err := a.filter.Close(); err != nil {
+			a.log.Warn("removing the nftables table", "err", err)
+		}
+		a.filter = nil
 	}
 	if a.dev != nil {
 		if err := a.dev.Close(); err != nil {

@@ -31,16 +31,27 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 	if dev == "" {
 		return control.VIP{}, badRequest("--dev is required: the interface behind which the VM with %s runs", vip)
 	}
-	if dev == a.cfg.Interface {
-		return control.VIP{}, badRequest("--dev %s is the WireGuard interface, not a VM's", dev)
-	}
-	if !linkExists(dev) {
-		return control.VIP{}, badRequest("interface %s not found on this host", dev)
+	if err := a.checkDev(dev); err != nil {
+		return control.VIP{}, err
 	}
 	a.mu.Lock()
 	at, ok := a.attached[vip]
+	if !ok {
+		if cur, known := a.cluster.Table().Get(vip); !known || cur.Owner == "" {
+			// A new VM (an arrival is let in: it runs already).
+			if err := a.checkAttachNetwork(vip); err != nil {
+				a.mu.Unlock()
+				return control.VIP{}, err
+			}
+		}
+	}
 	if ok && at.Dev != dev {
-		a.log.Info("VIP moves to another local interface", "vip", vip, "from", at.Dev, "to", dev)
+		if at.Dev == "" {
+			a.log.Info("reserved VIP attached", "vip", vip, "dev", dev)
+			a.localCtl(vip, dev)
+		} else {
+			a.log.Info("VIP moves to another local interface", "vip", vip, "from", at.Dev, "to", dev)
+		}
 		at.Dev = dev
 		a.attached[vip] = at
 		a.dirty = true
@@ -108,6 +119,19 @@ func (b backend) Detach(_ context.Context, vip netip.Addr) (control.VIP, error) 
 	return a.vipStatus(vip), nil
 }
 
+// checkDev refuses an interface that cannot be a VM's.
+func (a *Agent) checkDev(dev string) error {
+	switch {
+	case dev == a.cfg.Interface:
+		return badRequest("--dev %s is the WireGuard interface, not a VM's", dev)
+	case a.cfg.Cache && dev == a.cfg.CacheInterface:
+		return badRequest("--dev %s is the cache's interface, not a VM's", dev)
+	case !linkExists(dev):
+		return badRequest("interface %s not found on this host", dev)
+	}
+	return nil
+}
+
 // checkVIP refuses addresses that cannot be a VM's: not unicast, or a
 // host's overlay address.
 func (a *Agent) checkVIP(vip netip.Addr) error {
@@ -147,6 +171,8 @@ func (a *Agent) vipLocked(r gossip.Record) control.VIP {
 		}
 	}
 	switch at, ok := a.attached[r.VIP]; {
+	case ok && r.Owner == a.cfg.Name && at.Dev == "":
+		v.State = stateReserved
 	case ok && r.Owner == a.cfg.Name:
 		v.Local, v.Dev, v.State = true, at.Dev, "local"
 	case r.Owner == "":
@@ -215,6 +241,7 @@ func (b backend) Status(context.Context) (control.Status, error) {
 		st.VIPs = append(st.VIPs, a.vipLocked(r))
 	}
 	st.Problems = slices.Clone(a.problems)
+	st.Networks = a.networksStatus()
 	st.Migrations = a.migrationsLocked()
 	if a.intercept != nil {
 		st.CacheUnclaimed = a.intercept.Unclaimed()

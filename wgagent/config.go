@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/vmroam/vmroam/cache"
+	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
 	"github.com/vmroam/vmroam/wgagent/wgdev"
 )
@@ -81,8 +82,29 @@ type Config struct {
 	// HandoverPort is the TCP port, on the overlay address, where the
 	// agent serves its caches to the hosts VMs moved to.
 	HandoverPort int
+	// Networks are virtual networks this agent declares once it has
+	// joined (the config file's way to say `vmroam network add`).
+	Networks []NetworkConfig
+	// AllocSettle is how long `vip allocate` waits after claiming an
+	// address before it trusts that no other host claimed it too: longer
+	// than gossip takes to reach every host.
+	AllocSettle time.Duration
+	// AllocQuarantine is how long a released address stays unused by
+	// allocations, so traffic still on its way to the old VM does not
+	// reach a new one.
+	AllocQuarantine time.Duration
+	// Filter keeps vmroam's nftables table: isolation between virtual
+	// networks and TCP MSS clamping into the tunnel. Off only for hosts
+	// whose firewall is managed otherwise.
+	Filter bool
 	// Logger receives the agent's logs; nil means slog.Default().
 	Logger *slog.Logger
+}
+
+// NetworkConfig is a virtual network declared in the config.
+type NetworkConfig struct {
+	Name   string
+	Prefix netip.Prefix
 }
 
 // DefaultConfig returns a Config with every default filled in; Name,
@@ -106,6 +128,9 @@ func DefaultConfig() Config {
 		CacheSettle:       2 * time.Millisecond,
 		CacheInterface:    "vmrc0",
 		HandoverPort:      7947,
+		Filter:            true,
+		AllocSettle:       2 * time.Second,
+		AllocQuarantine:   5 * time.Minute,
 	}
 }
 
@@ -174,6 +199,21 @@ func (c *Config) Validate() error {
 		if c.CacheLinger < 0 || c.CacheSettle < 0 {
 			add("--cache-linger and --cache-settle must not be negative")
 		}
+	}
+	if c.AllocSettle < 0 || c.AllocQuarantine < 0 {
+		add("--alloc-settle and --alloc-quarantine must not be negative")
+	}
+	seen := map[string]bool{}
+	for _, n := range c.Networks {
+		if err := gossip.ValidNetworkName(n.Name); err != nil {
+			add("--network %s=%s: %v", n.Name, n.Prefix, err)
+		} else if err := gossip.ValidNetworkPrefix(n.Prefix); err != nil {
+			add("--network %s=%s: %v", n.Name, n.Prefix, err)
+		}
+		if seen[n.Name] {
+			add("--network %s given twice", n.Name)
+		}
+		seen[n.Name] = true
 	}
 	if c.ReconcileInterval < 100*time.Millisecond {
 		add("--reconcile-interval %s: must be at least 100ms", c.ReconcileInterval)

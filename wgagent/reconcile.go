@@ -63,6 +63,8 @@ func (a *Agent) reconcile() {
 	if err := a.routes.Reconcile(); err != nil {
 		problem("routes: %v", err)
 	}
+	a.reconcileFilter(problem)
+	problems = append(problems, a.configProblems...)
 	a.saveLocked()
 
 	if !slices.Equal(problems, a.problems) {
@@ -130,6 +132,9 @@ func (a *Agent) reconcileOwnership(records []gossip.Record) {
 // the handover when the VM moves.
 func (a *Agent) learnMACsLocked() {
 	for vip, at := range a.attached {
+		if at.Dev == "" {
+			continue // reserved
+		}
 		if m, ok := cache.NeighborMAC(at.Dev, vip); ok && m.String() != at.MAC.String() {
 			at.MAC = m
 			a.attached[vip] = at
@@ -306,7 +311,7 @@ func (a *Agent) wantRoutes(records []gossip.Record) []route.Route {
 		switch {
 		case diverted[r.VIP]:
 		case r.Owner == a.cfg.Name:
-			if at, ok := a.attached[r.VIP]; ok {
+			if at, ok := a.attached[r.VIP]; ok && at.Dev != "" {
 				routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: at.Dev, Metric: metricLocalVIP})
 				if a.intercept != nil {
 					routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: a.intercept.Name(), Metric: metricStandby})

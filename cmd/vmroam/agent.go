@@ -49,6 +49,10 @@ type agentFlags struct {
 	cacheSettle       time.Duration
 	cacheIface        string
 	handoverPort      int
+	networks          listFlag
+	filter            bool
+	allocSettle       time.Duration
+	allocQuarantine   time.Duration
 	logLevel          string
 	logFormat         string
 	config            string
@@ -86,6 +90,10 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.DurationVar(&f.cacheSettle, "cache-settle", d.CacheSettle, "least hold of a flow's first direct packets at the new host (raised to the measured RTT)")
 	fs.StringVar(&f.cacheIface, "cache-interface", d.CacheInterface, "`name` of the cache's TUN device")
 	fs.IntVar(&f.handoverPort, "handover-port", d.HandoverPort, "TCP `port` on the overlay address for handovers between agents")
+	fs.Var(&f.networks, "network", "`NAME=CIDR,...` virtual networks to declare cluster-wide once joined, comma-separated or repeated (like 'vmroam network add')")
+	fs.DurationVar(&f.allocSettle, "alloc-settle", d.AllocSettle, "how long 'vip allocate' waits for a competing claim before it trusts an address (longer than gossip takes)")
+	fs.DurationVar(&f.allocQuarantine, "alloc-quarantine", d.AllocQuarantine, "how long a released address is not handed out again")
+	fs.BoolVar(&f.filter, "filter", d.Filter, "keep vmroam's nftables table: isolation between virtual networks and TCP MSS clamping into the tunnel")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&f.config, "config", "", "TOML config `file` with the same keys as these flags; flags win")
@@ -201,6 +209,16 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 	cfg.CacheLimits.MaxBytes, cfg.CacheLimits.MaxPackets, cfg.CacheLimits.MaxAge = f.cacheMaxBytes, f.cacheMaxPackets, f.cacheMaxAge
 	cfg.CacheGlobalMax, cfg.CacheLinger, cfg.CacheSettle = f.cacheGlobalMax, f.cacheLinger, f.cacheSettle
 	cfg.CacheInterface, cfg.HandoverPort = f.cacheIface, f.handoverPort
+	cfg.Filter = f.filter
+	cfg.AllocSettle, cfg.AllocQuarantine = f.allocSettle, f.allocQuarantine
+	for _, n := range f.networks {
+		name, cidr, ok := strings.Cut(n, "=")
+		p, err := netip.ParsePrefix(cidr)
+		if !ok || err != nil {
+			return cfg, usagef("--network %q: want NAME=CIDR, e.g. blue=100.64.1.0/24", n)
+		}
+		cfg.Networks = append(cfg.Networks, wgagent.NetworkConfig{Name: name, Prefix: p})
+	}
 	if f.keyFile != "" {
 		if cfg.GossipKeys, err = gossip.LoadKeyFile(f.keyFile); err != nil {
 			return cfg, usagef("--encrypt-key-file: %v", err)

@@ -96,6 +96,10 @@ func printStatus(w io.Writer, st control.Status) {
 	tw.Flush()
 	fmt.Fprintln(w)
 	printVIPs(w, st.VIPs)
+	if len(st.Networks) > 0 {
+		fmt.Fprintln(w)
+		printNetworks(w, st.Networks)
+	}
 	if len(st.Migrations) > 0 {
 		fmt.Fprintln(w)
 		printMigrations(w, st.Migrations)
@@ -164,7 +168,7 @@ func bytesStr(n int64) string {
 
 func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return usagef("vip: want a subcommand: attach, detach or list")
+		return usagef("vip: want a subcommand: attach, allocate, detach or list")
 	}
 	sub, args := args[0], args[1:]
 	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
@@ -187,6 +191,29 @@ func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			return clientErr(err)
 		}
 		fmt.Fprintf(stdout, "%s attached on %s (epoch %d)\n", v.VIP, v.Dev, v.Epoch)
+		return nil
+	case "allocate":
+		fs := newFlagSet("vip allocate", "vip allocate --network NAME [--dev IFACE] [--json] [--socket PATH]", stdout, stderr)
+		var socket string
+		socketFlag(fs, &socket)
+		network := fs.String("network", "", "the virtual `network` to take a free address from (required)")
+		dev := fs.String("dev", "", "attach the address to this `interface`; without, it is reserved on this host")
+		asJSON := fs.Bool("json", false, "print JSON")
+		pos, err := parse(fs, args)
+		if err != nil {
+			return err
+		}
+		if len(pos) > 0 || *network == "" {
+			return usagef("usage: vmroam vip allocate --network NAME [--dev IFACE]")
+		}
+		v, err := client(socket).Allocate(ctx, *network, *dev)
+		if err != nil {
+			return clientErr(err)
+		}
+		if *asJSON {
+			return writeJSON(stdout, v)
+		}
+		fmt.Fprintln(stdout, v.VIP) // alone on its line: scripts read it
 		return nil
 	case "detach":
 		fs := newFlagSet("vip detach", "vip detach VIP [--socket PATH]", stdout, stderr)
@@ -223,7 +250,7 @@ func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		printVIPs(stdout, st.VIPs)
 		return nil
 	}
-	return usagef("vip: unknown subcommand %q (want attach, detach or list)", sub)
+	return usagef("vip: unknown subcommand %q (want attach, allocate, detach or list)", sub)
 }
 
 // oneVIP parses flags and exactly one VIP argument.

@@ -23,8 +23,13 @@ Usage:
   vmroam status [--json]         show this host's agent, its peers and VIPs
   vmroam vip attach VIP --dev IFACE
                                  this host now runs the VM with VIP behind IFACE
+  vmroam vip allocate --network NAME [--dev IFACE]
+                                 a free address of the network, unique cluster-wide
   vmroam vip detach VIP          this host no longer runs the VM with VIP
   vmroam vip list [--json]       show every VIP and its owner
+  vmroam network add NAME CIDR   declare a virtual network (isolated from the others)
+  vmroam network remove NAME     remove a virtual network
+  vmroam network list [--json]   show the virtual networks
   vmroam migrate suspend VIP     the VM stopped here: cache its packets
   vmroam migrate abort VIP       the VM stays here: deliver its cache to it
   vmroam keygen --gossip         print a new gossip encryption key
@@ -84,6 +89,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runVIP(ctx, rest, stdout, stderr)
 	case "migrate":
 		return runMigrate(ctx, rest, stdout, stderr)
+	case "network":
+		return runNetwork(ctx, rest, stdout, stderr)
 	case "keygen":
 		return runKeygen(rest, stdout, stderr)
 	case "version", "--version":
