@@ -93,6 +93,7 @@ type Lab struct {
 	daemons    []*proc        // agents and baseline wireguard-go: SIGTERM first
 	spawned    []*exec.Cmd    // Spawn: SIGKILL to the process group on Close
 	nextPort   int            // iperf3 ports
+	nextProbe  int            // Reach ports
 	closed     bool
 }
 
