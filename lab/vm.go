@@ -50,6 +50,16 @@ var vmNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,30}$`)
 // AddVM does not talk to vmroam. Keep names short: the vif name is
 // "vr<id>v<name>" cut to 15 bytes and must be unique in the lab.
 func (l *Lab) AddVM(name string, h *Host, vips ...netip.Addr) (*VM, error) {
+	vif := "vr" + l.ID + "v" + name
+	return l.AddVMWithVif(name, vif[:min(len(vif), 15)], h, vips...)
+}
+
+// AddVMWithVif is AddVM with the vif's name given, e.g. Xen's "vif7.0"
+// for a test of what the agent reads from the name.
+func (l *Lab) AddVMWithVif(name, vif string, h *Host, vips ...netip.Addr) (*VM, error) {
+	if len(vif) == 0 || len(vif) > 15 {
+		return nil, fmt.Errorf("lab: AddVM %s: vif name %q: want 1 to 15 bytes", name, vif)
+	}
 	if !vmNameRE.MatchString(name) {
 		return nil, fmt.Errorf("lab: AddVM: bad VM name %q (want [a-z0-9-], up to 31 chars)", name)
 	}
@@ -62,11 +72,8 @@ func (l *Lab) AddVM(name string, h *Host, vips ...netip.Addr) (*VM, error) {
 	vm := &VM{
 		Name: name,
 		NS:   l.nsName("vm-" + name),
-		Vif:  "vr" + l.ID + "v" + name,
+		Vif:  vif,
 		Host: h,
-	}
-	if len(vm.Vif) > 15 {
-		vm.Vif = vm.Vif[:15]
 	}
 	for _, a := range vips {
 		if !a.IsValid() {
@@ -152,7 +159,8 @@ func (l *Lab) plugVif(vm *VM, h *Host) error {
 			return err
 		}
 	}
-	if err := l.sysctl(h.NS, "net.ipv4.conf."+vm.Vif+".proxy_arp=1"); err != nil {
+	// The slash form: Xen's vif names ("vif7.0") carry a dot.
+	if err := l.sysctl(h.NS, "net/ipv4/conf/"+vm.Vif+"/proxy_arp=1"); err != nil {
 		return err
 	}
 	for _, a := range vm.VIPs {
