@@ -42,16 +42,7 @@ func migrationLab(t testing.TB, n int, agentArgs ...string) (l *lab.Lab, m, c *l
 	// A converged cluster, as migrations find it in production: every
 	// tunnel has a session (wireguard-go drops most of what is sent while
 	// it handshakes, and a lost initiation is retried only after 5 s).
-	eventually(t, 30*time.Second, "every peer has a WireGuard session", func() error {
-		for _, h := range l.Hosts {
-			for _, p := range status(t, l, h).Peers {
-				if p.LastHandshake == nil {
-					return fmt.Errorf("%s has no session with %s", h.Name, p.Name)
-				}
-			}
-		}
-		return nil
-	})
+	waitSessions(t, l)
 	return l, m, c
 }
 

@@ -27,6 +27,7 @@ import (
 	"github.com/vmroam/vmroam/wgagent/filter"
 	"github.com/vmroam/vmroam/wgagent/route"
 	"github.com/vmroam/vmroam/wgagent/wgdev"
+	"github.com/vmroam/vmroam/xenhook"
 )
 
 // Route metrics. A local VIP's route beats Xen's vif-route (metric 2) so
@@ -73,6 +74,13 @@ type Agent struct {
 	// vmroam's nftables table; nil when Config.Filter is off.
 	filter        *filter.Table
 	filterApplied *filter.Ruleset // what the table holds; nil = unknown
+	// The xenstore watcher, while connected; xenMu guards it (the
+	// reconnect loop replaces it without the agent's lock).
+	xenMu       sync.Mutex
+	xen         *xenhook.Watcher
+	xenFollowed map[int]bool
+	xenPath     string
+
 	// configProblems are mistakes in the config found after start (a
 	// network that clashes); status shows them until a restart.
 	configProblems []string
@@ -154,6 +162,14 @@ func New(cfg Config) (*Agent, error) {
 		a.log.Warn("migration cache off (--cache=false): packets for a moving VM are lost until it is reachable at its new host")
 	}
 
+	if a.xenPath, err = xenstorePath(cfg.Xenstore); err != nil {
+		return nil, err
+	}
+	if a.xenPath != "" && a.intercept == nil {
+		a.log.Warn("xenstore: not followed, the migration cache is off", "socket", a.xenPath)
+		a.xenPath = ""
+	}
+
 	if cfg.Filter {
 		if a.filter, err = filter.New(""); err != nil {
 			return nil, err
@@ -227,6 +243,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.bg.Add(2)
 		go a.serveHandovers(a.handoverLn)
 		go a.watchLinks(a.linkStop)
+	}
+	if a.xenPath != "" {
+		xctx, stopXen := context.WithCancel(ctx)
+		defer stopXen()
+		a.bg.Add(1)
+		go a.runXenstore(xctx, a.xenPath)
 	}
 
 	a.reconcile()

@@ -93,6 +93,10 @@ type Config struct {
 	// allocations, so traffic still on its way to the old VM does not
 	// reach a new one.
 	AllocQuarantine time.Duration
+	// Xenstore is where the agent learns the moment a Xen domain is asked
+	// to suspend: "auto" (xenstored's socket if there is one), "off", or
+	// a socket path.
+	Xenstore string
 	// Filter keeps vmroam's nftables table: isolation between virtual
 	// networks and TCP MSS clamping into the tunnel. Off only for hosts
 	// whose firewall is managed otherwise.
@@ -129,6 +133,7 @@ func DefaultConfig() Config {
 		CacheInterface:    "vmrc0",
 		HandoverPort:      7947,
 		Filter:            true,
+		Xenstore:          "auto",
 		AllocSettle:       2 * time.Second,
 		AllocQuarantine:   5 * time.Minute,
 	}

@@ -48,6 +48,7 @@ func (a *Agent) reconcile() {
 	if a.intercept != nil {
 		a.reconcileMigrationsLocked()
 		a.learnMACsLocked()
+		a.followXenDomainsLocked()
 	}
 
 	// The address first: a new peer's warm-up datagram is sent from it.
