@@ -22,6 +22,17 @@ const MaxSiteLen = 64
 // value so that old agents reject it instead of misreading it.
 const metaFormat1 byte = 0x01
 
+// metaFormat2 is format 1 followed by a flags byte. It is written only when
+// a flag is set, so agents that know format 1 only still read every host
+// that uses no flag.
+const metaFormat2 byte = 0x02
+
+// Meta flags (format 2).
+const (
+	flagTrusted byte = 1 << 0
+	knownFlags       = flagTrusted
+)
+
 const (
 	family4 byte = 4
 	family6 byte = 6
@@ -40,12 +51,17 @@ type Meta struct {
 	Endpoint  netip.AddrPort // WireGuard endpoint on the underlay (IPv4 or IPv6)
 	Address   netip.Addr     // agent's own overlay address (IPv4 or IPv6)
 	Site      string         // site name, may be empty, at most MaxSiteLen bytes
+	// Trusted: this host routes VIPs of its site's trusted hosts over
+	// the LAN, unencrypted, and accepts theirs the same way.
+	Trusted bool
 }
 
 // MarshalBinary encodes m compactly:
 //
-//	format(1) version(1) key(32) endpoint-family(1) addr(4|16) port(2) address-family(1) addr(4|16) site-len(1) site
+//	format(1) version(1) key(32) endpoint-family(1) addr(4|16) port(2) address-family(1) addr(4|16) site-len(1) site [flags(1)]
 //
+// Format 1 has no flags byte; format 2, written only when a flag is set,
+// ends with it.
 // IPv4-mapped IPv6 addresses are written as IPv4, so that equal addresses
 // have one encoding.
 func (m Meta) MarshalBinary() ([]byte, error) {
@@ -55,13 +71,24 @@ func (m Meta) MarshalBinary() ([]byte, error) {
 		return nil, fmt.Errorf("encode meta: %w", err)
 	}
 	b := make([]byte, 0, 2+32+1+16+2+1+16+1+len(m.Site))
-	b = append(b, metaFormat1, m.Version)
+	format := metaFormat1
+	if m.Trusted {
+		format = metaFormat2
+	}
+	b = append(b, format, m.Version)
 	b = append(b, m.PublicKey[:]...)
 	b = appendAddr(b, m.Endpoint.Addr())
 	b = binary.BigEndian.AppendUint16(b, m.Endpoint.Port())
 	b = appendAddr(b, m.Address)
 	b = append(b, byte(len(m.Site)))
 	b = append(b, m.Site...)
+	if format == metaFormat2 {
+		var flags byte
+		if m.Trusted {
+			flags |= flagTrusted
+		}
+		b = append(b, flags)
+	}
 	if len(b) > MetaMaxSize {
 		return nil, fmt.Errorf("encode meta: %d bytes, limit is %d", len(b), MetaMaxSize)
 	}
@@ -79,7 +106,8 @@ func (m *Meta) UnmarshalBinary(b []byte) error {
 	if len(b) < 2+32 {
 		return fmt.Errorf("decode meta: %w", errTruncated)
 	}
-	if b[0] != metaFormat1 {
+	format := b[0]
+	if format != metaFormat1 && format != metaFormat2 {
 		return fmt.Errorf("decode meta: unknown format %#x", b[0])
 	}
 	out.Version = b[1]
@@ -112,7 +140,21 @@ func (m *Meta) UnmarshalBinary(b []byte) error {
 		return fmt.Errorf("decode meta: site: %w", errTruncated)
 	}
 	out.Site = string(b[:n])
-	if len(b) > n {
+	b = b[n:]
+	if format == metaFormat2 {
+		if len(b) < 1 {
+			return fmt.Errorf("decode meta: flags: %w", errTruncated)
+		}
+		// Unknown flags and format 2 without a flag are refused: every
+		// Meta has one encoding, and a flag an agent does not know may
+		// change what its peers must do.
+		if b[0]&^knownFlags != 0 || b[0] == 0 {
+			return fmt.Errorf("decode meta: flags %#x", b[0])
+		}
+		out.Trusted = b[0]&flagTrusted != 0
+		b = b[1:]
+	}
+	if len(b) > 0 {
 		return fmt.Errorf("decode meta: %w", errTrailing)
 	}
 	if err := out.validate(); err != nil {

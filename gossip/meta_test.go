@@ -180,3 +180,34 @@ func FuzzMetaUnmarshal(f *testing.F) {
 		}
 	})
 }
+
+func TestMetaTrustedFlag(t *testing.T) {
+	m := testMeta(4)
+	m.Trusted = true
+	b, err := m.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b[0] != metaFormat2 || b[len(b)-1] != flagTrusted {
+		t.Fatalf("trusted meta encoded as format %#x, last byte %#x", b[0], b[len(b)-1])
+	}
+	var got Meta
+	if err := got.UnmarshalBinary(b); err != nil || got != m {
+		t.Fatalf("round trip: %+v %v", got, err)
+	}
+	// Untrusted stays format 1: agents that know only format 1 read it.
+	m.Trusted = false
+	if b1, _ := m.MarshalBinary(); b1[0] != metaFormat1 || len(b1) != len(b)-1 {
+		t.Fatalf("untrusted meta: format %#x, %d bytes", b1[0], len(b1))
+	}
+	for name, bad := range map[string][]byte{
+		"no flags byte":     append([]byte{metaFormat2}, b[1:len(b)-1]...),
+		"unknown flag":      append(append([]byte{}, b[:len(b)-1]...), 0x80|flagTrusted),
+		"format 2, no flag": append(append([]byte{}, b[:len(b)-1]...), 0),
+		"trailing":          append(append([]byte{}, b...), 0),
+	} {
+		if err := new(Meta).UnmarshalBinary(bad); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
