@@ -219,6 +219,7 @@ func (a *Agent) meta() gossip.Meta {
 		Endpoint:  netip.AddrPortFrom(a.cfg.advertise(), uint16(a.cfg.WGPort)),
 		Address:   a.cfg.Address.Addr(),
 		Site:      a.cfg.Site,
+		Trusted:   a.cfg.TrustedSite,
 	}
 }
 

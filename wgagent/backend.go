@@ -212,11 +212,16 @@ func (b backend) Status(context.Context) (control.Status, error) {
 	for _, r := range records {
 		owned[r.Owner] = append(owned[r.Owner], r.VIP.String())
 	}
-	for _, m := range a.cluster.Members() {
+	members := a.cluster.Members()
+	lan := a.lanPaths(members)
+	for _, m := range members {
 		if m.Local {
 			continue
 		}
-		p := control.Peer{Name: m.Name, State: string(m.State), VIPs: owned[m.Name]}
+		p := control.Peer{Name: m.Name, State: string(m.State), VIPs: owned[m.Name], Path: "tunnel"}
+		if _, ok := lan[m.Name]; ok {
+			p.Path = "lan"
+		}
 		if p.VIPs == nil {
 			p.VIPs = []string{}
 		}

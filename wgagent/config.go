@@ -41,8 +41,11 @@ type Config struct {
 	MTU int
 	// Impl picks kernel or embedded WireGuard.
 	Impl wgdev.Impl
-	// Site names this host's LAN; informational for now.
+	// Site names this host's LAN.
 	Site string
+	// TrustedSite: VIPs of this site's hosts that trust it too go over the
+	// LAN directly, unencrypted, without WireGuard. Needs Site.
+	TrustedSite bool
 	// DataDir keeps the private key and the state that survives restarts.
 	DataDir string
 	// Socket is the control API's Unix socket.
@@ -204,6 +207,9 @@ func (c *Config) Validate() error {
 		if c.CacheLinger < 0 || c.CacheSettle < 0 {
 			add("--cache-linger and --cache-settle must not be negative")
 		}
+	}
+	if c.TrustedSite && c.Site == "" {
+		add("--trusted-site needs --site: the hosts to trust are those of this host's site")
 	}
 	if c.AllocSettle < 0 || c.AllocQuarantine < 0 {
 		add("--alloc-settle and --alloc-quarantine must not be negative")

@@ -60,7 +60,7 @@ func (a *Agent) reconcile() {
 		problem("WireGuard: %v", err)
 	}
 
-	a.routes.Set(a.wantRoutes(records))
+	a.routes.Set(a.wantRoutes(records, a.lanPaths(members)))
 	if err := a.routes.Reconcile(); err != nil {
 		problem("routes: %v", err)
 	}
@@ -290,7 +290,7 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 	return nil
 }
 
-func (a *Agent) wantRoutes(records []gossip.Record) []route.Route {
+func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) []route.Route {
 	wg := a.cfg.Interface
 	overlay := a.cfg.Address.Masked()
 	routes := []route.Route{{Dst: overlay, Dev: wg, Metric: metricOverlay}}
@@ -318,6 +318,10 @@ func (a *Agent) wantRoutes(records []gossip.Record) []route.Route {
 					routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: a.intercept.Name(), Metric: metricStandby})
 				}
 			}
+		case r.Owner != "" && lan[r.Owner].Dev != "":
+			// A trusted host of this site: straight over the LAN.
+			via := lan[r.Owner]
+			routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: via.Dev, Via: via.Via, Metric: metricOverlay})
 		case r.Owner != "" && !overlay.Contains(r.VIP):
 			// Inside the overlay prefix the prefix route already leads
 			// into the tunnel; outside it (another family, another

@@ -33,6 +33,7 @@ type agentFlags struct {
 	mtu               int
 	wgImpl            string
 	site              string
+	trustedSite       bool
 	dataDir           string
 	socket            string
 	keyFile           string
@@ -75,6 +76,7 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.IntVar(&f.mtu, "mtu", d.MTU, "WireGuard interface `MTU`")
 	fs.StringVar(&f.wgImpl, "wg-impl", string(d.Impl), "WireGuard implementation: auto (kernel if the module is there), kernel or userspace")
 	fs.StringVar(&f.site, "site", "", "`name` of this host's site (LAN)")
+	fs.BoolVar(&f.trustedSite, "trusted-site", false, "route VIPs of this site's hosts that trust it too over the LAN, unencrypted (between sites traffic stays encrypted)")
 	fs.StringVar(&f.dataDir, "data-dir", d.DataDir, "`directory` for the private key and state kept across restarts")
 	fs.StringVar(&f.socket, "socket", control.SocketPath(""), "control socket `path` (default from $VMROAM_SOCKET, else "+control.DefaultSocket+")")
 	fs.StringVar(&f.keyFile, "encrypt-key-file", "", "`file` with the gossip key(s), base64, one per line, first is primary (required unless --insecure-gossip)")
@@ -202,7 +204,7 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 		return cfg, usagef("--wg-impl: %v", err)
 	}
 	cfg.GossipPort, cfg.WGPort = f.gossipPort, f.wgPort
-	cfg.Interface, cfg.MTU, cfg.Site = f.iface, f.mtu, f.site
+	cfg.Interface, cfg.MTU, cfg.Site, cfg.TrustedSite = f.iface, f.mtu, f.site, f.trustedSite
 	cfg.DataDir, cfg.Socket = f.dataDir, f.socket
 	cfg.InsecureGossip, cfg.GossipProfile = f.insecureGossip, f.gossipProfile
 	cfg.ReconcileInterval = f.reconcileInterval

@@ -82,7 +82,7 @@ func printStatus(w io.Writer, st control.Status) {
 
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tSTATE\tENDPOINT\tADDRESS\tHANDSHAKE\tRX\tTX\tVIPS")
+	fmt.Fprintln(tw, "PEER\tSTATE\tPATH\tENDPOINT\tADDRESS\tHANDSHAKE\tRX\tTX\tVIPS")
 	if len(st.Peers) == 0 {
 		fmt.Fprintln(tw, "(none)")
 	}
@@ -91,7 +91,7 @@ func printStatus(w io.Writer, st control.Status) {
 		if p.LastHandshake != nil {
 			hs = time.Since(*p.LastHandshake).Truncate(time.Second).String() + " ago"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.State, p.Endpoint, p.Address, hs, bytesStr(p.RxBytes), bytesStr(p.TxBytes), orDash(strings.Join(p.VIPs, ",")))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.State, orDash(p.Path), p.Endpoint, p.Address, hs, bytesStr(p.RxBytes), bytesStr(p.TxBytes), orDash(strings.Join(p.VIPs, ",")))
 	}
 	tw.Flush()
 	fmt.Fprintln(w)

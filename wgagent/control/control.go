@@ -44,11 +44,14 @@ type Status struct {
 
 // Peer is another agent and the tunnel to it.
 type Peer struct {
-	Name          string     `json:"name"`
-	PublicKey     string     `json:"public_key"`
-	Endpoint      string     `json:"endpoint"`
-	Address       string     `json:"address"`
-	Site          string     `json:"site,omitempty"`
+	Name      string `json:"name"`
+	PublicKey string `json:"public_key"`
+	Endpoint  string `json:"endpoint"`
+	Address   string `json:"address"`
+	Site      string `json:"site,omitempty"`
+	// Path is how this host reaches the peer's VIPs: "tunnel"
+	// (WireGuard) or "lan" (same trusted site, unencrypted).
+	Path          string     `json:"path"`
 	VIPs          []string   `json:"vips"`
 	LastHandshake *time.Time `json:"last_handshake"` // nil: never
 	RxBytes       int64      `json:"rx_bytes"`
