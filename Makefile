@@ -41,7 +41,7 @@ unit:
 
 # iperf3 TCP VM to VM through vmroam against plain wireguard-go, same run.
 bench: deps
-	$(GO) test -run '^$$' -bench BenchmarkThroughput -benchtime 1x -count=1 -timeout 30m -v ./e2e/
+	$(GO) test -run '^$$' -bench 'BenchmarkThroughput|BenchmarkHybrid' -benchtime 1x -count=1 -timeout 30m -v ./e2e/
 
 # Migrations with and without the cache: loss, reordering, delay, handover.
 bench-migration: deps

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -102,4 +103,84 @@ func median(xs []float64) float64 {
 		return s[n/2]
 	}
 	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// BenchmarkHybrid measures iperf3 TCP throughput between VMs of two hosts
+// of one trusted site, over the LAN (hybrid path) and through WireGuard,
+// alternating in one run: two labs side by side, one with --trusted-site.
+//
+//	make bench   (go test -run '^$' -bench BenchmarkHybrid -benchtime 1x ./e2e/)
+func BenchmarkHybrid(b *testing.B) {
+	const rounds = 5
+	const dur = 5 * time.Second
+	if err := lab.RequireRoot(); err != nil {
+		b.Skipf("needs root and network namespaces: %v", err)
+	}
+	pair := func(trusted bool) (*lab.Lab, *lab.VM, *lab.VM) {
+		l, err := lab.New(lab.Config{Hosts: 2, Binary: fastBinary, Logf: b.Logf})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { l.Close() })
+		args := []string{"--site", "dc1"}
+		if trusted {
+			args = append(args, "--trusted-site")
+		}
+		for _, h := range l.Hosts {
+			if _, err := l.StartAgent(h, args...); err != nil {
+				b.Fatal(err)
+			}
+		}
+		va, err := l.AddVM("a", l.Hosts[0], lab.BaselineVIP1)
+		if err != nil {
+			b.Fatal(err)
+		}
+		vb, err := l.AddVM("b", l.Hosts[1], lab.BaselineVIP2)
+		if err != nil {
+			b.Fatal(err)
+		}
+		cli(b, l, l.Hosts[0], "vip", "attach", va.VIPs[0].String(), "--dev", va.Vif)
+		cli(b, l, l.Hosts[1], "vip", "attach", vb.VIPs[0].String(), "--dev", vb.Vif)
+		if err := l.WaitPing(va, vb.VIPs[0], 30*time.Second); err != nil {
+			b.Fatal(err)
+		}
+		if trusted {
+			eventually(b, 30*time.Second, "the LAN path", func() error {
+				for _, p := range status(b, l, l.Hosts[0]).Peers {
+					if p.Path != "lan" {
+						return fmt.Errorf("peer %s path %s", p.Name, p.Path)
+					}
+				}
+				return nil
+			})
+		}
+		if _, err := l.IperfTCP(va, vb, time.Second); err != nil { // warm-up
+			b.Fatal(err)
+		}
+		return l, va, vb
+	}
+	hl, ha, hb := pair(true)
+	tl, ta, tb := pair(false)
+	var lan, tun []float64
+	b.ResetTimer()
+	for range b.N {
+		for i := range rounds {
+			h, err := hl.IperfTCP(ha, hb, dur)
+			if err != nil {
+				b.Fatal(err)
+			}
+			w, err := tl.IperfTCP(ta, tb, dur)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Logf("round %d: LAN path %.0f Mbit/s, tunnel %.0f Mbit/s", i+1, h/1e6, w/1e6)
+			lan, tun = append(lan, h), append(tun, w)
+		}
+	}
+	b.StopTimer()
+	mh, mt := median(lan), median(tun)
+	b.ReportMetric(mh/1e6, "lan-Mbit/s")
+	b.ReportMetric(mt/1e6, "tunnel-Mbit/s")
+	b.ReportMetric(mh/mt, "ratio")
+	b.Logf("median of %d runs of %v: LAN path %.0f Mbit/s, tunnel %.0f Mbit/s, ratio %.2f", len(lan), dur, mh/1e6, mt/1e6, mh/mt)
 }
