@@ -1,0 +1,432 @@
+// Package wanem is the lab's WAN emulator: it reads IP packets from a device
+// (a TUN in the lab's router namespace), holds each one for a configured
+// one-way delay, optionally with jitter and random loss, and writes it back
+// to the same device, where policy routing sends it on to its site.
+//
+// Timing: Go's timers wake up to about 1 ms late on Linux (the runtime's
+// epoll waits have millisecond resolution), which is the whole error budget.
+// So the writer goroutine sleeps on its own locked OS thread in ppoll(2)
+// with a 1 ns timer slack, and busy-waits only for the last SpinWindow before
+// a packet is due; with nothing queued it blocks. At 50,000 packets/s the
+// next packet is always due within the spin window, so the writer then keeps
+// one core busy: that is the price of sub-millisecond accuracy. On a machine
+// busy with other work, a normal thread may still wait milliseconds for a
+// CPU; SetRealtime (the command's -rt flag) makes the process real-time.
+//
+// Linux only (eventfd, ppoll, TUN, sched_setattr).
+package wanem
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"math/rand/v2"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// LateAfter is how far past its due time a packet may be written before
+// Stats counts it as Late.
+const LateAfter = time.Millisecond
+
+// MaxQueue bounds the packets held at once; more are dropped and counted in
+// Stats.Dropped. At 50,000 packets/s it allows 2 s of delay.
+const MaxQueue = 100_000
+
+// SpinWindow is how long before a packet's due time the writer stops
+// sleeping and busy-waits: wake-ups from ppoll on the lab machine (a VM)
+// came 40-75 µs late at the median and up to ~350 µs at p99.
+const SpinWindow = 300 * time.Microsecond
+
+// maxPacket is the largest packet a Read may return: 64 KiB covers any IP
+// packet a TUN without offloads hands out.
+const maxPacket = 65535
+
+// poolBufSize is the size of the pooled packet buffers: every packet of a
+// 1500-byte MTU fits; larger ones get a buffer of their own.
+const poolBufSize = 2048
+
+// Config is what the emulator does to each packet.
+type Config struct {
+	// Delay is the one-way delay added to every packet: it is written Delay
+	// after it was read. 0 forwards at once.
+	Delay time.Duration
+	// Jitter adds a uniformly random extra delay in [0, Jitter] to each
+	// packet, but never lets a packet of a flow (same addresses, protocol
+	// and ports) become due before the previous packet of that flow: a
+	// flow is delayed unevenly but never reordered. 0 = none.
+	Jitter time.Duration
+	// Loss is the probability, in [0, 1), that a packet is dropped on
+	// arrival. It can be changed while running with Emulator.SetLoss.
+	Loss float64
+	// Seed seeds the random source of jitter and loss, so a run can be
+	// repeated; 0 picks a random seed.
+	Seed int64
+}
+
+// Validate reports whether c can be used.
+func (c Config) Validate() error {
+	if c.Delay < 0 {
+		return fmt.Errorf("wanem: negative delay %v", c.Delay)
+	}
+	if c.Jitter < 0 {
+		return fmt.Errorf("wanem: negative jitter %v", c.Jitter)
+	}
+	return validLoss(c.Loss)
+}
+
+func validLoss(p float64) error {
+	// The negated comparison also rejects NaN.
+	if !(p >= 0 && p < 1) {
+		return fmt.Errorf("wanem: loss %v outside [0, 1)", p)
+	}
+	return nil
+}
+
+// Stats counts what the emulator did.
+type Stats struct {
+	Received    uint64        // packets read from the device
+	Sent        uint64        // packets written back
+	Lost        uint64        // dropped on purpose (Config.Loss)
+	Dropped     uint64        // dropped for want of room (MaxQueue) or by a failed write
+	Late        uint64        // written more than LateAfter after their due time
+	MaxLateness time.Duration // the latest any packet was written after its due time
+}
+
+// String formats s on one line.
+func (s Stats) String() string {
+	return fmt.Sprintf("received %d sent %d lost %d dropped %d late %d max-lateness %v",
+		s.Received, s.Sent, s.Lost, s.Dropped, s.Late, s.MaxLateness)
+}
+
+// Device is where packets come from and go back to: each Read returns one
+// whole IP packet, each Write takes one. A Linux TUN opened with
+// IFF_TUN|IFF_NO_PI (OpenTUN) is exactly that.
+//
+// So that Run can stop a blocked Read when its context ends, a Device should
+// have a SetReadDeadline(time.Time) error method (an *os.File does);
+// otherwise Run closes it if it is an io.Closer; otherwise Run returns only
+// after the pending Read returns.
+type Device interface {
+	Read(p []byte) (int, error)
+	Write(p []byte) (int, error)
+}
+
+// Emulator applies a Config to the packets of a Device. Its methods may be
+// called from several goroutines.
+type Emulator struct {
+	cfg   Config
+	start time.Time // origin of the monotonic clock below
+	loss  atomic.Uint64
+	busy  atomic.Bool
+
+	received, sent, lost, dropped, late atomic.Uint64
+	maxLate                             atomic.Int64
+}
+
+// New returns an emulator for cfg.
+func New(cfg Config) (*Emulator, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	e := &Emulator{cfg: cfg, start: time.Now()}
+	e.loss.Store(math.Float64bits(cfg.Loss))
+	return e, nil
+}
+
+// Run is New(cfg) followed by Run(ctx, dev).
+func Run(ctx context.Context, dev Device, cfg Config) (Stats, error) {
+	e, err := New(cfg)
+	if err != nil {
+		return Stats{}, err
+	}
+	return e.Run(ctx, dev)
+}
+
+// SetLoss changes the loss probability from the next packet read on.
+func (e *Emulator) SetLoss(p float64) error {
+	if err := validLoss(p); err != nil {
+		return err
+	}
+	e.loss.Store(math.Float64bits(p))
+	return nil
+}
+
+// Loss returns the current loss probability.
+func (e *Emulator) Loss() float64 { return math.Float64frombits(e.loss.Load()) }
+
+// Stats returns the counts so far, over every Run of e.
+func (e *Emulator) Stats() Stats {
+	return Stats{
+		Received:    e.received.Load(),
+		Sent:        e.sent.Load(),
+		Lost:        e.lost.Load(),
+		Dropped:     e.dropped.Load(),
+		Late:        e.late.Load(),
+		MaxLateness: time.Duration(e.maxLate.Load()),
+	}
+}
+
+// now is the monotonic time since e was made, in nanoseconds.
+func (e *Emulator) now() int64 { return int64(time.Since(e.start)) }
+
+// Run moves packets from dev through the emulator back to dev until ctx ends
+// (then it returns nil) or a Read fails (then it returns that error).
+// Packets still held when it returns are discarded. Every goroutine it
+// starts has ended when it returns. One Run at a time per Emulator.
+func (e *Emulator) Run(ctx context.Context, dev Device) (Stats, error) {
+	if !e.busy.CompareAndSwap(false, true) {
+		return e.Stats(), errors.New("wanem: Run already running")
+	}
+	defer e.busy.Store(false)
+	w, err := newWaker()
+	if err != nil {
+		return e.Stats(), err
+	}
+	defer w.close()
+
+	r := &runner{e: e, dev: dev, waker: w}
+	r.wakeAt.Store(math.MaxInt64)
+	if e.cfg.Jitter > 0 {
+		r.q = &heapQueue{}
+		r.lastDue = make([]int64, flowSlots)
+	} else {
+		r.q = &fifo{}
+	}
+	seed := uint64(e.cfg.Seed)
+	if seed == 0 {
+		seed = rand.Uint64()
+	}
+	r.rng = rand.New(rand.NewPCG(seed, seed^0x766d726f616d))
+
+	readErr := make(chan error, 1)
+	ready := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		r.schedule(ready)
+	}()
+	// The writer's thread must be set up before the first packet, or that
+	// packet waits for it (tens of ms were seen).
+	<-ready
+	go func() {
+		defer wg.Done()
+		readErr <- r.read()
+	}()
+
+	var result error
+	select {
+	case <-ctx.Done():
+	case result = <-readErr:
+	}
+	r.stop()
+	wg.Wait()
+	r.discard()
+	return e.Stats(), result
+}
+
+// runner is the state of one Run.
+type runner struct {
+	e     *Emulator
+	dev   Device
+	waker *waker
+	rng   *rand.Rand // reader goroutine only
+
+	stopping atomic.Bool
+
+	// wakeAt is the due time the writer waits for: MaxInt64 when it waits
+	// for a first packet, MinInt64 while it is writing. The reader lowers it
+	// (and wakes the writer) when it queues a packet due earlier.
+	wakeAt atomic.Int64
+
+	mu      sync.Mutex
+	q       queue
+	seq     uint64
+	lastDue []int64 // per flow slot, with jitter only; reader goroutine only
+}
+
+var bufPool = sync.Pool{New: func() any {
+	b := make([]byte, poolBufSize)
+	return &b
+}}
+
+// stop ends the reader and the writer.
+func (r *runner) stop() {
+	r.stopping.Store(true)
+	r.waker.wake()
+	type deadliner interface{ SetReadDeadline(time.Time) error }
+	switch d := r.dev.(type) {
+	case deadliner:
+		if err := d.SetReadDeadline(time.Unix(1, 0)); err == nil {
+			return
+		}
+		if c, ok := r.dev.(io.Closer); ok {
+			_ = c.Close()
+		}
+	case io.Closer:
+		_ = d.Close()
+	}
+}
+
+// read is the reader goroutine: stamp, drop or queue each packet.
+func (r *runner) read() error {
+	e := r.e
+	scratch := make([]byte, maxPacket)
+	delay := int64(e.cfg.Delay)
+	jitter := int64(e.cfg.Jitter)
+	for {
+		n, err := r.dev.Read(scratch)
+		if r.stopping.Load() {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("wanem: read: %w", err)
+		}
+		if n <= 0 {
+			continue
+		}
+		now := e.now()
+		e.received.Add(1)
+		if loss := e.Loss(); loss > 0 && r.rng.Float64() < loss {
+			e.lost.Add(1)
+			continue
+		}
+		var bp *[]byte
+		if n <= poolBufSize {
+			bp = bufPool.Get().(*[]byte)
+		} else {
+			b := make([]byte, n)
+			bp = &b
+		}
+		copy(*bp, scratch[:n])
+		due := now + delay
+		if jitter > 0 {
+			due += r.rng.Int64N(jitter + 1)
+			slot := flowHash(scratch[:n]) & (flowSlots - 1)
+			// Never before the flow's previous packet; ties keep arrival
+			// order through the queue's sequence numbers.
+			due = max(due, r.lastDue[slot])
+			r.lastDue[slot] = due
+		}
+
+		r.mu.Lock()
+		if r.q.len() >= MaxQueue {
+			r.mu.Unlock()
+			putBuf(bp)
+			e.dropped.Add(1)
+			continue
+		}
+		r.seq++
+		r.q.push(packet{buf: bp, n: n, due: due, seq: r.seq})
+		wake := due < r.wakeAt.Load()
+		if wake {
+			r.wakeAt.Store(due)
+		}
+		r.mu.Unlock()
+		if wake {
+			r.waker.wake()
+		}
+	}
+}
+
+func putBuf(bp *[]byte) {
+	if cap(*bp) == poolBufSize {
+		bufPool.Put(bp)
+	}
+}
+
+// schedule is the writer goroutine: write each packet when it is due.
+func (r *runner) schedule(ready chan<- struct{}) {
+	// A thread of its own, so that the timer slack set here applies to
+	// every sleep and no other goroutine's work delays a wake-up. It stays
+	// locked: the runtime then ends the thread with the goroutine instead of
+	// reusing a thread whose slack was changed.
+	runtime.LockOSThread()
+	setTimerSlack()
+	close(ready)
+
+	batch := make([]packet, 0, 64)
+	for !r.stopping.Load() {
+		r.mu.Lock()
+		now := r.e.now()
+		for len(batch) < cap(batch) {
+			p := r.q.peek()
+			if p == nil || p.due > now {
+				break
+			}
+			batch = append(batch, r.q.pop())
+		}
+		next := int64(math.MaxInt64)
+		if len(batch) > 0 {
+			next = math.MinInt64
+		} else if p := r.q.peek(); p != nil {
+			next = p.due
+		}
+		r.wakeAt.Store(next)
+		r.mu.Unlock()
+
+		if len(batch) == 0 {
+			r.wait()
+			continue
+		}
+		for i := range batch {
+			r.write(&batch[i])
+			batch[i] = packet{}
+		}
+		batch = batch[:0]
+	}
+}
+
+// wait returns when wakeAt is reached, or at once on stop.
+func (r *runner) wait() {
+	spin := int64(SpinWindow)
+	for !r.stopping.Load() {
+		d := r.wakeAt.Load() - r.e.now()
+		if d <= 0 {
+			return
+		}
+		if d > spin {
+			r.waker.wait(time.Duration(d - spin))
+			continue
+		}
+		for r.e.now() < r.wakeAt.Load() && !r.stopping.Load() {
+		}
+		return
+	}
+}
+
+func (r *runner) write(p *packet) {
+	e := r.e
+	late := e.now() - p.due
+	_, err := r.dev.Write((*p.buf)[:p.n])
+	putBuf(p.buf)
+	if err != nil {
+		e.dropped.Add(1)
+		return
+	}
+	e.sent.Add(1)
+	if late > int64(LateAfter) {
+		e.late.Add(1)
+	}
+	for {
+		m := e.maxLate.Load()
+		if late <= m || e.maxLate.CompareAndSwap(m, late) {
+			break
+		}
+	}
+}
+
+// discard returns the buffers of the packets left in the queue.
+func (r *runner) discard() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for r.q.peek() != nil {
+		p := r.q.pop()
+		putBuf(p.buf)
+	}
+}
