@@ -8,10 +8,13 @@
 // So the writer goroutine sleeps on its own locked OS thread in ppoll(2)
 // with a 1 ns timer slack, and busy-waits only for the last SpinWindow before
 // a packet is due; with nothing queued it blocks. At 50,000 packets/s the
-// next packet is always due within the spin window, so the writer then keeps
-// one core busy: that is the price of sub-millisecond accuracy. On a machine
-// busy with other work, a normal thread may still wait milliseconds for a
-// CPU; SetRealtime (the command's -rt flag) makes the process real-time.
+// next packet is always due within the spin window, so the writer would keep
+// one core busy: so it spins only within a budget of 1/SpinShare of the
+// time, and beyond that sleeps to the due time (wake-ups then come about
+// 0.1 ms late). On a machine busy with other work a normal thread may still
+// wait milliseconds for a CPU; SetRealtime (the command's -rt flag) makes
+// the process real-time. A TUN is read on a thread of its own too, that the
+// kernel wakes directly, so that packets are stamped when they arrive.
 //
 // Linux only (eventfd, ppoll, TUN, sched_setattr).
 package wanem
@@ -26,7 +29,10 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // LateAfter is how far past its due time a packet may be written before
@@ -37,10 +43,14 @@ const LateAfter = time.Millisecond
 // Stats.Dropped. At 50,000 packets/s it allows 2 s of delay.
 const MaxQueue = 100_000
 
-// SpinWindow is how long before a packet's due time the writer stops
-// sleeping and busy-waits: wake-ups from ppoll on the lab machine (a VM)
-// came 40-75 µs late at the median and up to ~350 µs at p99.
+// SpinWindow is how long before a packet's due time a writer that is not
+// real-time stops sleeping and busy-waits: wake-ups from ppoll on the lab
+// machine (a VM) came 40-75 µs late at the median and up to ~350 µs at p99.
 const SpinWindow = 300 * time.Microsecond
+
+// SpinShare: the writer busy-waits at most 1/SpinShare of the time, on
+// average (see runner.spend).
+const SpinShare = 10
 
 // maxPacket is the largest packet a Read may return: 64 KiB covers any IP
 // packet a TUN without offloads hands out.
@@ -95,22 +105,28 @@ type Stats struct {
 	Dropped     uint64        // dropped for want of room (MaxQueue) or by a failed write
 	Late        uint64        // written more than LateAfter after their due time
 	MaxLateness time.Duration // the latest any packet was written after its due time
+	P50Lateness time.Duration // median lateness of the packets written (up to 12.5 % high)
+	P99Lateness time.Duration // its 99th percentile (up to 12.5 % high)
 }
 
 // String formats s on one line.
 func (s Stats) String() string {
-	return fmt.Sprintf("received %d sent %d lost %d dropped %d late %d max-lateness %v",
-		s.Received, s.Sent, s.Lost, s.Dropped, s.Late, s.MaxLateness)
+	return fmt.Sprintf("received %d sent %d lost %d dropped %d late %d lateness p50 %v p99 %v max %v",
+		s.Received, s.Sent, s.Lost, s.Dropped, s.Late, s.P50Lateness, s.P99Lateness, s.MaxLateness)
 }
+
+type deadliner interface{ SetReadDeadline(time.Time) error }
 
 // Device is where packets come from and go back to: each Read returns one
 // whole IP packet, each Write takes one. A Linux TUN opened with
 // IFF_TUN|IFF_NO_PI (OpenTUN) is exactly that.
 //
-// So that Run can stop a blocked Read when its context ends, a Device should
-// have a SetReadDeadline(time.Time) error method (an *os.File does);
-// otherwise Run closes it if it is an io.Closer; otherwise Run returns only
-// after the pending Read returns.
+// A Device with a SyscallConn method (an *os.File) whose descriptor is
+// non-blocking (OpenTUN's is) is not read through Read but directly, on a
+// thread of its own. Otherwise, so that Run can stop a blocked Read when its
+// context ends, a Device should have a SetReadDeadline(time.Time) error
+// method; without one Run closes it if it is an io.Closer; otherwise Run
+// returns only after the pending Read returns.
 type Device interface {
 	Read(p []byte) (int, error)
 	Write(p []byte) (int, error)
@@ -126,6 +142,7 @@ type Emulator struct {
 
 	received, sent, lost, dropped, late atomic.Uint64
 	maxLate                             atomic.Int64
+	lateness                            histogram
 }
 
 // New returns an emulator for cfg.
@@ -168,6 +185,8 @@ func (e *Emulator) Stats() Stats {
 		Dropped:     e.dropped.Load(),
 		Late:        e.late.Load(),
 		MaxLateness: time.Duration(e.maxLate.Load()),
+		P50Lateness: e.lateness.quantile(0.5),
+		P99Lateness: e.lateness.quantile(0.99),
 	}
 }
 
@@ -189,7 +208,13 @@ func (e *Emulator) Run(ctx context.Context, dev Device) (Stats, error) {
 	}
 	defer w.close()
 
-	r := &runner{e: e, dev: dev, waker: w}
+	stopFD, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		return e.Stats(), fmt.Errorf("wanem: eventfd: %w", err)
+	}
+	defer unix.Close(stopFD)
+
+	r := &runner{e: e, dev: dev, waker: w, stopFD: stopFD}
 	r.wakeAt.Store(math.MaxInt64)
 	if e.cfg.Jitter > 0 {
 		r.q = &heapQueue{}
@@ -227,15 +252,21 @@ func (e *Emulator) Run(ctx context.Context, dev Device) (Stats, error) {
 	r.stop()
 	wg.Wait()
 	r.discard()
+	if d, ok := dev.(deadliner); ok {
+		_ = d.SetReadDeadline(time.Time{}) // stop's; the device may be used again
+	}
 	return e.Stats(), result
 }
 
 // runner is the state of one Run.
 type runner struct {
-	e     *Emulator
-	dev   Device
-	waker *waker
-	rng   *rand.Rand // reader goroutine only
+	e      *Emulator
+	dev    Device
+	waker  *waker     // wakes the writer
+	stopFD int        // an eventfd, readable once the reader must stop
+	rng    *rand.Rand // reader goroutine only
+
+	budget, refilled int64 // writer only: spin budget, and when it was last refilled (spend)
 
 	stopping atomic.Bool
 
@@ -259,7 +290,9 @@ var bufPool = sync.Pool{New: func() any {
 func (r *runner) stop() {
 	r.stopping.Store(true)
 	r.waker.wake()
-	type deadliner interface{ SetReadDeadline(time.Time) error }
+	var one [8]byte
+	one[0] = 1 // any non-zero count; read back by nobody
+	_, _ = unix.Write(r.stopFD, one[:])
 	switch d := r.dev.(type) {
 	case deadliner:
 		if err := d.SetReadDeadline(time.Unix(1, 0)); err == nil {
@@ -273,12 +306,18 @@ func (r *runner) stop() {
 	}
 }
 
-// read is the reader goroutine: stamp, drop or queue each packet.
+// read is the reader goroutine: it stamps, drops or queues each packet.
 func (r *runner) read() error {
-	e := r.e
+	if sc, ok := r.dev.(interface {
+		SyscallConn() (syscall.RawConn, error)
+	}); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			if done, err := r.readFD(raw); done {
+				return err
+			}
+		}
+	}
 	scratch := make([]byte, maxPacket)
-	delay := int64(e.cfg.Delay)
-	jitter := int64(e.cfg.Jitter)
 	for {
 		n, err := r.dev.Read(scratch)
 		if r.stopping.Load() {
@@ -287,50 +326,102 @@ func (r *runner) read() error {
 		if err != nil {
 			return fmt.Errorf("wanem: read: %w", err)
 		}
-		if n <= 0 {
-			continue
+		if n > 0 {
+			r.accept(scratch[:n])
 		}
-		now := e.now()
-		e.received.Add(1)
-		if loss := e.Loss(); loss > 0 && r.rng.Float64() < loss {
-			e.lost.Add(1)
-			continue
-		}
-		var bp *[]byte
-		if n <= poolBufSize {
-			bp = bufPool.Get().(*[]byte)
-		} else {
-			b := make([]byte, n)
-			bp = &b
-		}
-		copy(*bp, scratch[:n])
-		due := now + delay
-		if jitter > 0 {
-			due += r.rng.Int64N(jitter + 1)
-			slot := flowHash(scratch[:n]) & (flowSlots - 1)
-			// Never before the flow's previous packet; ties keep arrival
-			// order through the queue's sequence numbers.
-			due = max(due, r.lastDue[slot])
-			r.lastDue[slot] = due
-		}
+	}
+}
 
-		r.mu.Lock()
-		if r.q.len() >= MaxQueue {
-			r.mu.Unlock()
-			putBuf(bp)
-			e.dropped.Add(1)
-			continue
+// readFD reads a non-blocking file descriptor (a TUN) directly, on a thread
+// that sleeps in ppoll: the kernel then wakes this very thread when a packet
+// arrives, where the runtime's poller would need two or three thread
+// wake-ups (each up to ~100 µs on the lab machine, a VM) before the packet
+// is even stamped. done is false when fd turned out to be blocking and
+// nothing was read: then Read must be used.
+func (r *runner) readFD(raw syscall.RawConn) (done bool, err error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	scratch := make([]byte, maxPacket)
+	cerr := raw.Control(func(fd uintptr) {
+		if fl, ferr := unix.FcntlInt(fd, unix.F_GETFL, 0); ferr != nil || fl&unix.O_NONBLOCK == 0 {
+			return // a blocking read could not be stopped
 		}
-		r.seq++
-		r.q.push(packet{buf: bp, n: n, due: due, seq: r.seq})
-		wake := due < r.wakeAt.Load()
-		if wake {
-			r.wakeAt.Store(due)
+		done = true
+		fds := [2]unix.PollFd{
+			{Fd: int32(fd), Events: unix.POLLIN},
+			{Fd: int32(r.stopFD), Events: unix.POLLIN},
 		}
+		for !r.stopping.Load() {
+			n, rerr := unix.Read(int(fd), scratch)
+			switch {
+			case rerr == nil && n > 0:
+				r.accept(scratch[:n])
+			case rerr == nil:
+				err = fmt.Errorf("wanem: read: %w", io.EOF)
+				return
+			case rerr == unix.EAGAIN:
+				// Errors and hang-ups show in the next read.
+				if _, perr := unix.Ppoll(fds[:], nil, nil); perr != nil && perr != unix.EINTR {
+					err = fmt.Errorf("wanem: poll: %w", perr)
+					return
+				}
+			case rerr == unix.EINTR:
+			default:
+				err = fmt.Errorf("wanem: read: %w", rerr)
+				return
+			}
+		}
+	})
+	if cerr != nil {
+		return true, fmt.Errorf("wanem: read: %w", cerr)
+	}
+	return done, err
+}
+
+// accept stamps one packet just read, then drops or queues it.
+func (r *runner) accept(pkt []byte) {
+	e := r.e
+	now := e.now()
+	e.received.Add(1)
+	if loss := e.Loss(); loss > 0 && r.rng.Float64() < loss {
+		e.lost.Add(1)
+		return
+	}
+	n := len(pkt)
+	var bp *[]byte
+	if n <= poolBufSize {
+		bp = bufPool.Get().(*[]byte)
+	} else {
+		b := make([]byte, n)
+		bp = &b
+	}
+	copy(*bp, pkt)
+	due := now + int64(e.cfg.Delay)
+	if jitter := int64(e.cfg.Jitter); jitter > 0 {
+		due += r.rng.Int64N(jitter + 1)
+		slot := flowHash(pkt) & (flowSlots - 1)
+		// Never before the flow's previous packet; ties keep arrival order
+		// through the queue's sequence numbers.
+		due = max(due, r.lastDue[slot])
+		r.lastDue[slot] = due
+	}
+
+	r.mu.Lock()
+	if r.q.len() >= MaxQueue {
 		r.mu.Unlock()
-		if wake {
-			r.waker.wake()
-		}
+		putBuf(bp)
+		e.dropped.Add(1)
+		return
+	}
+	r.seq++
+	r.q.push(packet{buf: bp, n: n, due: due, seq: r.seq})
+	wake := due < r.wakeAt.Load()
+	if wake {
+		r.wakeAt.Store(due)
+	}
+	r.mu.Unlock()
+	if wake {
+		r.waker.wake()
 	}
 }
 
@@ -382,22 +473,44 @@ func (r *runner) schedule(ready chan<- struct{}) {
 	}
 }
 
-// wait returns when wakeAt is reached, or at once on stop.
+// wait returns when wakeAt is reached, or at once on stop. It sleeps until
+// SpinWindow before, then busy-waits if the spin budget allows, else sleeps
+// the rest too.
 func (r *runner) wait() {
-	spin := int64(SpinWindow)
 	for !r.stopping.Load() {
-		d := r.wakeAt.Load() - r.e.now()
+		now := r.e.now()
+		d := r.wakeAt.Load() - now
 		if d <= 0 {
 			return
 		}
-		if d > spin {
-			r.waker.wait(time.Duration(d - spin))
+		if d > int64(SpinWindow) {
+			r.waker.wait(time.Duration(d - int64(SpinWindow)))
+			continue
+		}
+		if !r.spend(now, d) {
+			r.waker.wait(time.Duration(d))
 			continue
 		}
 		for r.e.now() < r.wakeAt.Load() && !r.stopping.Load() {
 		}
 		return
 	}
+}
+
+// spend takes d ns of busy-waiting from the spin budget, if it holds that
+// much. The budget grows by SpinShare of the time that passes, up to 2
+// SpinWindows: at high packet rates the next packet is always due within
+// the window, and an unbounded writer would keep a CPU busy, starving the
+// rest of the packets' path (the reader, the kernel's softirq thread, the
+// programs sending) on a small machine, more so when it is real-time.
+func (r *runner) spend(now, d int64) bool {
+	r.budget = min(r.budget+(now-r.refilled)/SpinShare, 2*int64(SpinWindow))
+	r.refilled = now
+	if r.budget < d {
+		return false
+	}
+	r.budget -= d
+	return true
 }
 
 func (r *runner) write(p *packet) {
@@ -410,6 +523,7 @@ func (r *runner) write(p *packet) {
 		return
 	}
 	e.sent.Add(1)
+	e.lateness.add(late)
 	if late > int64(LateAfter) {
 		e.late.Add(1)
 	}
