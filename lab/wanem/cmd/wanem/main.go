@@ -79,7 +79,7 @@ func parse(args []string, stdout io.Writer) (options, error) {
 	fs.IntVar(&o.mtu, "mtu", 1500, "MTU of the device; 0 = leave the kernel's")
 	fs.IntVar(&o.txqueuelen, "txqueuelen", 10000, "transmit queue of the device, packets; absorbs bursts while the reader is busy")
 	fs.StringVar(&o.control, "control", "", "Unix socket for the control requests; empty = none")
-	fs.IntVar(&o.rt, "rt", 0, "run as real-time (SCHED_FIFO) at this priority, 1..99, for accuracy on a busy machine; 0 = normal")
+	fs.IntVar(&o.rt, "rt", 0, "run as real-time (SCHED_FIFO) at this priority, 1..99, for accuracy on a busy machine (a warning if not allowed); 0 = normal")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.SetOutput(stdout)
@@ -116,7 +116,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	st, err := emulate(ctx, o, stdout)
+	st, err := emulate(ctx, o, stdout, stderr)
 	fmt.Fprintln(stdout, "wanem:", st)
 	if err != nil {
 		fmt.Fprintln(stderr, "wanem:", err)
@@ -125,11 +125,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func emulate(ctx context.Context, o options, stdout io.Writer) (wanem.Stats, error) {
+func emulate(ctx context.Context, o options, stdout, stderr io.Writer) (wanem.Stats, error) {
 	if o.rt > 0 {
-		// First, so that every thread started later inherits it.
+		// First, so that every thread started later inherits it. Without
+		// it the emulator still works, only less precisely on a busy machine.
 		if err := wanem.SetRealtime(o.rt); err != nil {
-			return wanem.Stats{}, err
+			fmt.Fprintf(stderr, "wanem: warning: staying at normal priority: %v\n", err)
+			o.rt = 0
 		}
 	}
 	e, err := wanem.New(o.cfg)
