@@ -98,7 +98,7 @@ func run(ctx context.Context, binary string, downtime time.Duration, keep, verbo
 	}
 
 	say("Live-migrating m from h1 to h2 WITH the cache (VM paused %v)", downtime)
-	with, err := measure(ctx, l, c, m, h2, downtime)
+	with, err := measure(ctx, l, c, m, h2, downtime, true)
 	if err != nil {
 		return err
 	}
@@ -119,7 +119,7 @@ func run(ctx context.Context, binary string, downtime time.Duration, keep, verbo
 		return err
 	}
 	say("Live-migrating m from h2 back to h1 WITHOUT the cache (VM paused %v)", downtime)
-	without, err := measure(ctx, l, c, m, h1, downtime)
+	without, err := measure(ctx, l, c, m, h1, downtime, false)
 	if err != nil {
 		return err
 	}
@@ -145,8 +145,9 @@ func run(ctx context.Context, binary string, downtime time.Duration, keep, verbo
 }
 
 // measure pings m from c every 2 ms while m migrates to `to`, printing a
-// live count, and returns the final counts.
-func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downtime time.Duration) (lab.PingStats, error) {
+// live count, and returns the final counts. announce tells the old host of
+// the suspend first, which agents without the cache refuse.
+func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downtime time.Duration, announce bool) (lab.PingStats, error) {
 	p, err := l.StartPinger(c, vipM, 2*time.Millisecond)
 	if err != nil {
 		return lab.PingStats{}, err
@@ -171,7 +172,7 @@ func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downti
 		}
 	}()
 	time.Sleep(500 * time.Millisecond)
-	err = l.MigrateVM(m, to, downtime, true)
+	err = l.MigrateVM(m, to, downtime, announce)
 	if err == nil {
 		select {
 		case <-ctx.Done():
