@@ -121,9 +121,9 @@ type deadliner interface{ SetReadDeadline(time.Time) error }
 // whole IP packet, each Write takes one. A Linux TUN opened with
 // IFF_TUN|IFF_NO_PI (OpenTUN) is exactly that.
 //
-// A Device with a SyscallConn method (an *os.File) whose descriptor is
-// non-blocking (OpenTUN's is) is not read through Read but directly, on a
-// thread of its own. Otherwise, so that Run can stop a blocked Read when its
+// A Device with a SyscallConn method (an *os.File, OpenTUN's) is not used
+// through Read and Write but through its descriptor, directly, on threads
+// of Run's own. Otherwise, so that Run can stop a blocked Read when its
 // context ends, a Device should have a SetReadDeadline(time.Time) error
 // method; without one Run closes it if it is an io.Closer; otherwise Run
 // returns only after the pending Read returns.
@@ -197,6 +197,10 @@ func (e *Emulator) now() int64 { return int64(time.Since(e.start)) }
 // (then it returns nil) or a Read fails (then it returns that error).
 // Packets still held when it returns are discarded. Every goroutine it
 // starts has ended when it returns. One Run at a time per Emulator.
+//
+// While it runs, its writer (and, for a TUN, its reader) keeps an OS thread
+// and one of the runtime's Ps (GOMAXPROCS) even while it sleeps: a program
+// that does much else meanwhile should raise GOMAXPROCS by two.
 func (e *Emulator) Run(ctx context.Context, dev Device) (Stats, error) {
 	if !e.busy.CompareAndSwap(false, true) {
 		return e.Stats(), errors.New("wanem: Run already running")
@@ -214,7 +218,7 @@ func (e *Emulator) Run(ctx context.Context, dev Device) (Stats, error) {
 	}
 	defer unix.Close(stopFD)
 
-	r := &runner{e: e, dev: dev, waker: w, stopFD: stopFD}
+	r := &runner{e: e, dev: dev, waker: w, stopFD: stopFD, raw: rawConn(dev)}
 	r.wakeAt.Store(math.MaxInt64)
 	if e.cfg.Jitter > 0 {
 		r.q = &heapQueue{}
@@ -234,7 +238,18 @@ func (e *Emulator) Run(ctx context.Context, dev Device) (Stats, error) {
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		r.schedule(ready)
+		if r.raw != nil {
+			// Hold the descriptor for the writer's whole life.
+			ran := false
+			_ = r.raw.Control(func(fd uintptr) {
+				ran = true
+				r.schedule(ready, int(fd))
+			})
+			if ran {
+				return
+			}
+		}
+		r.schedule(ready, -1)
 	}()
 	// The writer's thread must be set up before the first packet, or that
 	// packet waits for it (tens of ms were seen).
@@ -262,9 +277,11 @@ func (e *Emulator) Run(ctx context.Context, dev Device) (Stats, error) {
 type runner struct {
 	e      *Emulator
 	dev    Device
-	waker  *waker     // wakes the writer
-	stopFD int        // an eventfd, readable once the reader must stop
-	rng    *rand.Rand // reader goroutine only
+	waker  *waker          // wakes the writer
+	stopFD int             // an eventfd, readable once the reader must stop
+	raw    syscall.RawConn // dev's descriptor, if it is a non-blocking one (rawConn)
+	wfd    int             // the writer's: dev's descriptor while it holds it, or -1
+	rng    *rand.Rand      // reader goroutine only
 
 	budget, refilled int64 // writer only: spin budget, and when it was last refilled (spend)
 
@@ -306,16 +323,26 @@ func (r *runner) stop() {
 	}
 }
 
+// rawConn returns dev's descriptor if it has one (an *os.File), which Run
+// then reads and writes itself (see readFD); else nil.
+func rawConn(dev Device) syscall.RawConn {
+	sc, ok := dev.(interface {
+		SyscallConn() (syscall.RawConn, error)
+	})
+	if !ok {
+		return nil
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return raw
+}
+
 // read is the reader goroutine: it stamps, drops or queues each packet.
 func (r *runner) read() error {
-	if sc, ok := r.dev.(interface {
-		SyscallConn() (syscall.RawConn, error)
-	}); ok {
-		if raw, err := sc.SyscallConn(); err == nil {
-			if done, err := r.readFD(raw); done {
-				return err
-			}
-		}
+	if r.raw != nil {
+		return r.readFD()
 	}
 	scratch := make([]byte, maxPacket)
 	for {
@@ -332,27 +359,38 @@ func (r *runner) read() error {
 	}
 }
 
-// readFD reads a non-blocking file descriptor (a TUN) directly, on a thread
-// that sleeps in ppoll: the kernel then wakes this very thread when a packet
-// arrives, where the runtime's poller would need two or three thread
-// wake-ups (each up to ~100 µs on the lab machine, a VM) before the packet
-// is even stamped. done is false when fd turned out to be blocking and
-// nothing was read: then Read must be used.
-func (r *runner) readFD(raw syscall.RawConn) (done bool, err error) {
+// readFD reads dev's descriptor directly, on a thread that sleeps in ppoll:
+// the kernel then wakes this very thread when a packet arrives, where the
+// runtime's poller would need two or three thread wake-ups (each up to
+// ~100 µs on the lab machine, a VM) before the packet is even stamped. Its
+// system calls bypass the runtime, see rawPpoll.
+func (r *runner) readFD() error {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	scratch := make([]byte, maxPacket)
-	cerr := raw.Control(func(fd uintptr) {
-		if fl, ferr := unix.FcntlInt(fd, unix.F_GETFL, 0); ferr != nil || fl&unix.O_NONBLOCK == 0 {
-			return // a blocking read could not be stopped
+	var err error
+	cerr := r.raw.Control(func(fd uintptr) {
+		// Non-blocking while we read, so that a read after the last packet
+		// returns instead of waiting: ppoll does the waiting, together with
+		// the stop signal. OpenTUN's descriptor is blocking otherwise.
+		fl, ferr := unix.FcntlInt(fd, unix.F_GETFL, 0)
+		if ferr != nil {
+			err = fmt.Errorf("wanem: fcntl: %w", ferr)
+			return
 		}
-		done = true
+		if fl&unix.O_NONBLOCK == 0 {
+			if _, ferr := unix.FcntlInt(fd, unix.F_SETFL, fl|unix.O_NONBLOCK); ferr != nil {
+				err = fmt.Errorf("wanem: fcntl: %w", ferr)
+				return
+			}
+			defer unix.FcntlInt(fd, unix.F_SETFL, fl)
+		}
 		fds := [2]unix.PollFd{
 			{Fd: int32(fd), Events: unix.POLLIN},
 			{Fd: int32(r.stopFD), Events: unix.POLLIN},
 		}
 		for !r.stopping.Load() {
-			n, rerr := unix.Read(int(fd), scratch)
+			n, rerr := rawRead(int(fd), scratch)
 			switch {
 			case rerr == nil && n > 0:
 				r.accept(scratch[:n])
@@ -361,7 +399,7 @@ func (r *runner) readFD(raw syscall.RawConn) (done bool, err error) {
 				return
 			case rerr == unix.EAGAIN:
 				// Errors and hang-ups show in the next read.
-				if _, perr := unix.Ppoll(fds[:], nil, nil); perr != nil && perr != unix.EINTR {
+				if _, perr := rawPpoll(fds[:], nil); perr != nil && perr != unix.EINTR {
 					err = fmt.Errorf("wanem: poll: %w", perr)
 					return
 				}
@@ -373,9 +411,9 @@ func (r *runner) readFD(raw syscall.RawConn) (done bool, err error) {
 		}
 	})
 	if cerr != nil {
-		return true, fmt.Errorf("wanem: read: %w", cerr)
+		return fmt.Errorf("wanem: read: %w", cerr)
 	}
-	return done, err
+	return err
 }
 
 // accept stamps one packet just read, then drops or queues it.
@@ -432,7 +470,8 @@ func putBuf(bp *[]byte) {
 }
 
 // schedule is the writer goroutine: write each packet when it is due.
-func (r *runner) schedule(ready chan<- struct{}) {
+func (r *runner) schedule(ready chan<- struct{}, fd int) {
+	r.wfd = fd
 	// A thread of its own, so that the timer slack set here applies to
 	// every sleep and no other goroutine's work delays a wake-up. It stays
 	// locked: the runtime then ends the thread with the goroutine instead of
@@ -516,7 +555,12 @@ func (r *runner) spend(now, d int64) bool {
 func (r *runner) write(p *packet) {
 	e := r.e
 	late := e.now() - p.due
-	_, err := r.dev.Write((*p.buf)[:p.n])
+	var err error
+	if r.wfd >= 0 {
+		err = rawWrite(r.wfd, (*p.buf)[:p.n])
+	} else {
+		_, err = r.dev.Write((*p.buf)[:p.n])
+	}
 	putBuf(p.buf)
 	if err != nil {
 		e.dropped.Add(1)

@@ -20,6 +20,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"syscall"
 
@@ -138,6 +139,10 @@ func emulate(ctx context.Context, o options, stdout, stderr io.Writer) (wanem.St
 	if err != nil {
 		return wanem.Stats{}, err
 	}
+	// The emulator's reader and writer each keep a P while they sleep;
+	// the rest (control socket, signals, the garbage collector) needs its
+	// own.
+	runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 2)
 	tun, err := wanem.OpenTUN(o.dev)
 	if err != nil {
 		return wanem.Stats{}, err
