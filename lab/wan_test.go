@@ -111,8 +111,8 @@ func startEcho(t testing.TB, h *Host) *echo {
 
 // udpRTTs sends n datagrams from host a to the echo on b, one at a time
 // every 10 ms, and returns the round-trip times of those answered within
-// a second, sorted.
-func udpRTTs(t testing.TB, a *Host, to *echo, n int) []time.Duration {
+// wait, sorted.
+func udpRTTs(t testing.TB, a *Host, to *echo, n int, wait time.Duration) []time.Duration {
 	t.Helper()
 	var c *net.UDPConn
 	err := inNetNS(a.NS, func() (err error) {
@@ -131,7 +131,7 @@ func udpRTTs(t testing.TB, a *Host, to *echo, n int) []time.Duration {
 		if _, err := c.Write(buf[:16]); err != nil {
 			t.Fatalf("echo %s -> %s: %v", a.Name, to.conn.LocalAddr(), err)
 		}
-		_ = c.SetReadDeadline(t0.Add(time.Second))
+		_ = c.SetReadDeadline(t0.Add(wait))
 		for {
 			m, err := c.Read(buf)
 			if err != nil {
@@ -245,7 +245,7 @@ func TestSitesRTT(t *testing.T) {
 	}
 	for _, pair := range [][2]int{{0, 1}, {0, 2}, {1, 2}, {2, 0}} {
 		a := l.Hosts[pair[0]]
-		rtts := udpRTTs(t, a, echos[pair[1]], 20)
+		rtts := udpRTTs(t, a, echos[pair[1]], 20, time.Second)
 		t.Logf("%s -> %s: %d/20 answered, RTT min %v median %v max %v", a.Name, l.Hosts[pair[1]].Name,
 			len(rtts), rtts[0], median(rtts), rtts[len(rtts)-1])
 		if len(rtts) < 18 {
@@ -267,7 +267,7 @@ func TestSitesRTT(t *testing.T) {
 	if err := l.SetWANLoss(0.5); err != nil {
 		t.Fatal(err)
 	}
-	lossy := udpRTTs(t, l.Hosts[0], echos[1], 40)
+	lossy := udpRTTs(t, l.Hosts[0], echos[1], 40, 200*time.Millisecond)
 	if err := l.SetWANLoss(0); err != nil {
 		t.Fatal(err)
 	}
@@ -280,7 +280,7 @@ func TestSitesRTT(t *testing.T) {
 	if len(lossy) < 2 || len(lossy) > 25 || after.Lost-before.Lost < 10 {
 		t.Fatalf("with loss 0.5: %d/40 answered, %d lost", len(lossy), after.Lost-before.Lost)
 	}
-	if got := udpRTTs(t, l.Hosts[0], echos[1], 10); len(got) != 10 {
+	if got := udpRTTs(t, l.Hosts[0], echos[1], 10, time.Second); len(got) != 10 {
 		t.Fatalf("after SetWANLoss(0): %d/10 answered", len(got))
 	}
 	if err := l.SetWANLoss(1); err == nil {
@@ -310,7 +310,7 @@ func TestSitesLocal(t *testing.T) {
 		{h1, e3, 0, 5 * time.Millisecond},
 		{h2, e4, 0, 5 * time.Millisecond},
 	} {
-		rtts := udpRTTs(t, c.from, c.to, 20)
+		rtts := udpRTTs(t, c.from, c.to, 20, time.Second)
 		t.Logf("%s -> %v: RTT median %v max %v", c.from.Name, c.to.conn.LocalAddr(), median(rtts), rtts[len(rtts)-1])
 		if len(rtts) < 18 || median(rtts) > c.hi {
 			t.Fatalf("%s -> %v: %d/20 answered, median %v", c.from.Name, c.to.conn.LocalAddr(), len(rtts), median(rtts))
@@ -319,7 +319,7 @@ func TestSitesLocal(t *testing.T) {
 	if st, err := l.WANStats(); err != nil || st.Received != before.Received {
 		t.Fatalf("traffic inside a site went through the WAN: %v -> %v (%v)", before, st, err)
 	}
-	rtts := udpRTTs(t, h1, e2, 20)
+	rtts := udpRTTs(t, h1, e2, 20, time.Second)
 	t.Logf("h1 -> h2 (across): RTT median %v", median(rtts))
 	if m := median(rtts); len(rtts) < 18 || m < 38*time.Millisecond || m > 60*time.Millisecond {
 		t.Fatalf("h1 -> h2: %d/20 answered, median %v", len(rtts), m)
