@@ -265,6 +265,31 @@ func TestTUN(t *testing.T) {
 	}
 }
 
+// TestTUNRunTwice: Run leaves the TUN open and usable, and stops at once
+// when no packet comes.
+func TestTUNRunTwice(t *testing.T) {
+	tl := newTUNLoop(t)
+	for i := range 2 {
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		t0 := time.Now()
+		if _, err := Run(ctx, tl.tun, Config{Delay: time.Millisecond}); err != nil {
+			t.Fatalf("Run %d: %v", i, err)
+		}
+		cancel()
+		if took := time.Since(t0); took > 2*time.Second {
+			t.Fatalf("Run %d took %v to stop", i, took)
+		}
+	}
+	// Still open: a packet sent now can be read from it.
+	if _, err := tl.tx.Write(make([]byte, 8)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 2048)
+	if n, err := tl.tun.Read(buf); err != nil || n < 28 {
+		t.Fatalf("TUN after Run: %d %v", n, err)
+	}
+}
+
 // BenchmarkEmulator pushes 50,000 (and 100,000) packets/s of 64-byte UDP
 // datagrams through the emulator on a real TUN for 3 s with a 20 ms delay,
 // and reports the rate and the timing errors: p50/p99/max are the

@@ -267,7 +267,7 @@ func (e *Emulator) Run(ctx context.Context, dev Device) (Stats, error) {
 	r.stop()
 	wg.Wait()
 	r.discard()
-	if d, ok := dev.(deadliner); ok {
+	if d, ok := dev.(deadliner); ok && r.raw == nil {
 		_ = d.SetReadDeadline(time.Time{}) // stop's; the device may be used again
 	}
 	return e.Stats(), result
@@ -310,6 +310,9 @@ func (r *runner) stop() {
 	var one [8]byte
 	one[0] = 1 // any non-zero count; read back by nobody
 	_, _ = unix.Write(r.stopFD, one[:])
+	if r.raw != nil {
+		return // readFD polls stopFD
+	}
 	switch d := r.dev.(type) {
 	case deadliner:
 		if err := d.SetReadDeadline(time.Unix(1, 0)); err == nil {
