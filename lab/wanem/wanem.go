@@ -43,9 +43,10 @@ const LateAfter = time.Millisecond
 // Stats.Dropped. At 50,000 packets/s it allows 2 s of delay.
 const MaxQueue = 100_000
 
-// SpinWindow is how long before a packet's due time a writer that is not
-// real-time stops sleeping and busy-waits: wake-ups from ppoll on the lab
-// machine (a VM) came 40-75 µs late at the median and up to ~350 µs at p99.
+// SpinWindow is how long before a packet's due time the writer stops
+// sleeping and busy-waits, budget permitting (SpinShare): wake-ups from
+// ppoll on the lab machine (a VM) came 40-75 µs late at the median and up
+// to ~350 µs at p99.
 const SpinWindow = 300 * time.Microsecond
 
 // SpinShare: the writer busy-waits at most 1/SpinShare of the time, on
@@ -472,7 +473,8 @@ func putBuf(bp *[]byte) {
 	}
 }
 
-// schedule is the writer goroutine: write each packet when it is due.
+// schedule is the writer goroutine: write each packet when it is due, to
+// fd directly if it is not -1, else through Write.
 func (r *runner) schedule(ready chan<- struct{}, fd int) {
 	r.wfd = fd
 	// A thread of its own, so that the timer slack set here applies to
