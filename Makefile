@@ -49,8 +49,9 @@ bench-migration: deps
 	$(GO) test -run '^$$' -bench 'BenchmarkQueue|BenchmarkClassify' -benchmem ./cache/
 
 # A VM migrates between namespace hosts under pings, with and without the cache.
+# RTT=40ms puts each host in a site of its own behind an emulated WAN.
 demo: deps build
-	$(GO) run ./lab/demo -binary $(BIN) $(DEMO_ARGS)
+	$(GO) run ./lab/demo -binary $(BIN) $(if $(RTT),-rtt $(RTT)) $(DEMO_ARGS)
 
 # Each fuzz target for FUZZTIME.
 fuzz:

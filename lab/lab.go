@@ -13,6 +13,24 @@
 //	vr1a2b-vm-NAME   VM namespaces; eth0 (MTU 1420) = the VM's VIPs,
 //	                 its peer "vr1a2bvNAME" (the vif) sits in the host namespace
 //
+// With Config.Sites = S >= 2 the hosts are spread over S sites, separate
+// subnets joined through an emulated WAN: host i is in site
+// s = ((i-1) % S) + 1, so h1, h2, ... go round the sites in turn.
+//
+//	vr1a2b-sw<s>     switch namespace of site s, bridge br0
+//	vr1a2b-h<i>      eth0 = 198.18.s.i/24 on its site's bridge,
+//	                 route 198.18.0.0/16 via 198.18.s.254
+//	vr1a2b-wan       router: leg "s<s>" = 198.18.s.254/24 on site s's bridge
+//	                 (its peer there is "wan"); TUN wan0 owned by the wanem
+//	                 process (Dir/wanem.log, control socket Dir/wanem.sock).
+//	                 Rule: in from any leg -> table 100 -> default dev wan0;
+//	                 back out of wan0 -> main table -> the destination's leg.
+//
+// So a packet between two sites crosses the emulator exactly once: one-way
+// delay Config.WAN.Delay, round trip twice that. Hosts of one site talk on
+// their bridge without delay. Every leg and wan0 have MTU 1500; the router
+// sends no ICMP redirects and carries IPv4 only.
+//
 // Host i's agent uses the WireGuard interface vr1a2bw<i> (unique machine-wide,
 // because wireguard-go's UAPI sockets share /var/run/wireguard) and the overlay
 // address 100.100.0.i/16.
@@ -37,6 +55,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/vmroam/vmroam/lab/wanem"
 )
 
 // Fixed parts of the lab's addressing and ports.
@@ -51,7 +71,8 @@ const (
 
 // Addresses used by the lab.
 var (
-	UnderlayPrefix = netip.MustParsePrefix("198.18.0.0/24")
+	UnderlayPrefix = netip.MustParsePrefix("198.18.0.0/24") // the hosts' subnet with one bridge; see SitePrefix
+	WANPrefix      = netip.MustParsePrefix("198.18.0.0/16") // every site's subnet; hosts route it to their site's router leg
 	OverlayPrefix  = netip.MustParsePrefix("100.100.0.0/16")
 	GatewayV4      = netip.MustParseAddr("169.254.0.1") // anycast gateway on every vif
 	GatewayV6      = netip.MustParseAddr("fe80::1")     // IPv6 gateway on every vif
@@ -72,6 +93,16 @@ type Config struct {
 	Binary string                           // path to the vmroam binary (required for StartAgent)
 	Dir    string                           // work dir for data dirs, sockets, logs, key file; "" = os.MkdirTemp
 	Logf   func(format string, args ...any) // progress log; nil = discard
+
+	// Sites is the number of sites, 0..Hosts. 0 or 1: every host on one
+	// bridge, no WAN. 2 or more: host i in site ((i-1) % Sites) + 1, the
+	// sites joined by the WAN emulator (see the package doc).
+	Sites int
+	// WAN is what the emulator does to every packet between two sites,
+	// with Sites >= 2.
+	WAN wanem.Config
+	// WANBinary is the wanem program (BuildWANEm), required with Sites >= 2.
+	WANBinary string
 }
 
 // Lab is a running namespace lab. Its methods may be called from several
@@ -82,6 +113,7 @@ type Lab struct {
 	Dir     string  // work dir
 	KeyFile string  // gossip encryption key: 32 random bytes, base64, one line
 	Hosts   []*Host // Hosts[i-1] is host i
+	Sites   int     // number of sites: 1 with a single bridge
 
 	binary     string
 	logf       func(format string, args ...any)
@@ -95,14 +127,17 @@ type Lab struct {
 	nextPort   int            // iperf3 ports
 	nextProbe  int            // Reach ports
 	closed     bool
+
+	wan *wan // the WAN router's emulator, with Sites >= 2
 }
 
-// Host is one hypervisor host: a network namespace on the lab's bridge.
+// Host is one hypervisor host: a network namespace on its site's bridge.
 type Host struct {
 	Index    int          // 1-based
 	Name     string       // "h1"
+	Site     int          // 1-based; 1 for every host with a single bridge
 	NS       string       // network namespace
-	Underlay netip.Addr   // 198.18.0.i
+	Underlay netip.Addr   // 198.18.0.i, or 198.18.s.i in site s with Sites >= 2
 	Overlay  netip.Prefix // 100.100.0.i/16
 	Iface    string       // WireGuard interface name for the agent
 	Socket   string       // agent control socket
@@ -136,12 +171,26 @@ func RequireRoot() error {
 // New builds a lab: the switch namespace with bridge br0, and cfg.Hosts host
 // namespaces, each with eth0 (a veth to the bridge) holding 198.18.0.i/24, lo
 // up, IPv4 and IPv6 forwarding on and rp_filter off. It writes a fresh gossip
-// key to Dir/gossip.key. On any error it tears down what it made.
+// key to Dir/gossip.key. With cfg.Sites >= 2 it builds the sites and the WAN
+// router instead of the one bridge, and starts the emulator. On any error it
+// tears down what it made.
 func New(cfg Config) (*Lab, error) {
 	if cfg.Hosts < 1 || cfg.Hosts > MaxHosts {
 		return nil, fmt.Errorf("lab: Hosts must be 1..%d, got %d", MaxHosts, cfg.Hosts)
 	}
+	if cfg.Sites < 0 || cfg.Sites > cfg.Hosts {
+		return nil, fmt.Errorf("lab: Sites must be 0..Hosts (%d), got %d", cfg.Hosts, cfg.Sites)
+	}
+	if cfg.Sites >= 2 {
+		if cfg.WANBinary == "" {
+			return nil, errors.New("lab: Sites >= 2 needs Config.WANBinary (see BuildWANEm)")
+		}
+		if err := cfg.WAN.Validate(); err != nil {
+			return nil, fmt.Errorf("lab: WAN: %w", err)
+		}
+	}
 	l := &Lab{
+		Sites:    max(1, cfg.Sites),
 		binary:   cfg.Binary,
 		logf:     cfg.Logf,
 		vms:      map[string]*VM{},
@@ -184,7 +233,7 @@ func (l *Lab) build(cfg Config) error {
 		l.binary = abs
 	}
 
-	// Claim an id: creating the switch namespace is the atomic claim.
+	// Claim an id: creating the (first) switch namespace is the atomic claim.
 	sw := ""
 	for attempt := 0; l.ID == ""; attempt++ {
 		if attempt == 50 {
@@ -197,7 +246,7 @@ func (l *Lab) build(cfg Config) error {
 		if idInUse(id) {
 			continue
 		}
-		sw = "vr" + id + "-sw"
+		sw = "vr" + id + "-" + l.switchSuffix(1)
 		if err := l.addNS(sw); err != nil {
 			if nsExists(sw) {
 				continue // somebody else took it between the check and the add
@@ -213,22 +262,32 @@ func (l *Lab) build(cfg Config) error {
 		return err
 	}
 
-	if err := l.ip(sw, "link", "set", "lo", "up"); err != nil {
-		return err
+	switches := []string{sw}
+	for s := 2; s <= l.Sites; s++ {
+		ns := l.nsName(l.switchSuffix(s))
+		if err := l.addNS(ns); err != nil {
+			return err
+		}
+		switches = append(switches, ns)
 	}
-	if err := l.ip(sw, "link", "add", "br0", "type", "bridge"); err != nil {
-		return err
-	}
-	if err := l.ip(sw, "link", "set", "br0", "up"); err != nil {
-		return err
+	for _, ns := range switches {
+		if err := l.addSwitch(ns); err != nil {
+			return err
+		}
 	}
 
 	for i := 1; i <= cfg.Hosts; i++ {
+		site := (i-1)%l.Sites + 1
+		octet := byte(0) // with one bridge the addresses stay what they always were
+		if l.Sites > 1 {
+			octet = byte(site)
+		}
 		h := &Host{
 			Index:    i,
 			Name:     "h" + strconv.Itoa(i),
+			Site:     site,
 			NS:       l.nsName("h" + strconv.Itoa(i)),
-			Underlay: netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}),
+			Underlay: netip.AddrFrom4([4]byte{198, 18, octet, byte(i)}),
 			Overlay:  netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 100, 0, byte(i)}), OverlayPrefix.Bits()),
 			Iface:    "vr" + l.ID + "w" + strconv.Itoa(i),
 			lab:      l,
@@ -241,12 +300,37 @@ func (l *Lab) build(cfg Config) error {
 		if err := os.MkdirAll(h.DataDir, 0o700); err != nil {
 			return fmt.Errorf("lab: data dir: %w", err)
 		}
-		if err := l.addHost(h, sw); err != nil {
+		if err := l.addHost(h, switches[site-1]); err != nil {
 			return err
 		}
 		l.Hosts = append(l.Hosts, h)
 	}
-	l.logf("lab %s: %d hosts up on %s", l.ID, cfg.Hosts, UnderlayPrefix)
+	if l.Sites == 1 {
+		l.logf("lab %s: %d hosts up on %s", l.ID, cfg.Hosts, UnderlayPrefix)
+		return nil
+	}
+	return l.buildWAN(cfg, switches)
+}
+
+// switchSuffix names site s's switch namespace: "sw" with one bridge (as
+// always), "sw<s>" with sites.
+func (l *Lab) switchSuffix(s int) string {
+	if l.Sites == 1 {
+		return "sw"
+	}
+	return "sw" + strconv.Itoa(s)
+}
+
+func (l *Lab) addSwitch(ns string) error {
+	for _, s := range [][]string{
+		{"link", "set", "lo", "up"},
+		{"link", "add", "br0", "type", "bridge"},
+		{"link", "set", "br0", "up"},
+	} {
+		if err := l.ip(ns, s...); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -268,6 +352,9 @@ func (l *Lab) addHost(h *Host, sw string) error {
 		{"link", "add", "eth0", "type", "veth", "peer", "name", h.Name, "netns", sw},
 		{"addr", "add", h.UnderlayPrefix().String(), "dev", "eth0"},
 		{"link", "set", "eth0", "up"},
+	}
+	if l.Sites > 1 {
+		steps = append(steps, []string{"route", "add", WANPrefix.String(), "via", routerAddr(h.Site).String()})
 	}
 	for _, s := range steps {
 		if err := l.ip(h.NS, s...); err != nil {
@@ -298,9 +385,9 @@ func (l *Lab) Prefix() string { return "vr" + l.ID + "-" }
 
 func (l *Lab) nsName(suffix string) string { return l.Prefix() + suffix }
 
-// Close stops every agent (SIGTERM, then SIGKILL after 5 s), kills every
-// process started by Spawn that still runs, deletes every namespace the lab
-// made and removes Dir if New created it. It is idempotent; later calls
+// Close stops every agent and the WAN emulator (SIGTERM, then SIGKILL after
+// 5 s), kills every process started by Spawn that still runs, deletes every
+// namespace the lab made and removes Dir if New created it. It is idempotent; later calls
 // return nil. The returned error lists what could not be cleaned up.
 func (l *Lab) Close() error {
 	l.mu.Lock()
@@ -364,7 +451,10 @@ func (l *Lab) Close() error {
 		}
 	}
 
-	// 5. The work dir, if it is ours.
+	// 5. The emulator's control socket, if it was killed.
+	l.removeWANSocket()
+
+	// 6. The work dir, if it is ours.
 	if l.createdDir && l.Dir != "" {
 		if err := os.RemoveAll(l.Dir); err != nil {
 			errs = append(errs, fmt.Errorf("lab: remove %s: %w", l.Dir, err))

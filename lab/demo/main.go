@@ -6,7 +6,12 @@
 // live, and prints both results side by side. It removes the lab when it
 // ends (or on Ctrl-C).
 //
-//	make demo        (go run ./lab/demo -binary bin/vmroam)
+// With -rtt, each host is a site of its own and the sites are joined by the
+// lab's WAN emulator with that round-trip time (one-way delay rtt/2), so the
+// VM moves between datacenters rather than within a LAN.
+//
+//	make demo             (go run ./lab/demo -binary bin/vmroam)
+//	make demo RTT=40ms    (go run ./lab/demo -binary bin/vmroam -rtt 40ms)
 package main
 
 import (
@@ -30,9 +35,14 @@ func main() {
 	downtime := flag.Duration("downtime", time.Second, "how long the VM is paused while it moves")
 	keep := flag.Bool("keep", false, "keep the lab up at the end until Ctrl-C, to look around")
 	verbose := flag.Bool("v", false, "show every lab step")
+	rtt := flag.Duration("rtt", 0, "put each host in a site of its own, joined by an emulated WAN with this round-trip time (0 = one LAN)")
 	flag.Parse()
+	if *rtt < 0 {
+		fmt.Fprintln(os.Stderr, "demo: -rtt must not be negative")
+		os.Exit(2)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, *binary, *downtime, *keep, *verbose)
+	err := run(ctx, *binary, *downtime, *rtt, *keep, *verbose)
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
@@ -45,7 +55,7 @@ var (
 	vipC = netip.MustParseAddr("100.100.20.3") // the client pinging it
 )
 
-func run(ctx context.Context, binary string, downtime time.Duration, keep, verbose bool) error {
+func run(ctx context.Context, binary string, downtime, rtt time.Duration, keep, verbose bool) error {
 	if err := lab.RequireRoot(); err != nil {
 		return fmt.Errorf("%w (run it as root: sudo make demo)", err)
 	}
@@ -60,7 +70,22 @@ func run(ctx context.Context, binary string, downtime time.Duration, keep, verbo
 	if verbose {
 		cfg.Logf = func(format string, args ...any) { fmt.Printf("  lab: "+format+"\n", args...) }
 	}
-	say("Building the lab: 3 hosts (network namespaces) on one bridge, underlay 198.18.0.0/24")
+	if rtt > 0 {
+		dir, err := os.MkdirTemp("", "vmroam-demo-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		say("Building the WAN emulator")
+		if cfg.WANBinary, err = lab.BuildWANEm(ctx, dir); err != nil {
+			return err
+		}
+		cfg.Sites = cfg.Hosts
+		cfg.WAN.Delay = rtt / 2
+		say("Building the lab: 3 hosts (network namespaces), each in a site of its own (198.18.s.0/24), joined by an emulated WAN: round trip %v between sites", rtt)
+	} else {
+		say("Building the lab: 3 hosts (network namespaces) on one bridge, underlay 198.18.0.0/24")
+	}
 	l, err := lab.New(cfg)
 	if err != nil {
 		return err
@@ -98,7 +123,7 @@ func run(ctx context.Context, binary string, downtime time.Duration, keep, verbo
 	}
 
 	say("Live-migrating m from h1 to h2 WITH the cache (VM paused %v)", downtime)
-	with, err := measure(ctx, l, c, m, h2, downtime)
+	with, err := measure(ctx, l, c, m, h2, downtime, true)
 	if err != nil {
 		return err
 	}
@@ -119,7 +144,7 @@ func run(ctx context.Context, binary string, downtime time.Duration, keep, verbo
 		return err
 	}
 	say("Live-migrating m from h2 back to h1 WITHOUT the cache (VM paused %v)", downtime)
-	without, err := measure(ctx, l, c, m, h1, downtime)
+	without, err := measure(ctx, l, c, m, h1, downtime, false)
 	if err != nil {
 		return err
 	}
@@ -145,8 +170,9 @@ func run(ctx context.Context, binary string, downtime time.Duration, keep, verbo
 }
 
 // measure pings m from c every 2 ms while m migrates to `to`, printing a
-// live count, and returns the final counts.
-func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downtime time.Duration) (lab.PingStats, error) {
+// live count, and returns the final counts. announce tells the old host of
+// the suspend first, which agents without the cache refuse.
+func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downtime time.Duration, announce bool) (lab.PingStats, error) {
 	p, err := l.StartPinger(c, vipM, 2*time.Millisecond)
 	if err != nil {
 		return lab.PingStats{}, err
@@ -171,7 +197,7 @@ func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downti
 		}
 	}()
 	time.Sleep(500 * time.Millisecond)
-	err = l.MigrateVM(m, to, downtime, true)
+	err = l.MigrateVM(m, to, downtime, announce)
 	if err == nil {
 		select {
 		case <-ctx.Done():
