@@ -7,8 +7,9 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 FUZZTIME ?= 10s
 XEN_SCRIPT_DIR ?= /etc/xen/scripts
+LIBVIRT_HOOK_DIR ?= /etc/libvirt/hooks
 
-.PHONY: all build deps test unit lint vet fmt-check bench bench-migration demo fuzz install-xen clean
+.PHONY: all build deps test unit lint vet fmt-check bench bench-migration demo fuzz install-xen install-libvirt clean
 
 all: build
 
@@ -68,6 +69,14 @@ fuzz:
 install-xen:
 	install -d $(DESTDIR)$(XEN_SCRIPT_DIR)/vif-post.d
 	install -m 0755 scripts/xen/vmroam.hook $(DESTDIR)$(XEN_SCRIPT_DIR)/vif-post.d/vmroam.hook
+
+# The libvirt hook. libvirt runs every executable in hooks/qemu.d/ (since
+# libvirt 6.5; older ones run only hooks/qemu, which must then call it) when
+# it starts, migrates or stops a QEMU VM. It looks for hooks when it starts:
+# restart libvirtd or virtqemud after installing.
+install-libvirt:
+	install -d $(DESTDIR)$(LIBVIRT_HOOK_DIR)/qemu.d
+	install -m 0755 scripts/libvirt/qemu $(DESTDIR)$(LIBVIRT_HOOK_DIR)/qemu.d/vmroam
 
 clean:
 	rm -rf bin
