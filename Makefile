@@ -7,8 +7,9 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 FUZZTIME ?= 10s
 XEN_SCRIPT_DIR ?= /etc/xen/scripts
+LIBVIRT_HOOK_DIR ?= /etc/libvirt/hooks
 
-.PHONY: all build deps test unit lint vet fmt-check bench bench-migration demo fuzz install-xen clean
+.PHONY: all build deps test unit lint vet fmt-check bench bench-migration demo fuzz install-xen install-libvirt clean
 
 all: build
 
@@ -62,12 +63,21 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzReader$$' -fuzztime $(FUZZTIME) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzClassify$$' -fuzztime $(FUZZTIME) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./xenhook/xenstore/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseAnnouncement$$' -fuzztime $(FUZZTIME) ./xenhook/
 
 # The Xen hotplug hook: vif-route and vif-bridge source it when a vif goes
 # online or offline. DESTDIR stages the install (packaging).
 install-xen:
 	install -d $(DESTDIR)$(XEN_SCRIPT_DIR)/vif-post.d
 	install -m 0755 scripts/xen/vmroam.hook $(DESTDIR)$(XEN_SCRIPT_DIR)/vif-post.d/vmroam.hook
+
+# The libvirt hook. libvirt runs every executable in hooks/qemu.d/ (since
+# libvirt 6.5; older ones run only hooks/qemu, which must then call it) when
+# it starts, migrates or stops a QEMU VM. It looks for hooks when it starts:
+# restart libvirtd or virtqemud after installing.
+install-libvirt:
+	install -d $(DESTDIR)$(LIBVIRT_HOOK_DIR)/qemu.d
+	install -m 0755 scripts/libvirt/qemu $(DESTDIR)$(LIBVIRT_HOOK_DIR)/qemu.d/vmroam
 
 clean:
 	rm -rf bin

@@ -1,6 +1,8 @@
 // Package xenhook turns hypervisor events into agent calls: Xen's hotplug
-// hook (scripts/xen/vmroam.hook) and the xenstore watches that say a
-// domain is being suspended for migration or is arriving from one. It owns
+// hook (scripts/xen/vmroam.hook), the xenstore watches that say a domain is
+// being suspended for migration or is arriving from one, libvirt's qemu
+// hook (scripts/libvirt/qemu, which runs `vmroam hook libvirt`), and the
+// frames by which a resumed VM announces itself on its interface. It owns
 // no state the agent relies on; what it remembers only keeps it from
 // reporting the same event twice.
 //

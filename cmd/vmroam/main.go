@@ -33,6 +33,8 @@ Usage:
   vmroam migrate suspend VIP     the VM stopped here: cache its packets
   vmroam migrate abort VIP       the VM stays here: deliver its cache to it
   vmroam keygen --gossip         print a new gossip encryption key
+  vmroam hook libvirt DOMAIN OP SUBOP EXTRA
+                                 libvirt's qemu hook runs this; people do not
   vmroam version                 print the version
 
 Client commands find the agent through --socket, else $VMROAM_SOCKET, else
@@ -93,6 +95,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runNetwork(ctx, rest, stdout, stderr)
 	case "keygen":
 		return runKeygen(rest, stdout, stderr)
+	case "hook":
+		return runHook(ctx, rest, stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "vmroam", version)
 		return nil

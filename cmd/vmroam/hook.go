@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/syslog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/vmroam/vmroam/wgagent/control"
+	"github.com/vmroam/vmroam/xenhook"
+)
+
+const hookUsage = `Usage: vmroam hook libvirt DOMAIN OP SUBOP EXTRA  (domain XML on stdin)
+
+libvirt's qemu hook (scripts/libvirt/qemu, installed by make install-libvirt)
+runs this; people do not. It tells the agent about the domain's VIPs:
+prepare and start -> pre-provision, started -> attach, release -> detach.
+It exits 0 whatever happens, so as never to stop a VM, and reports errors on
+stderr and to syslog. The agent is found through $VMROAM_SOCKET, else
+` + control.DefaultSocket + `; libvirt clears its hooks' environment, so under
+libvirt the agent must listen there.
+`
+
+const (
+	// hookTimeout bounds all of one hook's calls to the agent: libvirt
+	// waits for the hook before it goes on starting or stopping the VM.
+	hookTimeout = 10 * time.Second
+	// maxDomainXML is far more than any domain XML; the hook reads no
+	// further.
+	maxDomainXML = 16 << 20
+)
+
+// hookInput is where the hook reads the domain XML; tests replace it.
+var hookInput io.Reader = os.Stdin
+
+// hookSyslog sends one error line to syslog (daemon.err): libvirt keeps a
+// hook's stderr only when the hook fails, and this one never does. Tests
+// replace it.
+var hookSyslog = func(line string) {
+	w, err := syslog.New(syslog.LOG_DAEMON|syslog.LOG_ERR, "vmroam-hook")
+	if err != nil {
+		return
+	}
+	defer w.Close()
+	w.Err(line)
+}
+
+func runHook(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return usagef("hook: want a hypervisor: libvirt")
+	}
+	switch args[0] {
+	case "libvirt":
+		return runHookLibvirt(ctx, args[1:], stdout, stderr)
+	case "-h", "-help", "--help":
+		fmt.Fprint(stdout, hookUsage)
+		return nil
+	}
+	return usagef("hook: unknown hypervisor %q (want libvirt)", args[0])
+}
+
+// runHookLibvirt handles one call of libvirt's qemu hook. It writes
+// nothing on stdout: for "migrate" and "restore", libvirt takes the hook's
+// stdout as the domain XML to use instead.
+func runHookLibvirt(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	// No flags: libvirt's arguments are taken as they come ("-" is a
+	// common one, and a domain's name may start with a dash).
+	if len(args) == 1 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help") {
+		fmt.Fprint(stdout, hookUsage)
+		return nil
+	}
+	if len(args) != 4 {
+		return usagef("hook libvirt: want DOMAIN OP SUBOP EXTRA, got %d arguments", len(args))
+	}
+	ev := xenhook.LibvirtEvent{Domain: args[0], Op: args[1], SubOp: args[2], Extra: args[3]}
+	h := &hookRun{ev: ev, stderr: stderr}
+
+	// Read everything libvirt writes, even when the event needs none of
+	// it: a hook that leaves its stdin unread can fail libvirt's write.
+	xml, err := io.ReadAll(io.LimitReader(hookInput, maxDomainXML+1))
+	io.Copy(io.Discard, hookInput)
+	switch {
+	case err != nil:
+		h.errorf("reading the domain XML: %v", err)
+		return nil
+	case len(xml) > maxDomainXML:
+		h.errorf("the domain XML is larger than %d bytes", maxDomainXML)
+		return nil
+	}
+	ev.XML = xml
+
+	actions, err := xenhook.LibvirtActions(ev)
+	if err != nil {
+		// The actions that could be worked out still run.
+		h.errorf("%v", err)
+	}
+	if len(actions) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, hookTimeout)
+	defer cancel()
+	c := client("")
+	for _, a := range actions {
+		switch a.Verb {
+		case "prepare":
+			// The agent cannot pre-provision yet; attach at "started" is
+			// what routes the VIP here.
+			h.infof("prepare %s: nothing to do yet", a.VIP)
+		case "attach":
+			v, err := c.Attach(ctx, a.VIP, a.Dev)
+			if err != nil {
+				h.errorf("vip attach %s --dev %s: %v; the VM runs, but vmroam does not route %s to it", a.VIP, a.Dev, err, a.VIP)
+				continue
+			}
+			h.infof("%s attached on %s (epoch %d)", v.VIP, v.Dev, v.Epoch)
+		case "detach":
+			v, err := c.Detach(ctx, a.VIP)
+			switch {
+			case err != nil:
+				h.errorf("vip detach %s: %v; the agent may still route %s here", a.VIP, err, a.VIP)
+			case v.Local:
+				h.errorf("vip detach %s: still attached here (on %s)", a.VIP, v.Dev)
+			case v.State == "released":
+				h.infof("%s released (epoch %d)", v.VIP, v.Epoch)
+			default:
+				h.infof("%s is not attached here (state %s, owner %s); nothing to do", v.VIP, v.State, orDash(v.Owner))
+			}
+		default:
+			h.errorf("unknown action %q for %s", a.Verb, a.VIP)
+		}
+	}
+	return nil
+}
+
+// hookRun reports what one hook call did, each line naming the event.
+type hookRun struct {
+	ev     xenhook.LibvirtEvent
+	stderr io.Writer
+}
+
+func (h *hookRun) prefix() string {
+	return fmt.Sprintf("domain %s, %s %s", h.ev.Domain, h.ev.Op, h.ev.SubOp)
+}
+
+func (h *hookRun) infof(format string, args ...any) {
+	fmt.Fprintf(h.stderr, "vmroam hook: %s: %s\n", h.prefix(), fmt.Sprintf(format, args...))
+}
+
+// errorf reports loudly: stderr, where libvirt's debug log and anyone
+// running the hook by hand see it, and syslog, which is always kept.
+func (h *hookRun) errorf(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	// xenhook's errors name the event already.
+	msg = strings.TrimPrefix(msg, "xenhook: "+h.prefix()+": ")
+	line := fmt.Sprintf("vmroam hook: ERROR %s: %s", h.prefix(), msg)
+	fmt.Fprintln(h.stderr, line)
+	hookSyslog(line)
+}
