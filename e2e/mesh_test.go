@@ -69,16 +69,7 @@ func TestMesh(t *testing.T) {
 		})
 		// Tunnels are warm before any VM sends: a migration must not wait
 		// for a handshake.
-		eventually(t, 20*time.Second, "every peer has a WireGuard session", func() error {
-			for _, h := range l.Hosts {
-				for _, p := range status(t, l, h).Peers {
-					if p.LastHandshake == nil {
-						return fmt.Errorf("%s has no session with %s", h.Name, p.Name)
-					}
-				}
-			}
-			return nil
-		})
+		waitSessions(t, l)
 		// `wg show` (wireguard-tools) sees the same peers as status.
 		st2, st3 := status(t, l, h2), status(t, l, h3)
 		eventually(t, 10*time.Second, "wg show on h1 lists h2 and h3", func() error {

@@ -34,16 +34,23 @@ func migrationLab(t testing.TB, n int, agentArgs ...string) (l *lab.Lab, m, c *l
 	if c, err = l.AddVM("c", last, vipC); err != nil {
 		t.Fatal(err)
 	}
-	cli(t, l, first, "vip", "attach", vipM.String(), "--dev", m.Vif)
-	cli(t, l, last, "vip", "attach", vipC.String(), "--dev", c.Vif)
+	attachPair(t, l, m, c)
+	return l, m, c
+}
+
+// attachPair attaches the moving VM m and the client c where they run and
+// waits for a converged cluster, as migrations find it in production: c
+// reaches m, and every tunnel has a session (wireguard-go drops most of
+// what is sent while it handshakes, and a lost initiation is retried only
+// after 5 s).
+func attachPair(t testing.TB, l *lab.Lab, m, c *lab.VM) {
+	t.Helper()
+	cli(t, l, m.Host, "vip", "attach", vipM.String(), "--dev", m.Vif)
+	cli(t, l, c.Host, "vip", "attach", vipC.String(), "--dev", c.Vif)
 	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	// A converged cluster, as migrations find it in production: every
-	// tunnel has a session (wireguard-go drops most of what is sent while
-	// it handshakes, and a lost initiation is retried only after 5 s).
 	waitSessions(t, l)
-	return l, m, c
 }
 
 // migrate moves vm to `to` with the given downtime (lab.MigrateVM); with

@@ -37,12 +37,7 @@ func TestXenstoreSuspend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cli(t, l, h1, "vip", "attach", vipM.String(), "--dev", m.Vif)
-	cli(t, l, h3, "vip", "attach", vipC.String(), "--dev", c.Vif)
-	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	waitSessions(t, l)
+	attachPair(t, l, m, c)
 
 	flow, err := l.StartUDPFlow(c, m, 8*time.Second, "20M", 200)
 	if err != nil {
