@@ -89,3 +89,54 @@ func waitSessions(t testing.TB, l *lab.Lab) {
 		return nil
 	})
 }
+
+// TestActivationByAnnouncement: with --activation announce the new host
+// must not deliver when the VM's interface gets carrier (a Xen vif may
+// have it before the domain runs), only once the VM announces itself with
+// a gratuitous ARP, as a resumed Linux guest does; and then lose nothing.
+func TestActivationByAnnouncement(t *testing.T) {
+	l, m, c := migrationLab(t, 3, "--activation", "announce")
+	h1, h2 := l.Hosts[0], l.Hosts[1]
+	flow, err := l.StartUDPFlow(c, m, 8*time.Second, "20M", 200)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	cli(t, l, h1, "migrate", "suspend", vipM.String())
+	if err := l.UnplugVM(m, h2); err != nil {
+		t.Fatal(err)
+	}
+	cli(t, l, h2, "vip", "attach", vipM.String(), "--dev", m.Vif)
+	time.Sleep(300 * time.Millisecond)
+	if err := l.ResumeVM(m); err != nil {
+		t.Fatal(err)
+	}
+	resumed := time.Now()
+	time.Sleep(300 * time.Millisecond)
+	for _, mg := range status(t, l, h2).Migrations {
+		if mg.VIP == vipM.String() && mg.FirstDelivery != nil {
+			t.Errorf("delivery started at carrier, before the VM announced itself: %+v", mg)
+		}
+	}
+	if err := l.AnnounceVM(m); err != nil {
+		t.Fatal(err)
+	}
+	cli(t, l, h1, "vip", "detach", vipM.String())
+	res, err := flow.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mig := waitMigrated(t, l, h2, vipM)
+	var after time.Duration
+	if mig.CarrierUp != nil {
+		after = mig.CarrierUp.Sub(resumed)
+	}
+	t.Logf("iperf3: %d datagrams, %d lost, %d out of order; activation %q %v after carrier, handover %v",
+		res.Packets, res.Lost, res.OutOfOrder, mig.Activation, after, handover(mig))
+	if res.Packets < 50000 || res.Lost != 0 || res.OutOfOrder != 0 {
+		t.Errorf("%d datagrams, %d lost, %d out of order: want >= 50000, 0 and 0", res.Packets, res.Lost, res.OutOfOrder)
+	}
+	if mig.Activation != "garp" || after < 300*time.Millisecond {
+		t.Errorf("activation %q at %v (carrier at %v): want garp, after the announcement", mig.Activation, mig.CarrierUp, resumed)
+	}
+}

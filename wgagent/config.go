@@ -96,6 +96,12 @@ type Config struct {
 	// allocations, so traffic still on its way to the old VM does not
 	// reach a new one.
 	AllocQuarantine time.Duration
+	// Activation is what tells the new host that an arriving VM runs, so
+	// that delivery may start: "carrier" on its interface, "announce" (a
+	// gratuitous ARP, RARP or unsolicited neighbour advertisement from
+	// the VM; for interfaces with carrier before the VM runs), or "any",
+	// whichever comes first.
+	Activation string
 	// Xenstore is where the agent learns the moment a Xen domain is asked
 	// to suspend: "auto" (xenstored's socket if there is one), "off", or
 	// a socket path.
@@ -137,6 +143,7 @@ func DefaultConfig() Config {
 		HandoverPort:      7947,
 		Filter:            true,
 		Xenstore:          "auto",
+		Activation:        "any",
 		AllocSettle:       2 * time.Second,
 		AllocQuarantine:   5 * time.Minute,
 	}
@@ -207,6 +214,11 @@ func (c *Config) Validate() error {
 		if c.CacheLinger < 0 || c.CacheSettle < 0 {
 			add("--cache-linger and --cache-settle must not be negative")
 		}
+	}
+	switch c.Activation {
+	case "carrier", "announce", "any":
+	default:
+		add("--activation %q: want carrier, announce or any", c.Activation)
 	}
 	if c.TrustedSite && c.Site == "" {
 		add("--trusted-site needs --site: the hosts to trust are those of this host's site")

@@ -53,6 +53,7 @@ type agentFlags struct {
 	networks          listFlag
 	filter            bool
 	xenstore          string
+	activation        string
 	allocSettle       time.Duration
 	allocQuarantine   time.Duration
 	logLevel          string
@@ -97,6 +98,7 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.DurationVar(&f.allocSettle, "alloc-settle", d.AllocSettle, "how long 'vip allocate' waits for a competing claim before it trusts an address (longer than gossip takes)")
 	fs.DurationVar(&f.allocQuarantine, "alloc-quarantine", d.AllocQuarantine, "how long a released address is not handed out again")
 	fs.StringVar(&f.xenstore, "xenstore", d.Xenstore, "xenstored's socket `path`, to start caching the moment a Xen domain is asked to suspend: auto (use /run/xenstored/socket if there), off, or a path")
+	fs.StringVar(&f.activation, "activation", d.Activation, "what shows an arriving VM runs, so its packets may go: carrier, announce (its gratuitous ARP/RARP/NA) or any")
 	fs.BoolVar(&f.filter, "filter", d.Filter, "keep vmroam's nftables table: isolation between virtual networks and TCP MSS clamping into the tunnel")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
@@ -215,6 +217,7 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 	cfg.CacheInterface, cfg.HandoverPort = f.cacheIface, f.handoverPort
 	cfg.Filter = f.filter
 	cfg.Xenstore = f.xenstore
+	cfg.Activation = f.activation
 	cfg.AllocSettle, cfg.AllocQuarantine = f.allocSettle, f.allocQuarantine
 	for _, n := range f.networks {
 		name, cidr, ok := strings.Cut(n, "=")

@@ -116,9 +116,12 @@ type Migration struct {
 	Claim         *time.Time `json:"claim,omitempty"`
 	FlushStart    *time.Time `json:"flush_start,omitempty"`
 	FlushEnd      *time.Time `json:"flush_end,omitempty"`
-	CarrierUp     *time.Time `json:"carrier_up,omitempty"` // the VM's interface got carrier here
+	CarrierUp     *time.Time `json:"carrier_up,omitempty"` // the VM was seen running here (see Activation)
 	FirstDelivery *time.Time `json:"first_delivery,omitempty"`
 	Done          *time.Time `json:"done,omitempty"`
+	// Activation is what showed the VM running at its new host: carrier
+	// on its interface, or a frame it sent (garp, rarp, na).
+	Activation string `json:"activation,omitempty"`
 
 	Cached      uint64 `json:"cached"`
 	CachedBytes uint64 `json:"cached_bytes"`
