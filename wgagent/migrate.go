@@ -20,7 +20,6 @@ import (
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
 	"github.com/vmroam/vmroam/wgagent/route"
-	"github.com/vmroam/vmroam/xenhook"
 )
 
 // VIP states as status shows them.
@@ -66,10 +65,9 @@ type vipCtl struct {
 	// byCarrier: the suspend came from the interface losing carrier, so
 	// carrier coming back (before any claim) means the VM stayed.
 	byCarrier bool
-	// fenceVia, while valid, is the fence gateway the VIP routes to the
-	// VM through while the last packets the cache device took are
-	// delivered (see fence).
-	fenceVia netip.Addr
+	// fencing: the VIP routes to the VM through fenceGateway while the
+	// last packets the cache device took are delivered (see fence).
+	fencing bool
 	// lastTake is when Take last ran, in UnixNano.
 	lastTake atomic.Int64
 }
@@ -238,21 +236,9 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	if closed {
 		o.Closed()
 	}
+	o.SetCarrier(hasCarrier(c.dev))
+	a.watchCarrier(c.dev, o)
 	stop := c.stop
-	// An arrival waits for what Config.Activation names; a VM that stays
-	// here (abort, a route flap) runs already and needs its carrier only.
-	mode := "carrier"
-	if !closed {
-		mode = a.cfg.Activation
-	}
-	if mode != "announce" {
-		o.SetCarrier(hasCarrier(c.dev))
-		a.watchCarrier(c.dev, o)
-	}
-	if mode != "carrier" {
-		a.bg.Add(1)
-		go a.watchAnnouncements(c, o, stop)
-	}
 	a.bg.Add(2)
 	go func() {
 		defer a.bg.Done()
@@ -264,43 +250,6 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 		defer a.bg.Done()
 		a.watchDelivery(c, o, stop)
 	}()
-}
-
-// watchAnnouncements opens the gate of o when the arriving VM announces
-// itself on its interface (gratuitous ARP, RARP, unsolicited NA), until
-// stop is closed.
-func (a *Agent) watchAnnouncements(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
-	defer a.bg.Done()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() {
-		select {
-		case <-stop:
-		case <-ctx.Done():
-		}
-		cancel()
-	}()
-	c.mu.Lock()
-	dev := c.dev
-	c.mu.Unlock()
-	err := xenhook.WatchAnnouncements(ctx, dev, func(an xenhook.Announcement) {
-		c.mu.Lock()
-		if len(c.mac) != 6 {
-			c.mac = an.MAC
-		}
-		first := c.rec.Activation == "" && o.Stats().CarrierUp.IsZero()
-		if first {
-			c.rec.Activation = an.Kind
-		}
-		c.mu.Unlock()
-		if first {
-			a.log.Debug("arriving VM announced itself", "vip", c.vip, "dev", dev, "kind", an.Kind, "mac", an.MAC, "ip", an.IP)
-		}
-		o.SetCarrier(true)
-	})
-	if err != nil {
-		a.log.Debug("watching for the VM's announcements", "vip", c.vip, "dev", dev, "err", err)
-	}
 }
 
 // writer returns the delivery function, opening the packet socket on first
@@ -357,9 +306,6 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 	}
 	if !st.CarrierUp.IsZero() {
 		c.rec.CarrierUp = timePtr(st.CarrierUp)
-		if c.rec.Activation == "" {
-			c.rec.Activation = "carrier"
-		}
 	}
 	if c.queue != nil {
 		qs := c.queue.Stats()
@@ -371,7 +317,7 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 		}
 	}
 	c.stepLocked(evDrained)
-	c.fenceVia = netip.Addr{}
+	c.fencing = false
 	c.mu.Unlock()
 	a.mu.Unlock()
 	a.reconcile()
@@ -401,36 +347,24 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 
 // Fence gateways: on-link addresses on a VM's interface that nobody
 // answers for. Routing a VIP through one makes the kernel queue its packets
-// while it resolves the gateway, until the agent says where it is. There
-// are two, so that one can catch new packets while the other's queue is
-// released (see fence).
+// while it resolves the gateway, until the agent says where it is.
 var (
-	fenceGateways4 = [2]netip.Addr{netip.MustParseAddr("169.254.0.2"), netip.MustParseAddr("169.254.0.3")}
-	fenceGateways6 = [2]netip.Addr{netip.MustParseAddr("fe80::76:6d72"), netip.MustParseAddr("fe80::76:6d73")}
+	fenceGateway4 = netip.MustParseAddr("169.254.0.2")
+	fenceGateway6 = netip.MustParseAddr("fe80::76:6d72")
 )
 
-func fenceGateways(vip netip.Addr) [2]netip.Addr {
+func fenceGateway(vip netip.Addr) netip.Addr {
 	if vip.Is4() {
-		return fenceGateways4
+		return fenceGateway4
 	}
-	return fenceGateways6
+	return fenceGateway6
 }
 
 // fence hands the VIP from the cache back to the kernel without letting a
-// packet overtake one still inside the cache:
-//
-//  1. it points the VIP's route at the VM through the unresolved gateway
-//     G1, so the kernel queues new packets in order;
-//  2. it waits until the cache has delivered everything it took;
-//  3. it moves the route to the second unresolved gateway G2, so packets
-//     from now on queue there;
-//  4. it resolves G1 to the VM's MAC: the kernel sends G1's queue, and no
-//     new packet can pass those, since new ones wait at G2;
-//  5. it resolves G2, whose queue holds only what came during step 4 (a
-//     few microseconds: mostly nothing, so nothing can race it).
-//
-// One gateway alone (steps 1, 2, 4) let new packets pass the queue while
-// the kernel sent it, which reordered a few packets in some moves.
+// packet overtake one still inside the cache: it points the VIP's route at
+// the VM through an unresolved gateway (the kernel queues new packets in
+// order), waits until the cache has delivered everything it took, then
+// resolves the gateway to the VM's MAC, which releases the kernel's queue.
 // Without a known MAC it does nothing and the switch is plain.
 func (a *Agent) fence(c *vipCtl, o *cache.Orderer) {
 	c.mu.Lock()
@@ -447,34 +381,31 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) {
 	if err != nil {
 		return
 	}
-	gws := fenceGateways(c.vip)
+	gw := fenceGateway(c.vip)
 	fam := netlink.FAMILY_V4
-	if c.vip.Is6() {
+	if gw.Is6() {
 		fam = netlink.FAMILY_V6
 	}
 	neigh := func(ip netip.Addr, state int) *netlink.Neigh {
 		return &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: fam, State: state, IP: ip.AsSlice(), HardwareAddr: mac}
 	}
-	for _, gw := range gws {
-		netlink.NeighDel(neigh(gw, 0)) // left resolved by an earlier fence
-	}
+	netlink.NeighDel(neigh(gw, 0)) // left resolved by an earlier fence
 	// The kernel's queue for an unresolved neighbour is small (208 KiB);
 	// make room for the fence's few milliseconds of traffic.
 	for _, p := range []string{"/proc/sys/net/ipv4/neigh/" + dev + "/unres_qlen_bytes", "/proc/sys/net/ipv6/neigh/" + dev + "/unres_qlen_bytes"} {
 		os.WriteFile(p, []byte("8388608"), 0o644)
 	}
-	via := func(gw netip.Addr) {
-		a.mu.Lock()
-		c.mu.Lock()
-		c.fenceVia = gw // so a reconcile keeps the fence route
-		c.mu.Unlock()
-		if err := a.routes.Add(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: metricDivert}); err != nil {
-			a.log.Warn("fence route", "vip", c.vip, "via", gw, "err", err)
-		}
-		a.mu.Unlock()
+	a.mu.Lock()
+	c.mu.Lock()
+	c.fencing = true // so a reconcile keeps the fence route
+	c.mu.Unlock()
+	a.mu.Unlock()
+	if err := a.routes.Add(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: metricDivert}); err != nil {
+		a.log.Warn("fence route", "vip", c.vip, "err", err)
 	}
-	via(gws[0])
 	// Nothing new reaches the cache now; wait for what is inside.
+	// Short is better: whatever the kernel queued meanwhile is flushed
+	// while new packets already pass, so the queue should stay small.
 	deadline := time.Now().Add(50 * time.Millisecond)
 	for time.Now().Before(deadline) {
 		if o.Idle() && time.Since(time.Unix(0, c.lastTake.Load())) > 200*time.Microsecond {
@@ -482,11 +413,8 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) {
 		}
 		time.Sleep(20 * time.Microsecond)
 	}
-	via(gws[1])
-	for _, gw := range gws {
-		if err := netlink.NeighSet(neigh(gw, netlink.NUD_PERMANENT)); err != nil {
-			a.log.Warn("fence: resolving a fence gateway", "vip", c.vip, "gateway", gw, "err", err)
-		}
+	if err := netlink.NeighSet(neigh(gw, netlink.NUD_PERMANENT)); err != nil {
+		a.log.Warn("fence: resolving the fence gateway", "vip", c.vip, "err", err)
 	}
 	// The VIP's own neighbour entry, for after the fence route goes.
 	netlink.NeighSet(neigh(c.vip, netlink.NUD_REACHABLE))

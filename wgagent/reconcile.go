@@ -299,9 +299,9 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 		c.mu.Lock()
 		switch {
 		case c.state == stateLocal:
-		case c.fenceVia.IsValid():
+		case c.fencing:
 			diverted[vip] = true
-			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: c.fenceVia, Metric: metricDivert})
+			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: fenceGateway(vip), Metric: metricDivert})
 		default:
 			diverted[vip] = true
 			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: metricDivert})
