@@ -1,13 +1,16 @@
 package cache
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/tun"
@@ -37,7 +40,18 @@ type Interceptor struct {
 	malformed atomic.Uint64
 	done      chan struct{}
 	closeOnce sync.Once
+
+	barrierMu sync.Mutex // one Barrier at a time
+	barrierN  atomic.Uint64
+	barrierCh chan uint64 // nonces of barrier packets read
 }
+
+// BarrierAddr is routed to the cache device so that Barrier can send a
+// packet through the device's queue. A link-local address nobody uses.
+var BarrierAddr = netip.MustParseAddr("169.254.0.4")
+
+// barrierPort is the UDP port of barrier packets.
+const barrierPort = 9 // discard
 
 // OpenInterceptor creates the TUN device name (with the kernel's offloads,
 // so reads come in batches), brings it up and starts reading.
@@ -67,7 +81,14 @@ func OpenInterceptor(name string, mtu int, log *slog.Logger) (*Interceptor, erro
 	// Packets arrive here from every interface; the kernel must not
 	// drop them for arriving "from the wrong side".
 	os.WriteFile("/proc/sys/net/ipv4/conf/"+name+"/rp_filter", []byte("0"), 0o644)
-	in := &Interceptor{dev: dev, name: name, log: log.With("iface", name), sinks: map[netip.Addr]Sink{}, done: make(chan struct{})}
+	// Not vmroam's route protocol: the agent's route reconciler must leave
+	// it alone. It goes with the device.
+	barrier := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: BarrierAddr.AsSlice(), Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK}
+	if err := netlink.RouteReplace(barrier); err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("cache interface %s: barrier route: %w", name, err)
+	}
+	in := &Interceptor{dev: dev, name: name, log: log.With("iface", name), sinks: map[netip.Addr]Sink{}, done: make(chan struct{}), barrierCh: make(chan uint64, 16)}
 	go in.drainEvents()
 	go in.read()
 	return in, nil
@@ -131,6 +152,15 @@ func (in *Interceptor) read() {
 				in.malformed.Add(1)
 				continue
 			}
+			if dst == BarrierAddr {
+				if n, ok := barrierNonce(pkt); ok {
+					select {
+					case in.barrierCh <- n:
+					default:
+					}
+				}
+				continue
+			}
 			if s, ok := in.sinks[dst]; ok {
 				s.Take(pkt)
 			} else if !dst.IsMulticast() && !dst.IsLinkLocalUnicast() {
@@ -140,6 +170,51 @@ func (in *Interceptor) read() {
 		}
 		in.mu.RUnlock()
 	}
+}
+
+// Barrier returns once every packet the kernel queued on the cache device
+// before the call has been handed to its sink: it sends a packet of its
+// own through the device's queue, which is first in, first out, and waits
+// for it to come out. The agent uses it after routing a VIP away from the
+// device, to know that nothing of the VIP is left inside.
+func (in *Interceptor) Barrier(timeout time.Duration) error {
+	in.barrierMu.Lock()
+	defer in.barrierMu.Unlock()
+	nonce := in.barrierN.Add(1)
+	conn, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: BarrierAddr.AsSlice(), Port: barrierPort})
+	if err != nil {
+		return fmt.Errorf("cache barrier: %w", err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write(binary.BigEndian.AppendUint64(nil, nonce)); err != nil {
+		return fmt.Errorf("cache barrier: send: %w", err)
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for {
+		select {
+		case n := <-in.barrierCh:
+			if n == nonce {
+				return nil
+			}
+			// An older barrier's packet, late: keep waiting for ours.
+		case <-t.C:
+			return fmt.Errorf("cache barrier: no packet back from %s within %v", in.name, timeout)
+		}
+	}
+}
+
+// barrierNonce reads the nonce of a barrier packet: IPv4, UDP to
+// barrierPort, 8 bytes of payload.
+func barrierNonce(pkt []byte) (uint64, bool) {
+	if len(pkt) < 20 || pkt[0]>>4 != 4 || pkt[9] != 17 {
+		return 0, false
+	}
+	ihl := int(pkt[0]&0x0f) * 4
+	if ihl < 20 || len(pkt) < ihl+8+8 || binary.BigEndian.Uint16(pkt[ihl+2:]) != barrierPort {
+		return 0, false
+	}
+	return binary.BigEndian.Uint64(pkt[ihl+8:]), true
 }
 
 func isClosed(err error) bool {
