@@ -10,7 +10,6 @@ import (
 	"os"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -68,15 +67,12 @@ type vipCtl struct {
 	// fencing: the VIP routes to the VM through fenceGateway while the
 	// last packets the cache device took are delivered (see fence).
 	fencing bool
-	// lastTake is when Take last ran, in UnixNano.
-	lastTake atomic.Int64
 }
 
 func (a *Agent) newQueue() *cache.Queue { return cache.NewQueue(a.cfg.CacheLimits, a.budget) }
 
 // Take queues a packet the cache device read for this VIP.
 func (c *vipCtl) Take(pkt []byte) {
-	c.lastTake.Store(time.Now().UnixNano())
 	c.mu.Lock()
 	q, state, delivering := c.queue, c.state, c.orderer != nil
 	c.mu.Unlock()
@@ -296,7 +292,9 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 		case <-tick.C:
 		}
 	}
-	a.fence(c, o)
+	t0 := time.Now()
+	waited, quiet := a.fence(c, o)
+	fenced := time.Since(t0)
 	a.mu.Lock()
 	c.mu.Lock()
 	st := o.Stats()
@@ -338,11 +336,20 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 		// queue's consumer: the flap path below delivers it.
 		c.queue = a.newQueue()
 	}
+	after := o.Stats().Delivered - st.Delivered
 	c.rec.Done = timePtr(time.Now())
 	a.finishLocked(c)
 	c.mu.Unlock()
 	a.mu.Unlock()
-	a.log.Info("migration delivered", "vip", c.vip, "delivered", st.Delivered)
+	// Packets the cache still delivered after the hand-back were routed
+	// to it before, yet went out after newer ones the kernel sent: each
+	// is likely out of order at the VM.
+	lv := slog.LevelInfo
+	if after > 0 || !quiet {
+		lv = slog.LevelWarn
+	}
+	a.log.Log(context.Background(), lv, "migration delivered", "vip", c.vip, "delivered", st.Delivered,
+		"hand_back", fenced, "fence_wait", waited, "cache_quiet", quiet, "delivered_after_hand_back", after)
 }
 
 // Fence gateways: on-link addresses on a VM's interface that nobody
@@ -366,7 +373,7 @@ func fenceGateway(vip netip.Addr) netip.Addr {
 // order), waits until the cache has delivered everything it took, then
 // resolves the gateway to the VM's MAC, which releases the kernel's queue.
 // Without a known MAC it does nothing and the switch is plain.
-func (a *Agent) fence(c *vipCtl, o *cache.Orderer) {
+func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet bool) {
 	c.mu.Lock()
 	dev, mac := c.dev, c.mac
 	c.mu.Unlock()
@@ -374,12 +381,12 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) {
 		if m, ok := cache.NeighborMAC(dev, c.vip); ok {
 			mac = m
 		} else {
-			return
+			return 0, false
 		}
 	}
 	link, err := netlink.LinkByName(dev)
 	if err != nil {
-		return
+		return 0, false
 	}
 	gw := fenceGateway(c.vip)
 	fam := netlink.FAMILY_V4
@@ -403,21 +410,33 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) {
 	if err := a.routes.Add(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: metricDivert}); err != nil {
 		a.log.Warn("fence route", "vip", c.vip, "err", err)
 	}
-	// Nothing new reaches the cache now; wait for what is inside.
+	// Nothing new reaches the cache now; wait for what is inside: the
+	// barrier says the device's queue is empty of the VIP (a quiet spell
+	// alone does not: senders such as iperf3 send in bursts a millisecond
+	// apart, and the reader may not have woken for the last one yet),
+	// then the orderer must have written all it took.
 	// Short is better: whatever the kernel queued meanwhile is flushed
 	// while new packets already pass, so the queue should stay small.
-	deadline := time.Now().Add(50 * time.Millisecond)
-	for time.Now().Before(deadline) {
-		if o.Idle() && time.Since(time.Unix(0, c.lastTake.Load())) > 200*time.Microsecond {
-			break
+	start := time.Now()
+	deadline := start.Add(50 * time.Millisecond)
+	if err := a.intercept.Barrier(50 * time.Millisecond); err != nil {
+		a.log.Warn("fence", "vip", c.vip, "err", err)
+	} else {
+		for time.Now().Before(deadline) {
+			if o.Idle() {
+				quiet = true
+				break
+			}
+			time.Sleep(10 * time.Microsecond)
 		}
-		time.Sleep(20 * time.Microsecond)
 	}
+	waited = time.Since(start)
 	if err := netlink.NeighSet(neigh(gw, netlink.NUD_PERMANENT)); err != nil {
 		a.log.Warn("fence: resolving the fence gateway", "vip", c.vip, "err", err)
 	}
 	// The VIP's own neighbour entry, for after the fence route goes.
 	netlink.NeighSet(neigh(c.vip, netlink.NUD_REACHABLE))
+	return waited, quiet
 }
 
 // finishLocked files the migration record. Both locks held.
