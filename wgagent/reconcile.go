@@ -55,14 +55,19 @@ func (a *Agent) reconcile() {
 	if err := a.ensureAddress(); err != nil {
 		problem("address: %v", err)
 	}
-	peers := a.wantPeers(members, records, problem)
-	if err := a.applyPeers(peers); err != nil {
-		problem("WireGuard: %v", err)
-	}
-
+	// Routes before peers: a VIP that moves to a host reached over the
+	// LAN must leave the tunnel at once for the new host's LAN route; if
+	// the tunnel first pointed it at the new host too, packets still in
+	// wireguard-go would reach it after newer ones that took the LAN. A
+	// VIP leaving the LAN goes on through the tunnel to its old host,
+	// which forwards it, until the peers change.
 	a.routes.Set(a.wantRoutes(records, a.lanPaths(members)))
 	if err := a.routes.Reconcile(); err != nil {
 		problem("routes: %v", err)
+	}
+	peers := a.wantPeers(members, records, problem)
+	if err := a.applyPeers(peers); err != nil {
+		problem("WireGuard: %v", err)
 	}
 	a.reconcileFilter(problem)
 	problems = append(problems, a.configProblems...)
