@@ -152,3 +152,20 @@ func vipOwner(st control.Status, vip netip.Addr) string {
 	}
 	return ""
 }
+
+// logHandBacks logs the agents' "migration delivered" lines, which say
+// how the hand-back to the kernel went; for a test that saw reordering.
+func logHandBacks(t testing.TB, l *lab.Lab) {
+	t.Helper()
+	for _, h := range l.Hosts {
+		if h.Agent == nil {
+			continue
+		}
+		b, _ := os.ReadFile(h.Agent.LogPath)
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, "migration delivered") {
+				t.Logf("%s: %s", h.Name, line)
+			}
+		}
+	}
+}

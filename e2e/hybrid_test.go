@@ -102,5 +102,8 @@ func TestHybridPaths(t *testing.T) {
 		} else if res.OutOfOrder > 0 {
 			t.Logf("KNOWN GAP: %d out of order at the hand-back", res.OutOfOrder)
 		}
+		if res.OutOfOrder > 0 {
+			logHandBacks(t, l)
+		}
 	}
 }

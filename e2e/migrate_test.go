@@ -138,6 +138,9 @@ func TestMigrationUDPNoLoss(t *testing.T) {
 			if res.Packets < 50000 {
 				t.Errorf("only %d datagrams: the stream did not run", res.Packets)
 			}
+			if res.OutOfOrder > 0 {
+				logHandBacks(t, l)
+			}
 			switch {
 			case step.announce && (res.Lost != 0 || res.OutOfOrder != 0):
 				t.Errorf("lost %d, out of order %d: want 0 and 0", res.Lost, res.OutOfOrder)
