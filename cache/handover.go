@@ -217,7 +217,7 @@ type Orderer struct {
 	pendFlow  Flow
 	pendAt    time.Time
 	hasPend   bool
-	pendSeen  atomic.Bool // hasPend, for Idle from other goroutines
+	pendSeen  atomic.Bool // a packet is out of its queue and not yet written, for Idle
 	released  map[Flow]bool
 	late      uint64
 
@@ -317,7 +317,9 @@ func (o *Orderer) Drained() bool {
 	return o.drained
 }
 
-// Idle reports that nothing received is waiting to be delivered.
+// Idle reports that nothing received is waiting to be delivered. It reads
+// the queues before the in-hand flag, which the orderer sets before it
+// pops, so a packet on its way from a queue to the VM is always seen.
 func (o *Orderer) Idle() bool {
 	return o.Stream.Len() == 0 && o.Direct.Len() == 0 && !o.pendSeen.Load()
 }
@@ -375,8 +377,12 @@ func (o *Orderer) step() (time.Duration, bool, error) {
 		if o.tokens < 1 {
 			return o.tokenWait(), false, nil
 		}
+		// In hand from before the Pop until written: Idle must never
+		// miss a packet that has left the queue but not reached the VM.
+		o.pendSeen.Store(true)
 		pkt, _, ok := o.Stream.Pop(now)
 		if !ok {
+			o.pendSeen.Store(false)
 			break
 		}
 		if len(o.released) > 0 {
@@ -384,7 +390,9 @@ func (o *Orderer) step() (time.Duration, bool, error) {
 				o.late++ // its flow's direct packets went first: reordered
 			}
 		}
-		if err := o.deliver(pkt); err != nil {
+		err := o.deliver(pkt)
+		o.pendSeen.Store(false)
+		if err != nil {
 			return 0, false, err
 		}
 	}
@@ -396,14 +404,15 @@ func (o *Orderer) step() (time.Duration, bool, error) {
 			return o.tokenWait(), false, nil
 		}
 		if !o.hasPend {
+			o.pendSeen.Store(true) // before the Pop, as above
 			pkt, at, ok := o.Direct.Pop(now)
 			if !ok {
+				o.pendSeen.Store(false)
 				break
 			}
 			o.pending = append(o.pending[:0], pkt...)
 			o.pendAt = at
 			o.hasPend = true
-			o.pendSeen.Store(true)
 			if f, err := o.cls.Classify(o.pending); err == nil {
 				o.pendFlow = f
 			} else {
