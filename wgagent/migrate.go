@@ -19,6 +19,7 @@ import (
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
 	"github.com/vmroam/vmroam/wgagent/route"
+	"github.com/vmroam/vmroam/xenhook"
 )
 
 // VIP states as status shows them.
@@ -232,9 +233,21 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	if closed {
 		o.Closed()
 	}
-	o.SetCarrier(hasCarrier(c.dev))
-	a.watchCarrier(c.dev, o)
 	stop := c.stop
+	// An arrival waits for what Config.Activation names; a VM that stays
+	// here (abort, a route flap) runs already and needs its carrier only.
+	mode := "carrier"
+	if !closed {
+		mode = a.cfg.Activation
+	}
+	if mode != "announce" {
+		o.SetCarrier(hasCarrier(c.dev))
+		a.watchCarrier(c.dev, o)
+	}
+	if mode != "carrier" {
+		a.bg.Add(1)
+		go a.watchAnnouncements(c, o, stop)
+	}
 	a.bg.Add(2)
 	go func() {
 		defer a.bg.Done()
@@ -246,6 +259,43 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 		defer a.bg.Done()
 		a.watchDelivery(c, o, stop)
 	}()
+}
+
+// watchAnnouncements opens the gate of o when the arriving VM announces
+// itself on its interface (gratuitous ARP, RARP, unsolicited NA), until
+// stop is closed.
+func (a *Agent) watchAnnouncements(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
+	defer a.bg.Done()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-stop:
+		case <-ctx.Done():
+		}
+		cancel()
+	}()
+	c.mu.Lock()
+	dev := c.dev
+	c.mu.Unlock()
+	err := xenhook.WatchAnnouncements(ctx, dev, func(an xenhook.Announcement) {
+		c.mu.Lock()
+		if len(c.mac) != 6 {
+			c.mac = an.MAC
+		}
+		first := c.rec.Activation == "" && o.Stats().CarrierUp.IsZero()
+		if first {
+			c.rec.Activation = an.Kind
+		}
+		c.mu.Unlock()
+		if first {
+			a.log.Debug("arriving VM announced itself", "vip", c.vip, "dev", dev, "kind", an.Kind, "mac", an.MAC, "ip", an.IP)
+		}
+		o.SetCarrier(true)
+	})
+	if err != nil {
+		a.log.Debug("watching for the VM's announcements", "vip", c.vip, "dev", dev, "err", err)
+	}
 }
 
 // writer returns the delivery function, opening the packet socket on first
@@ -304,6 +354,9 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 	}
 	if !st.CarrierUp.IsZero() {
 		c.rec.CarrierUp = timePtr(st.CarrierUp)
+		if c.rec.Activation == "" {
+			c.rec.Activation = "carrier"
+		}
 	}
 	if c.queue != nil {
 		qs := c.queue.Stats()
