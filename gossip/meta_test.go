@@ -159,25 +159,13 @@ func FuzzMetaUnmarshal(f *testing.F) {
 	}
 	f.Add([]byte{metaFormat1})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		var m Meta
-		if err := m.UnmarshalBinary(b); err != nil {
-			return
-		}
-		enc, err := m.MarshalBinary()
-		if err != nil {
-			t.Fatalf("decoded %+v does not re-encode: %v", m, err)
-		}
-		var again Meta
-		if err := again.UnmarshalBinary(enc); err != nil {
-			t.Fatalf("re-encoding does not decode: %v", err)
-		}
-		if again != m {
-			t.Fatalf("re-decoded %+v, want %+v", again, m)
-		}
-		// The decoder is strict, so the encoding is unique.
-		if !bytes.Equal(enc, b) {
-			t.Fatalf("re-encoded %x, input %x", enc, b)
-		}
+		strictRoundTrip(t, b,
+			func(b []byte) (Meta, error) {
+				var m Meta
+				err := m.UnmarshalBinary(b)
+				return m, err
+			},
+			Meta.MarshalBinary)
 	})
 }
 

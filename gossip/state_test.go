@@ -94,20 +94,12 @@ func FuzzDecodeState(f *testing.F) {
 	f.Add(encodeState(sampleRecords(), sampleNetworks()))
 	f.Add(rawState(EncodeNetworks(sampleNetworks()[:1]), EncodeRecords(sampleRecords()[:1])))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		rs, ns, err := decodeState(b)
-		if err != nil {
-			return
+		type state struct {
+			rs []Record
+			ns []Network
 		}
-		enc := encodeState(rs, ns)
-		rs2, ns2, err := decodeState(enc)
-		if err != nil {
-			t.Fatalf("re-encoding does not decode: %v", err)
-		}
-		if !reflect.DeepEqual(rs2, rs) || !reflect.DeepEqual(ns2, ns) {
-			t.Fatalf("re-decoded %v %v, want %v %v", rs2, ns2, rs, ns)
-		}
-		if !bytes.Equal(enc, b) {
-			t.Fatalf("re-encoded %x, input %x", enc, b)
-		}
+		strictRoundTrip(t, b,
+			func(b []byte) (state, error) { rs, ns, err := decodeState(b); return state{rs, ns}, err },
+			func(s state) ([]byte, error) { return encodeState(s.rs, s.ns), nil })
 	})
 }
