@@ -36,15 +36,6 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 	}
 	a.mu.Lock()
 	at, ok := a.attached[vip]
-	if !ok {
-		if cur, known := a.cluster.Table().Get(vip); !known || cur.Owner == "" {
-			// A new VM (an arrival is let in: it runs already).
-			if err := a.checkAttachNetwork(vip); err != nil {
-				a.mu.Unlock()
-				return control.VIP{}, err
-			}
-		}
-	}
 	if ok && at.Dev != dev {
 		if at.Dev == "" {
 			a.log.Info("reserved VIP attached", "vip", vip, "dev", dev)
@@ -65,6 +56,13 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 	} else {
 		var r gossip.Record
 		cur, known := a.cluster.Table().Get(vip)
+		if !known || cur.Owner == "" {
+			// A new VM (an arrival is let in: it runs already).
+			if err := a.checkAttachNetwork(vip); err != nil {
+				a.mu.Unlock()
+				return control.VIP{}, err
+			}
+		}
 		if a.intercept != nil && known && cur.Owner != "" && cur.Owner != a.cfg.Name {
 			r = a.arriveLocked(vip, dev, cur)
 		} else {
