@@ -115,13 +115,20 @@ func (a *Agent) localCtl(vip netip.Addr, dev string) *vipCtl {
 	}
 	c := a.ctls[vip]
 	if c == nil {
-		c = &vipCtl{a: a, vip: vip, state: stateLocal, queue: a.newQueue()}
-		a.ctls[vip] = c
-		a.intercept.Attach(vip, c)
+		return a.addCtlLocked(vip, dev, vipPhase{state: stateLocal})
 	}
 	c.mu.Lock()
 	c.dev = dev
 	c.mu.Unlock()
+	return c
+}
+
+// addCtlLocked registers a new controller for vip in phase p and gives it
+// the packets the cache device reads for vip. a.mu held.
+func (a *Agent) addCtlLocked(vip netip.Addr, dev string, p vipPhase) *vipCtl {
+	c := &vipCtl{a: a, vip: vip, dev: dev, state: p.state, byCarrier: p.byCarrier, queue: a.newQueue()}
+	a.ctls[vip] = c
+	a.intercept.Attach(vip, c)
 	return c
 }
 
@@ -520,10 +527,8 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 	}
 	// The controller takes the VIP's packets before any route leads them
 	// to the cache device, so none arrives without a sink.
-	c := &vipCtl{a: a, vip: vip, dev: dev, queue: a.newQueue()}
-	c.stepLocked(evArrive)
-	a.ctls[vip] = c
-	a.intercept.Attach(vip, c)
+	holding, _ := step(vipPhase{state: stateNone}, evArrive)
+	c := a.addCtlLocked(vip, dev, holding)
 	// Divert before claiming: senders switch to this host as soon as the
 	// claim reaches them, and what they send must be held here, not
 	// routed back to the old owner through the tunnel.

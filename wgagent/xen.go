@@ -48,7 +48,7 @@ func (x xenEvents) Suspending(domid int, name string) {
 	go func() {
 		defer a.bg.Done()
 		a.mu.Lock()
-		vips := a.vipsOfDomain(domid)
+		vips := a.domainVIPsLocked()[domid]
 		for _, vip := range vips {
 			if err := a.suspendLocked(vip, "xenstore: domain "+name+" asked to suspend"); err != nil {
 				a.log.Warn("xenstore suspend", "vip", vip, "domid", domid, "err", err)
@@ -107,31 +107,30 @@ func (a *Agent) followXenDomainsLocked() {
 	if a.xen == nil {
 		return
 	}
-	want := map[int]bool{}
-	for _, at := range a.attached {
-		if id, ok := xenhook.DomidOfVif(at.Dev); ok {
-			want[id] = true
-		}
-	}
+	want := a.domainVIPsLocked()
 	for id := range want {
 		if !a.xenFollowed[id] {
 			a.xen.Follow(id)
 		}
 	}
 	for id := range a.xenFollowed {
-		if !want[id] {
+		if _, ok := want[id]; !ok {
 			a.xen.Unfollow(id)
 		}
 	}
-	a.xenFollowed = want
+	a.xenFollowed = map[int]bool{}
+	for id := range want {
+		a.xenFollowed[id] = true
+	}
 }
 
-// vipsOfDomain lists the VIPs attached behind domid's vifs. a.mu held.
-func (a *Agent) vipsOfDomain(domid int) []netip.Addr {
-	var out []netip.Addr
+// domainVIPsLocked maps each Xen domain whose vifs carry attached VIPs to
+// those VIPs, from the vifs' names. a.mu held.
+func (a *Agent) domainVIPsLocked() map[int][]netip.Addr {
+	out := map[int][]netip.Addr{}
 	for vip, at := range a.attached {
-		if id, ok := xenhook.DomidOfVif(at.Dev); ok && id == domid {
-			out = append(out, vip)
+		if id, ok := xenhook.DomidOfVif(at.Dev); ok {
+			out[id] = append(out[id], vip)
 		}
 	}
 	return out
