@@ -133,25 +133,34 @@ func (a *Agent) checkAttachNetwork(vip netip.Addr) error {
 	return badRequest("%s is in no virtual network (declared: %s); declare one with 'vmroam network add NAME CIDR'", vip, strings.Join(names, ", "))
 }
 
-// networkStatus is n as status shows it.
-func (a *Agent) networkStatus(n gossip.Network) control.Network {
-	t := a.cluster.Table()
-	cn := control.Network{Name: n.Name, Prefix: n.Prefix, Epoch: n.Epoch, Origin: n.Origin}
-	cn.Active = slices.ContainsFunc(t.ActiveNetworks(), func(o gossip.Network) bool { return o.Name == n.Name })
-	for _, ov := range t.NetworkOverlaps() {
-		if ov.Loser.Name == n.Name {
-			cn.Overlaps = ov.Winner.Name
-		}
-	}
-	return cn
-}
-
+// networksStatus is every live network as status shows it; the active set
+// and the overlaps are computed once for the whole list.
 func (a *Agent) networksStatus() []control.Network {
+	t := a.cluster.Table()
+	active := map[string]bool{}
+	for _, n := range t.ActiveNetworks() {
+		active[n.Name] = true
+	}
+	overlaps := map[string]string{}
+	for _, ov := range t.NetworkOverlaps() {
+		overlaps[ov.Loser.Name] = ov.Winner.Name
+	}
 	out := []control.Network{}
-	for _, n := range a.cluster.Table().Networks() {
-		out = append(out, a.networkStatus(n))
+	for _, n := range t.Networks() {
+		out = append(out, control.Network{Name: n.Name, Prefix: n.Prefix, Epoch: n.Epoch, Origin: n.Origin,
+			Active: active[n.Name], Overlaps: overlaps[n.Name]})
 	}
 	return out
+}
+
+// networkStatus is n as status shows it.
+func (a *Agent) networkStatus(n gossip.Network) control.Network {
+	for _, cn := range a.networksStatus() {
+		if cn.Name == n.Name {
+			return cn
+		}
+	}
+	return control.Network{Name: n.Name, Prefix: n.Prefix, Epoch: n.Epoch, Origin: n.Origin}
 }
 
 // wantRuleset is the nftables table the cluster state asks for.
