@@ -5,11 +5,14 @@
 package wgdev
 
 import (
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
+	"strings"
 	"sync"
 
 	"github.com/vishvananda/netlink"
@@ -235,6 +238,37 @@ func (d *Device) Configure(c wgtypes.Config) error {
 		return fmt.Errorf("configure WireGuard %s: %w", d.name, err)
 	}
 	return nil
+}
+
+// RemoveAllowedIPs takes prefixes off one peer and leaves its others in
+// place. A replace (wgtypes.PeerConfig.ReplaceAllowedIPs) first removes
+// every prefix of the peer and then adds back the ones kept: a packet to
+// any of them routed in between has no peer and is dropped. wireguard-go
+// was seen descheduled for milliseconds in there on a busy host, dropping
+// a handover request to the peer's overlay address. wireguard-go takes
+// single prefixes off ("allowed_ip=-P"); the kernel's netlink API as wgctrl
+// speaks it cannot, so there a replace to keep is what remains, done in
+// one netlink message.
+func (d *Device) RemoveAllowedIPs(peer wgtypes.Key, remove, keep []netip.Prefix) error {
+	if len(remove) == 0 {
+		return nil
+	}
+	if d.impl == Userspace && d.wg != nil {
+		var b strings.Builder
+		fmt.Fprintf(&b, "public_key=%s\nupdate_only=true\n", hex.EncodeToString(peer[:]))
+		for _, p := range remove {
+			fmt.Fprintf(&b, "allowed_ip=-%s\n", p)
+		}
+		if err := d.wg.IpcSet(b.String()); err != nil {
+			return fmt.Errorf("configure WireGuard %s: remove allowed IPs %v: %w", d.name, remove, err)
+		}
+		return nil
+	}
+	nets := make([]net.IPNet, len(keep))
+	for i, p := range keep {
+		nets[i] = net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+	}
+	return d.Configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: peer, UpdateOnly: true, ReplaceAllowedIPs: true, AllowedIPs: nets}}})
 }
 
 // Close removes the interface (which removes its routes with it) and stops

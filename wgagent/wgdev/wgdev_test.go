@@ -3,7 +3,10 @@ package wgdev
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
+	"slices"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -59,6 +62,32 @@ func TestOpenUserspace(t *testing.T) {
 		}
 		if st, _ = d.State(); len(st.Peers) != 1 {
 			t.Errorf("peers after configure: %d", len(st.Peers))
+		}
+		// Taking one prefix off a peer keeps the others, without a
+		// replace in between.
+		pfx := func(s ...string) (out []net.IPNet) {
+			for _, p := range s {
+				_, n, _ := net.ParseCIDR(p)
+				out = append(out, *n)
+			}
+			return out
+		}
+		if err := d.Configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: peer.PublicKey(), UpdateOnly: true,
+			AllowedIPs: pfx("100.100.0.9/32", "100.100.20.1/32", "100.100.20.2/32")}}}); err != nil {
+			t.Fatal(err)
+		}
+		keep := []netip.Prefix{netip.MustParsePrefix("100.100.0.9/32"), netip.MustParsePrefix("100.100.20.2/32")}
+		if err := d.RemoveAllowedIPs(peer.PublicKey(), []netip.Prefix{netip.MustParsePrefix("100.100.20.1/32")}, keep); err != nil {
+			t.Fatal(err)
+		}
+		st, _ = d.State()
+		var got []string
+		for _, n := range st.Peers[0].AllowedIPs {
+			got = append(got, n.String())
+		}
+		slices.Sort(got)
+		if want := []string{"100.100.0.9/32", "100.100.20.2/32"}; !slices.Equal(got, want) {
+			t.Errorf("allowed IPs after removing one: %v, want %v", got, want)
 		}
 		if err := d.Close(); err != nil {
 			t.Fatal(err)
