@@ -81,6 +81,17 @@ type Agent struct {
 	xenFollowed map[int]bool
 	xenPath     string
 
+	// Handover connections opened by Prepare, by VIP; see prepare.go.
+	prepMu   sync.Mutex
+	prepared map[netip.Addr]*preparedConn
+	// Connections accepted on the handover port that have not yet sent
+	// their request, by remote address; guarded by prepMu.
+	idleHandovers map[netip.Addr]int
+	// The accepted connections still waiting for their request, closed
+	// when the agent stops; guarded by prepMu.
+	waiting map[net.Conn]bool
+	closing bool
+
 	// configProblems are mistakes in the config found after start (a
 	// network that clashes); status shows them until a restart.
 	configProblems []string
@@ -282,6 +293,8 @@ func (a *Agent) teardown() {
 	}
 	if a.handoverLn != nil {
 		a.handoverLn.Close()
+		a.expirePrepared(true)
+		a.closeIdleHandovers()
 		close(a.linkStop)
 		a.mu.Lock()
 		for _, c := range a.ctls {

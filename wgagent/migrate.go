@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
-	"strconv"
 	"sync"
 	"time"
 
@@ -558,48 +558,47 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 // Whatever happens, it ends by telling the orderer the source is closed.
 func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *cache.Queue, o *cache.Orderer, stop chan struct{}) {
 	defer o.Closed()
-	deadline := time.Now().Add(a.cfg.CacheLimits.MaxAge)
+	req := cache.Request{VIP: c.vip, Epoch: r.Epoch, Claimer: a.cfg.Name}
+	pc := a.takePrepared(c.vip, from)
 	var conn net.Conn
-	var dialRTT time.Duration
+	var rd io.Reader
+	var rtt, dialRTT time.Duration
 	for {
-		addr, alive := a.memberOverlay(from)
-		if !alive {
-			a.log.Warn("old owner is not alive: delivering what is held without its cache", "vip", c.vip, "from", from)
+		prepared := pc != nil
+		if prepared {
+			conn, dialRTT = pc.conn, pc.dialRTT
+			pc = nil
+		} else if conn, dialRTT = a.connectHandover(c, from, stop); conn == nil {
 			return
 		}
-		// Short attempts: a lost SYN is retried by a new dial sooner than
-		// by TCP's own 1 s backoff.
-		d := net.Dialer{Timeout: 300 * time.Millisecond, LocalAddr: &net.TCPAddr{IP: a.cfg.Address.Addr().AsSlice()}}
-		var err error
-		t0 := time.Now()
-		conn, err = d.Dial("tcp", net.JoinHostPort(addr.String(), strconv.Itoa(a.cfg.HandoverPort)))
-		if err == nil {
-			dialRTT = time.Since(t0)
-			lv := slog.LevelDebug
-			if time.Since(c.started) > time.Second {
-				lv = slog.LevelWarn // worth knowing: every held packet waits
+		released := make(chan struct{})
+		go func(conn net.Conn) {
+			select {
+			case <-stop:
+				conn.Close()
+			case <-released:
 			}
-			a.log.Log(context.Background(), lv, "handover: connected", "vip", c.vip, "from", from, "after", time.Since(c.started))
+		}(conn)
+		var err error
+		rd, rtt, err = cache.RequestHandover(conn, req)
+		if err == nil {
+			defer func() {
+				close(released)
+				conn.Close()
+			}()
 			break
 		}
-		a.log.Debug("handover: connect", "vip", c.vip, "from", from, "err", err)
-		if time.Now().After(deadline) {
-			a.log.Error("handover: old owner unreachable; its cache is lost", "vip", c.vip, "from", from, "err", err)
-			return
-		}
+		close(released)
+		conn.Close()
 		select {
 		case <-stop:
 			return
-		case <-time.After(50 * time.Millisecond):
+		default:
 		}
-	}
-	defer conn.Close()
-	go func() {
-		<-stop
-		conn.Close()
-	}()
-	rd, rtt, err := cache.RequestHandover(conn, cache.Request{VIP: c.vip, Epoch: r.Epoch, Claimer: a.cfg.Name})
-	if err != nil {
+		if prepared {
+			a.log.Info("handover: the prepared connection failed; connecting anew", "vip", c.vip, "from", from, "err", err)
+			continue
+		}
 		a.log.Error("handover request", "vip", c.vip, "from", from, "err", err)
 		return
 	}
@@ -627,6 +626,40 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 	c.mu.Unlock()
 	if err != nil {
 		a.log.Warn("handover stream ended early", "vip", c.vip, "from", from, "err", err)
+	}
+}
+
+// connectHandover connects to the old owner's handover port, retrying
+// until it answers, stops being alive, the cache's age limit passes or
+// stop closes; nil if it gave up.
+func (a *Agent) connectHandover(c *vipCtl, from string, stop chan struct{}) (net.Conn, time.Duration) {
+	deadline := time.Now().Add(a.cfg.CacheLimits.MaxAge)
+	for {
+		// Short attempts: a lost SYN is retried by a new dial sooner than
+		// by TCP's own 1 s backoff.
+		conn, rtt, err := a.dialHandover(context.Background(), from, 300*time.Millisecond)
+		if err == nil {
+			lv := slog.LevelDebug
+			if time.Since(c.started) > time.Second {
+				lv = slog.LevelWarn // worth knowing: every held packet waits
+			}
+			a.log.Log(context.Background(), lv, "handover: connected", "vip", c.vip, "from", from, "after", time.Since(c.started))
+			return conn, rtt
+		}
+		if errors.Is(err, errNotAlive) {
+			a.log.Warn("old owner is not alive: delivering what is held without its cache", "vip", c.vip, "from", from)
+			return nil, 0
+		}
+		a.log.Debug("handover: connect", "vip", c.vip, "from", from, "err", err)
+		if time.Now().After(deadline) {
+			a.log.Error("handover: old owner unreachable; its cache is lost", "vip", c.vip, "from", from, "err", err)
+			return nil, 0
+		}
+		select {
+		case <-stop:
+			return nil, 0
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 }
 
@@ -662,12 +695,10 @@ func (a *Agent) serveHandovers(ln net.Listener) {
 }
 
 func (a *Agent) handleHandover(conn net.Conn) error {
-	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	f, err := cache.NewReader(conn).Next()
+	f, err := a.readHandoverRequest(conn)
 	if err != nil {
-		return fmt.Errorf("read request: %w", err)
+		return err
 	}
-	conn.SetReadDeadline(time.Time{})
 	w := cache.NewWriter(conn)
 	refuse := func(format string, args ...any) error {
 		reason := fmt.Sprintf(format, args...)
@@ -686,6 +717,7 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	}
 
 	var c *vipCtl
+	asked := time.Now()
 	for wait := time.Now().Add(handoverWait); ; {
 		a.mu.Lock()
 		c = a.ctls[req.VIP]
@@ -721,14 +753,21 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	a.dirty = true
 	a.cluster.Assert(gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
 	a.mu.Unlock()
-	// Move the VIP to the new owner's peer before streaming: our own
-	// senders then go straight there.
+	// Move the VIP to the new owner's peer while streaming: our own
+	// senders then go straight there. Not before: a reconcile takes
+	// milliseconds to tens of them on a busy host, and the new host's
+	// handover waits for the first packet. Until the routes change, what
+	// still reaches the cache device goes into the stream behind the
+	// backlog, as any straggler does.
 	t0 := time.Now()
-	a.reconcile()
-	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "reconcile", time.Since(t0), "mac", mac)
-
+	reconciled := make(chan time.Duration, 1)
+	go func() {
+		a.reconcile()
+		reconciled <- time.Since(t0)
+	}()
+	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "mac", mac, "after", time.Since(asked))
 	st, err := cache.SendQueue(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.cfg.CacheLinger, stop, nil)
-	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0))
+	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", <-reconciled)
 	a.mu.Lock()
 	c.mu.Lock()
 	c.rec.Flushed, c.rec.Forwarded = st.Flushed, st.Forwarded
@@ -761,6 +800,62 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	}
 	a.log.Info("handover done", "vip", req.VIP, "to", req.Claimer, "flushed", st.Flushed, "forwarded", st.Forwarded, "err", err)
 	return err
+}
+
+// readHandoverRequest reads the request a connection opens with. A member
+// may connect long before it asks (Prepare); anyone else must ask at once.
+func (a *Agent) readHandoverRequest(conn net.Conn) (cache.Frame, error) {
+	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
+	from := remote.Addr().Unmap()
+	wait := 5 * time.Second
+	if a.isMemberOverlay(from) {
+		a.prepMu.Lock()
+		if a.idleHandovers == nil {
+			a.idleHandovers = map[netip.Addr]int{}
+		}
+		n := a.idleHandovers[from]
+		if n < maxIdleHandovers {
+			wait = prepareTTL
+			a.idleHandovers[from] = n + 1
+			defer func() {
+				a.prepMu.Lock()
+				if a.idleHandovers[from]--; a.idleHandovers[from] <= 0 {
+					delete(a.idleHandovers, from)
+				}
+				a.prepMu.Unlock()
+			}()
+		}
+		a.prepMu.Unlock()
+	}
+	a.prepMu.Lock()
+	if a.closing {
+		a.prepMu.Unlock()
+		return cache.Frame{}, errors.New("agent stopping")
+	}
+	if a.waiting == nil {
+		a.waiting = map[net.Conn]bool{}
+	}
+	a.waiting[conn] = true
+	a.prepMu.Unlock()
+	conn.SetReadDeadline(time.Now().Add(wait))
+	f, err := cache.NewReader(conn).Next()
+	a.prepMu.Lock()
+	delete(a.waiting, conn)
+	a.prepMu.Unlock()
+	if err != nil {
+		return f, fmt.Errorf("read request: %w", err)
+	}
+	conn.SetReadDeadline(time.Time{})
+	return f, nil
+}
+
+func (a *Agent) isMemberOverlay(addr netip.Addr) bool {
+	for _, m := range a.cluster.Members() {
+		if m.MetaErr == nil && m.State == gossip.MemberAlive && m.Meta.Address == addr {
+			return true
+		}
+	}
+	return false
 }
 
 // reconcileMigrations runs in every reconcile with a.mu held: it acts on

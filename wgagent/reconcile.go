@@ -1,6 +1,7 @@
 package wgagent
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -44,6 +45,7 @@ func (a *Agent) reconcile() {
 	members := a.cluster.Members()
 	records := a.cluster.Table().Records()
 	a.reconcileOwnership(records)
+	a.expirePrepared(false)
 	a.rememberPeers(members)
 	if a.intercept != nil {
 		a.reconcileMigrationsLocked()
@@ -269,7 +271,7 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 	}
 	// Second pass: prefixes still on a peer that should not have them;
 	// and a warm-up for every peer without a session yet.
-	var shrink []wgtypes.PeerConfig
+	var errs []error
 	for _, p := range dev.Peers {
 		w, ok := wanted[p.PublicKey]
 		if !ok {
@@ -282,17 +284,17 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 		for _, q := range w.allowedIPs {
 			want[q] = true
 		}
+		var remove []netip.Prefix
 		for q := range prefixSet(p.AllowedIPs) {
 			if !want[q] {
-				shrink = append(shrink, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, ReplaceAllowedIPs: true, AllowedIPs: ipNets(w.allowedIPs)})
-				break
+				remove = append(remove, q)
 			}
 		}
+		if err := a.dev.RemoveAllowedIPs(p.PublicKey, remove, w.allowedIPs); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	if len(shrink) > 0 {
-		return a.dev.Configure(wgtypes.Config{Peers: shrink})
-	}
-	return nil
+	return errors.Join(errs...)
 }
 
 func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) []route.Route {

@@ -280,7 +280,7 @@ func clientErr(err error) error {
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return usagef("migrate: want a subcommand: suspend or abort")
+		return usagef("migrate: want a subcommand: suspend, abort or prepare")
 	}
 	sub, args := args[0], args[1:]
 	var call func(*control.Client, context.Context, netip.Addr) (control.VIP, error)
@@ -289,8 +289,10 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		call = (*control.Client).Suspend
 	case "abort":
 		call = (*control.Client).Abort
+	case "prepare":
+		call = (*control.Client).Prepare
 	default:
-		return usagef("migrate: unknown subcommand %q (want suspend or abort)", sub)
+		return usagef("migrate: unknown subcommand %q (want suspend, abort or prepare)", sub)
 	}
 	fs := newFlagSet("migrate "+sub, "migrate "+sub+" VIP [--socket PATH]", stdout, stderr)
 	var socket string

@@ -106,9 +106,15 @@ func runHookLibvirt(ctx context.Context, args []string, stdout, stderr io.Writer
 	for _, a := range actions {
 		switch a.Verb {
 		case "prepare":
-			// The agent cannot pre-provision yet; attach at "started" is
-			// what routes the VIP here.
-			h.infof("prepare %s: nothing to do yet", a.VIP)
+			// Only a head start for the handover (the agent connects to
+			// the VIP's host now): attach at "started" is what routes the
+			// VIP here, so a failure here must not stop the VM.
+			v, err := c.Prepare(ctx, a.VIP)
+			if err != nil {
+				h.infof("prepare %s: %v; the handover will connect at the claim instead", a.VIP, err)
+				continue
+			}
+			h.infof("prepare %s: ready (owner %s)", v.VIP, orDash(v.Owner))
 		case "attach":
 			v, err := c.Attach(ctx, a.VIP, a.Dev)
 			if err != nil {

@@ -65,6 +65,11 @@ func (b *recordingBackend) Suspend(_ context.Context, vip netip.Addr) (control.V
 	return control.VIP{}, nil
 }
 
+func (b *recordingBackend) Prepare(_ context.Context, vip netip.Addr) (control.VIP, error) {
+	b.record("prepare %s", vip)
+	return control.VIP{VIP: vip.String(), Owner: "h1", State: "remote"}, nil
+}
+
 func (b *recordingBackend) Abort(_ context.Context, vip netip.Addr) (control.VIP, error) {
 	b.record("abort %s", vip)
 	return control.VIP{}, nil
@@ -139,9 +144,11 @@ func TestHookLibvirt(t *testing.T) {
 		syslogged bool
 	}{
 		{"destination: migrate", inactive, []string{"web1", "migrate", "begin", "-"}, nil, nil, false},
-		{"destination: prepare", inactive, []string{"web1", "prepare", "begin", "-"}, nil,
-			[]string{"domain web1, prepare begin: prepare 100.64.1.5: nothing to do yet", "prepare 100.64.1.8: nothing to do yet"}, false},
-		{"destination: start", live, []string{"web1", "start", "begin", "-"}, nil, []string{"nothing to do yet"}, false},
+		{"destination: prepare", inactive, []string{"web1", "prepare", "begin", "-"},
+			[]string{"prepare 100.64.1.5", "prepare fd00:64::5", "prepare 100.64.1.7", "prepare 100.64.1.8"},
+			[]string{"domain web1, prepare begin: prepare 100.64.1.5: ready (owner h1)", "prepare 100.64.1.8: ready (owner h1)"}, false},
+		{"destination: start", live, []string{"web1", "start", "begin", "-"},
+			[]string{"prepare 100.64.1.5", "prepare fd00:64::5", "prepare 100.64.1.7", "prepare 100.64.1.8"}, []string{"ready"}, false},
 		{"destination: started", live, []string{"web1", "started", "begin", "-"},
 			[]string{"attach 100.64.1.5 vnet3", "attach fd00:64::5 vnet3", "attach 100.64.1.7 vnet4", "attach 100.64.1.8 vnet4"},
 			[]string{"domain web1, started begin: 100.64.1.5 attached on vnet3 (epoch 4)"}, false},

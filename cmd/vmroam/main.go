@@ -32,6 +32,8 @@ Usage:
   vmroam network list [--json]   show the virtual networks
   vmroam migrate suspend VIP     the VM stopped here: cache its packets
   vmroam migrate abort VIP       the VM stays here: deliver its cache to it
+  vmroam migrate prepare VIP     the VM is about to arrive here: connect to
+                                 its host now, so that the handover is quicker
   vmroam keygen --gossip         print a new gossip encryption key
   vmroam hook libvirt DOMAIN OP SUBOP EXTRA
                                  libvirt's qemu hook runs this; people do not

@@ -85,6 +85,13 @@ func (c *Client) Abort(ctx context.Context, vip netip.Addr) (VIP, error) {
 	return v, err
 }
 
+// Prepare tells the agent that vip is about to arrive on this host.
+func (c *Client) Prepare(ctx context.Context, vip netip.Addr) (VIP, error) {
+	var v VIP
+	err := c.do(ctx, http.MethodPost, "/v1/migrate/prepare", VIPRequest{VIP: vip}, &v)
+	return v, err
+}
+
 // Allocate asks for a free address in network, attached to dev ("" =
 // reserved on the agent's host).
 func (c *Client) Allocate(ctx context.Context, network, dev string) (VIP, error) {

@@ -46,6 +46,10 @@ func (f *fakeBackend) Suspend(_ context.Context, vip netip.Addr) (VIP, error) {
 	return VIP{VIP: vip.String(), State: "caching"}, nil
 }
 
+func (f *fakeBackend) Prepare(_ context.Context, vip netip.Addr) (VIP, error) {
+	return VIP{VIP: vip.String(), State: "remote"}, nil
+}
+
 func (f *fakeBackend) Abort(_ context.Context, vip netip.Addr) (VIP, error) {
 	return VIP{}, fmt.Errorf("%w: %s is not caching", ErrBadRequest, vip)
 }

@@ -25,6 +25,10 @@ type Backend interface {
 	Detach(ctx context.Context, vip netip.Addr) (VIP, error)
 	Suspend(ctx context.Context, vip netip.Addr) (VIP, error)
 	Abort(ctx context.Context, vip netip.Addr) (VIP, error)
+	// Prepare readies this host for a VIP about to arrive (a hypervisor
+	// is preparing an incoming migration): it connects to the current
+	// owner ahead of the claim. It may wait for one connect.
+	Prepare(ctx context.Context, vip netip.Addr) (VIP, error)
 	AddNetwork(ctx context.Context, name string, prefix netip.Prefix) (Network, error)
 	RemoveNetwork(ctx context.Context, name string) (Network, error)
 	Allocate(ctx context.Context, network, dev string) (VIP, error)
@@ -151,6 +155,7 @@ func handler(b Backend) http.Handler {
 	for path, op := range map[string]func(context.Context, netip.Addr) (VIP, error){
 		"POST /v1/migrate/suspend": b.Suspend,
 		"POST /v1/migrate/abort":   b.Abort,
+		"POST /v1/migrate/prepare": b.Prepare,
 	} {
 		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
 			var req VIPRequest
