@@ -26,8 +26,32 @@ type FlowResult struct {
 	OutOfOrder int     // UDP datagrams that arrived after a later one
 	Bytes      float64 // received
 	Seconds    float64
-	// Intervals are bytes received per interval (-i), for TCP stalls.
+	// Intervals are bytes received per FlowInterval, for TCP stalls.
 	Intervals []float64
+}
+
+// FlowInterval is the receiver's reporting interval (iperf3 -i): the
+// resolution of FlowResult.Intervals and Stall.
+const FlowInterval = 100 * time.Millisecond
+
+// Stall is the longest run of intervals in which the receiver got
+// nothing, leaving out the first and the last (a stream starting or
+// ending), as a duration: a TCP stream's stall seen by the receiver, to
+// FlowInterval's resolution.
+func (r FlowResult) Stall() time.Duration {
+	longest, run := 0, 0
+	for i, b := range r.Intervals {
+		if i == 0 || i == len(r.Intervals)-1 {
+			continue
+		}
+		if b == 0 {
+			run++
+			longest = max(longest, run)
+		} else {
+			run = 0
+		}
+	}
+	return time.Duration(longest) * FlowInterval
 }
 
 // StartUDPFlow starts an iperf3 UDP stream from from to to's first VIP for
@@ -62,7 +86,7 @@ func (l *Lab) startFlow(from, to *VM, dur time.Duration, clientExtra ...string) 
 		cliLog: filepath.Join(l.Dir, "flow-"+to.Name+"-"+port+"-client.log")}
 	var err error
 	f.srv, err = l.startProc("iperf3 server in "+to.Name, to.NS, f.srvLog, nil,
-		"iperf3", "-s", "-1", "-J", "-i", "0.5", "-B", dst.String(), "-p", port)
+		"iperf3", "-s", "-1", "-J", "-i", strconv.FormatFloat(FlowInterval.Seconds(), 'f', -1, 64), "-B", dst.String(), "-p", port)
 	if err != nil {
 		return nil, err
 	}

@@ -440,3 +440,19 @@ func TestBaseline(t *testing.T) {
 		t.Fatalf("IperfUDP: %+v", u)
 	}
 }
+
+func TestFlowStall(t *testing.T) {
+	for _, tc := range []struct {
+		iv   []float64
+		want time.Duration
+	}{
+		{nil, 0},
+		{[]float64{0, 5, 5, 0}, 0},                      // start and end do not count
+		{[]float64{5, 0, 0, 5, 0, 5}, 2 * FlowInterval}, // the longest run
+		{[]float64{5, 0, 0, 0, 5, 0, 0, 5}, 3 * FlowInterval},
+	} {
+		if got := (FlowResult{Intervals: tc.iv}).Stall(); got != tc.want {
+			t.Errorf("Stall(%v) = %v, want %v", tc.iv, got, tc.want)
+		}
+	}
+}

@@ -24,8 +24,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"math/rand/v2"
+	"net/netip"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -100,14 +102,17 @@ func validLoss(p float64) error {
 
 // Stats counts what the emulator did.
 type Stats struct {
-	Received    uint64        // packets read from the device
-	Sent        uint64        // packets written back
-	Lost        uint64        // dropped on purpose (Config.Loss)
-	Dropped     uint64        // dropped for want of room (MaxQueue) or by a failed write
-	Late        uint64        // written more than LateAfter after their due time
-	MaxLateness time.Duration // the latest any packet was written after its due time
-	P50Lateness time.Duration // median lateness of the packets written (up to 12.5 % high)
-	P99Lateness time.Duration // its 99th percentile (up to 12.5 % high)
+	Received uint64 // packets read from the device
+	Sent     uint64 // packets written back
+	Lost     uint64 // dropped on purpose (Config.Loss)
+	// LostByPath splits Lost by "SRC>DST" IP addresses, so that a test
+	// can tell what the emulated underlay took from one flow's path.
+	LostByPath  map[string]uint64 `json:",omitempty"`
+	Dropped     uint64            // dropped for want of room (MaxQueue) or by a failed write
+	Late        uint64            // written more than LateAfter after their due time
+	MaxLateness time.Duration     // the latest any packet was written after its due time
+	P50Lateness time.Duration     // median lateness of the packets written (up to 12.5 % high)
+	P99Lateness time.Duration     // its 99th percentile (up to 12.5 % high)
 }
 
 // String formats s on one line.
@@ -144,6 +149,9 @@ type Emulator struct {
 	received, sent, lost, dropped, late atomic.Uint64
 	maxLate                             atomic.Int64
 	lateness                            histogram
+
+	lostMu   sync.Mutex
+	lostPath map[string]uint64 // Stats.LostByPath
 }
 
 // New returns an emulator for cfg.
@@ -188,7 +196,42 @@ func (e *Emulator) Stats() Stats {
 		MaxLateness: time.Duration(e.maxLate.Load()),
 		P50Lateness: e.lateness.quantile(0.5),
 		P99Lateness: e.lateness.quantile(0.99),
+		LostByPath:  e.lostByPath(),
 	}
+}
+
+func (e *Emulator) lostByPath() map[string]uint64 {
+	e.lostMu.Lock()
+	defer e.lostMu.Unlock()
+	if len(e.lostPath) == 0 {
+		return nil
+	}
+	return maps.Clone(e.lostPath)
+}
+
+// countLost adds a packet dropped on purpose to LostByPath.
+func (e *Emulator) countLost(pkt []byte) {
+	src, dst, ok := ipAddrs(pkt)
+	if !ok {
+		return
+	}
+	e.lostMu.Lock()
+	if e.lostPath == nil {
+		e.lostPath = map[string]uint64{}
+	}
+	e.lostPath[src.String()+">"+dst.String()]++
+	e.lostMu.Unlock()
+}
+
+// ipAddrs reads an IPv4 or IPv6 packet's source and destination.
+func ipAddrs(pkt []byte) (src, dst netip.Addr, ok bool) {
+	switch {
+	case len(pkt) >= 20 && pkt[0]>>4 == 4:
+		return netip.AddrFrom4([4]byte(pkt[12:16])), netip.AddrFrom4([4]byte(pkt[16:20])), true
+	case len(pkt) >= 40 && pkt[0]>>4 == 6:
+		return netip.AddrFrom16([16]byte(pkt[8:24])), netip.AddrFrom16([16]byte(pkt[24:40])), true
+	}
+	return netip.Addr{}, netip.Addr{}, false
 }
 
 // now is the monotonic time since e was made, in nanoseconds.
@@ -427,6 +470,7 @@ func (r *runner) accept(pkt []byte) {
 	e.received.Add(1)
 	if loss := e.Loss(); loss > 0 && r.rng.Float64() < loss {
 		e.lost.Add(1)
+		e.countLost(pkt)
 		return
 	}
 	n := len(pkt)

@@ -287,7 +287,7 @@ func TestLossRate(t *testing.T) {
 	d := newFakeDev()
 	stop := start(t, e, d)
 	for i := range n {
-		d.in <- udp4(1, 2, 1, 2, uint64(i))
+		d.in <- udp4(1, byte(2+i%2), 1, 2, uint64(i))
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for e.Stats().Sent+e.Stats().Lost < n && time.Now().Before(deadline) {
@@ -304,6 +304,12 @@ func TestLossRate(t *testing.T) {
 	}
 	if len(d.out) != int(st.Sent) {
 		t.Fatalf("%d packets written, stats say %d", len(d.out), st.Sent)
+	}
+	// Half the packets went to 10.0.0.2, half to 10.0.0.3: each path lost
+	// its share, and the shares add up.
+	a, b := st.LostByPath["10.0.0.1>10.0.0.2"], st.LostByPath["10.0.0.1>10.0.0.3"]
+	if len(st.LostByPath) != 2 || a+b != st.Lost || a < st.Lost/3 || b < st.Lost/3 {
+		t.Fatalf("lost by path %v, lost %d: want two paths sharing it", st.LostByPath, st.Lost)
 	}
 
 	// SetLoss while running: 0 loses nothing more.
