@@ -32,6 +32,11 @@ func TestMain(m *testing.M) {
 			return 1
 		}
 		defer os.RemoveAll(dir)
+		defer func() {
+			if wanBinDir != "" {
+				os.RemoveAll(wanBinDir)
+			}
+		}()
 		binary = filepath.Join(dir, "vmroam")
 		fastBinary = filepath.Join(dir, "vmroam-fast")
 		for _, b := range [][]string{{"-race", "-o", binary}, {"-o", fastBinary}} {
