@@ -33,6 +33,10 @@ Usage:
   vmroam migrate suspend VIP     the VM stopped here: cache its packets
   vmroam migrate abort VIP       the VM stays here: deliver its cache to it
   vmroam keygen --gossip         print a new gossip encryption key
+  vmroam doctor [--json] [--encrypt-key-file FILE]
+                                 check this host (WireGuard, TUN, forwarding,
+                                 rp_filter, MTU to peers, clock, agent, key file)
+                                 and say what to fix
   vmroam hook libvirt DOMAIN OP SUBOP EXTRA
                                  libvirt's qemu hook runs this; people do not
   vmroam version                 print the version
@@ -97,6 +101,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runKeygen(rest, stdout, stderr)
 	case "hook":
 		return runHook(ctx, rest, stdout, stderr)
+	case "doctor":
+		return runDoctor(ctx, rest, stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "vmroam", version)
 		return nil
