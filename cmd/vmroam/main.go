@@ -35,6 +35,10 @@ Usage:
   vmroam migrate prepare VIP     the VM is about to arrive here: connect to
                                  its host now, so that the handover is quicker
   vmroam keygen --gossip         print a new gossip encryption key
+  vmroam doctor [--json] [--encrypt-key-file FILE]
+                                 check this host (WireGuard, TUN, forwarding,
+                                 rp_filter, MTU to peers, clock, agent, key file)
+                                 and say what to fix
   vmroam hook libvirt DOMAIN OP SUBOP EXTRA
                                  libvirt's qemu hook runs this; people do not
   vmroam version                 print the version
@@ -99,6 +103,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runKeygen(rest, stdout, stderr)
 	case "hook":
 		return runHook(ctx, rest, stdout, stderr)
+	case "doctor":
+		return runDoctor(ctx, rest, stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "vmroam", version)
 		return nil
@@ -130,8 +136,7 @@ func parse(fs *flag.FlagSet, args []string) ([]string, error) {
 	for {
 		if err := fs.Parse(args); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
-				fs.Usage()
-				return nil, err
+				return nil, err // the flag package printed the usage
 			}
 			return nil, usagef("%s: %v", fs.Name(), err)
 		}
