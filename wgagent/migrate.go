@@ -642,6 +642,36 @@ func (a *Agent) memberOverlay(name string) (netip.Addr, bool) {
 // handoverWait bounds how long a claim waits for a delivery under way here.
 const handoverWait = 10 * time.Second
 
+// handoverPeer returns the name of the current WireGuard peer whose
+// overlay address is addr, "" if none.
+func (a *Agent) handoverPeer(addr netip.Addr) string {
+	if m := a.handoverPeers.Load(); m != nil {
+		return (*m)[addr.Unmap()]
+	}
+	return ""
+}
+
+// fromPeer says whether a handover connection comes from the overlay
+// address of a current WireGuard peer (an alive or suspect member, admitted
+// by the allowlist if there is one). Anything else is refused before a
+// byte is read, counted and logged (at most once a second): a VM, which
+// reaches hosts' overlay addresses through the tunnel from its VIP, or a
+// member that is not a peer. The listener is bound to the WireGuard
+// interface, so the underlay and local processes do not even get here.
+func (a *Agent) fromPeer(conn net.Conn) bool {
+	remote, err := netip.ParseAddrPort(conn.RemoteAddr().String())
+	if err == nil && a.handoverPeer(remote.Addr()) != "" {
+		return true
+	}
+	n := a.handoverRefused.Add(1)
+	now := time.Now().UnixNano()
+	if last := a.handoverLogged.Load(); now-last >= int64(time.Second) && a.handoverLogged.CompareAndSwap(last, now) {
+		a.log.Warn("handover: refused a connection that is not from a WireGuard peer's overlay address",
+			"remote", conn.RemoteAddr(), "refused_total", n)
+	}
+	return false
+}
+
 // serveHandovers answers handover requests from other agents.
 func (a *Agent) serveHandovers(ln net.Listener) {
 	defer a.bg.Done()
@@ -649,6 +679,10 @@ func (a *Agent) serveHandovers(ln net.Listener) {
 		conn, err := ln.Accept()
 		if err != nil {
 			return
+		}
+		if !a.fromPeer(conn) {
+			conn.Close()
+			continue
 		}
 		a.bg.Add(1)
 		go func() {
@@ -683,6 +717,9 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
 	if addr, alive := a.memberOverlay(req.Claimer); !alive || addr != remote.Addr().Unmap() {
 		return refuse("%s is not the overlay address of a live member %q", remote.Addr(), req.Claimer)
+	}
+	if peer := a.handoverPeer(remote.Addr()); peer != req.Claimer {
+		return refuse("%s is the overlay address of peer %q, not of %q", remote.Addr(), peer, req.Claimer)
 	}
 
 	var c *vipCtl

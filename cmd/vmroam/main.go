@@ -33,6 +33,8 @@ Usage:
   vmroam migrate suspend VIP     the VM stopped here: cache its packets
   vmroam migrate abort VIP       the VM stays here: deliver its cache to it
   vmroam keygen --gossip         print a new gossip encryption key
+  vmroam keys list|add|use|remove [KEY]
+                                 rotate the gossip key cluster-wide, without a partition
   vmroam hook libvirt DOMAIN OP SUBOP EXTRA
                                  libvirt's qemu hook runs this; people do not
   vmroam version                 print the version
@@ -95,6 +97,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runNetwork(ctx, rest, stdout, stderr)
 	case "keygen":
 		return runKeygen(rest, stdout, stderr)
+	case "keys":
+		return runKeys(ctx, rest, stdout, stderr)
 	case "hook":
 		return runHook(ctx, rest, stdout, stderr)
 	case "version", "--version":
