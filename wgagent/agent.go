@@ -410,11 +410,11 @@ func linkExists(name string) bool {
 
 // handoverSockopts sets up the handover listener's socket. Freebind lets
 // it bind the overlay address before the reconcile loop has put it on the
-// WireGuard interface. Binding it to that interface keeps out every
-// connection that does not come through the tunnel: Linux takes packets for
-// any local address on any interface, so without it a host on the underlay
-// could send to the overlay address directly, and local processes reach it
-// through lo.
+// WireGuard interface. Binding it to that interface keeps out connections
+// that arrive on another interface: Linux takes packets for any local
+// address on any interface, so without it a host on the underlay could
+// send to the overlay address directly. (Local processes still reach it;
+// the agent refuses them, see fromPeer.)
 func handoverSockopts(c syscall.RawConn, iface string) error {
 	var serr error
 	err := c.Control(func(fd uintptr) {

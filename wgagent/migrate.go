@@ -655,9 +655,10 @@ func (a *Agent) handoverPeer(addr netip.Addr) string {
 // address of a current WireGuard peer (an alive or suspect member, admitted
 // by the allowlist if there is one). Anything else is refused before a
 // byte is read, counted and logged (at most once a second): a VM, which
-// reaches hosts' overlay addresses through the tunnel from its VIP, or a
-// member that is not a peer. The listener is bound to the WireGuard
-// interface, so the underlay and local processes do not even get here.
+// reaches hosts' overlay addresses through the tunnel from its VIP, a
+// local process (Linux delivers local connections to a socket bound to any
+// device), or a member that is not a peer. The listener is bound to the
+// WireGuard interface, so connections from the underlay do not get here.
 func (a *Agent) fromPeer(conn net.Conn) bool {
 	remote, err := netip.ParseAddrPort(conn.RemoteAddr().String())
 	if err == nil && a.handoverPeer(remote.Addr()) != "" {
