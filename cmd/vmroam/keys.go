@@ -24,10 +24,13 @@ stdin (keeps it out of the shell history and the process list). Each member
 writes its --encrypt-key-file before it changes its keys. Keys are shown by
 fingerprint, never themselves. Rotation without a partition:
 
+  OLD=$(grep -v '^#' /etc/vmroam/gossip.key | head -1)
   NEW=$(vmroam keygen --gossip)
   echo "$NEW" | vmroam keys add -      # 'keys list' shows it on N/N members
   echo "$NEW" | vmroam keys use -
   echo "$OLD" | vmroam keys remove -
+
+See docs/security.md.
 `
 
 // keysInput is where "-" reads a key from; tests replace it.
