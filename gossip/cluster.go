@@ -69,6 +69,21 @@ type Config struct {
 
 	// Events is told about membership and table changes. May be nil.
 	Events Events
+
+	// KeyFile is the file Keys came from. Key operations (InstallKey,
+	// UseKey, RemoveKey) rewrite it before they change the keyring, so a
+	// restart uses the keys the cluster uses. Empty: changes are not
+	// persisted.
+	KeyFile string
+
+	// Admit, if set, says whether the records a member owns, the network
+	// versions it wrote and the key operations it asks for are taken when
+	// they come from other members; m is the member as known now, nil if
+	// it is not known. Records and networks refused are neither merged nor
+	// passed on, and counted in Stats.Refused. It is called from
+	// memberlist's goroutines with this package's locks held: it must not
+	// block nor call back into the Cluster. nil admits everyone.
+	Admit func(name string, m *Member) bool
 }
 
 // DefaultConfig returns the defaults: BindPort 7946, Profile "lan".
@@ -106,6 +121,7 @@ type Stats struct {
 	Members         int    // alive members, self included
 	DroppedMessages uint64 // malformed user messages / remote states dropped
 	DroppedMeta     uint64 // members whose metadata did not decode (they are ignored as peers)
+	Refused         uint64 // records and networks Config.Admit refused
 	Broadcasts      uint64 // records and networks queued for broadcast
 }
 
@@ -159,6 +175,15 @@ type Cluster struct {
 	droppedMsgs atomic.Uint64
 	droppedMeta atomic.Uint64
 	broadcasts  atomic.Uint64
+
+	admit        func(string, *Member) bool
+	refused      atomic.Uint64
+	refusedNames sync.Map // owners whose refusal was logged
+
+	keyFile    string
+	keyApplyMu sync.Mutex // one key change at a time on this member
+	keyMu      sync.Mutex
+	keyWait    map[uint64]chan KeyReport // key rounds waiting for answers, by id
 
 	// aloneAfter and aloneCheck drive KeepJoined; tests shorten them.
 	aloneAfter time.Duration
@@ -224,6 +249,9 @@ func New(cfg Config) (*Cluster, error) {
 		done:       make(chan struct{}),
 		aloneAfter: 5 * time.Second,
 		aloneCheck: time.Second,
+		admit:      cfg.Admit,
+		keyFile:    cfg.KeyFile,
+		keyWait:    make(map[uint64]chan KeyReport),
 	}
 	c.alive.Store(1)
 	c.queue = &memberlist.TransmitLimitedQueue{
@@ -511,8 +539,12 @@ func (c *Cluster) Assert(r Record) bool {
 func (c *Cluster) mergeRemote(rs []Record, ns []Network, rebroadcast bool) {
 	changedAny := false
 	var changedNets []string
+	admitted := c.admitter()
 	c.mergeMu.Lock()
 	for _, r := range rs {
+		if r.Owner != "" && !admitted(r.Owner) {
+			continue
+		}
 		changed, conflict := c.table.merge(r)
 		if conflict {
 			c.logConflict(r.VIP)
@@ -527,6 +559,9 @@ func (c *Cluster) mergeRemote(rs []Record, ns []Network, rebroadcast bool) {
 		}
 	}
 	for _, n := range ns {
+		if !admitted(n.Origin) {
+			continue
+		}
 		if !c.table.MergeNetwork(n) {
 			continue
 		}
@@ -545,6 +580,45 @@ func (c *Cluster) mergeRemote(rs []Record, ns []Network, rebroadcast bool) {
 	if changedAny {
 		c.notifyRecords()
 	}
+}
+
+// admitter returns Config.Admit for one batch of records, asking it once
+// per name, counting refusals and logging the first for each name.
+func (c *Cluster) admitter() func(string) bool {
+	if c.admit == nil {
+		return func(string) bool { return true }
+	}
+	seen := map[string]bool{}
+	return func(name string) bool {
+		ok, asked := seen[name]
+		if !asked {
+			m, known := c.member(name)
+			var mp *Member
+			if known {
+				mp = &m
+			}
+			ok = c.admit(name, mp)
+			seen[name] = ok
+		}
+		if !ok {
+			c.refused.Add(1)
+			if _, logged := c.refusedNames.LoadOrStore(name, true); !logged {
+				c.log.Warn("ignoring VIP claims and network changes of a member this host does not admit (--peer-allowlist)", "member", name)
+			}
+		}
+		return ok
+	}
+}
+
+// member returns what is known of the member called name.
+func (c *Cluster) member(name string) (Member, bool) {
+	c.memMu.Lock()
+	defer c.memMu.Unlock()
+	e := c.members[name]
+	if e == nil {
+		return Member{}, false
+	}
+	return Member{Name: e.name, Addr: e.addr, Meta: e.meta, MetaErr: e.metaErr, State: e.state, Local: e.name == c.name}, true
 }
 
 // logOverlaps warns about the overlaps that involve the named networks,
@@ -639,41 +713,9 @@ func (c *Cluster) Stats() Stats {
 		Members:         c.ml.NumMembers(),
 		DroppedMessages: c.droppedMsgs.Load(),
 		DroppedMeta:     c.droppedMeta.Load(),
+		Refused:         c.refused.Load(),
 		Broadcasts:      c.broadcasts.Load(),
 	}
-}
-
-// AddKey installs an extra decryption key, the first step of a rotation.
-func (c *Cluster) AddKey(key []byte) error {
-	if c.mc.Keyring == nil {
-		return errors.New("gossip: add key: encryption is off")
-	}
-	if err := c.mc.Keyring.AddKey(key); err != nil {
-		return fmt.Errorf("gossip: add key: %w", err)
-	}
-	return nil
-}
-
-// UseKey makes an installed key the one that encrypts.
-func (c *Cluster) UseKey(key []byte) error {
-	if c.mc.Keyring == nil {
-		return errors.New("gossip: use key: encryption is off")
-	}
-	if err := c.mc.Keyring.UseKey(key); err != nil {
-		return fmt.Errorf("gossip: use key: %w", err)
-	}
-	return nil
-}
-
-// RemoveKey uninstalls a key that is not the primary one.
-func (c *Cluster) RemoveKey(key []byte) error {
-	if c.mc.Keyring == nil {
-		return errors.New("gossip: remove key: encryption is off")
-	}
-	if err := c.mc.Keyring.RemoveKey(key); err != nil {
-		return fmt.Errorf("gossip: remove key: %w", err)
-	}
-	return nil
 }
 
 // Leave tells the cluster this member is leaving, so that the others list
@@ -790,6 +832,20 @@ func (c *Cluster) handleMsg(b []byte) {
 			return
 		}
 		c.mergeRemote(nil, ns, true)
+	case msgKeyOp:
+		id, op, from, key, err := decodeKeyOp(b)
+		if err != nil {
+			c.drop("malformed key operation", err)
+			return
+		}
+		c.spawn(func() { c.handleKeyOp(id, op, from, key) })
+	case msgKeyReply:
+		id, rep, err := decodeKeyReply(b)
+		if err != nil {
+			c.drop("malformed key reply", err)
+			return
+		}
+		c.handleKeyReply(id, rep)
 	case msgLeave:
 		name, nonce, err := decodeLeave(b)
 		if err != nil {

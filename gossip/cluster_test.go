@@ -51,16 +51,22 @@ type node struct {
 
 func newNode(t *testing.T, i int, keys ...[]byte) *node {
 	t.Helper()
+	return newNodeWith(t, i, func(c *Config) { c.Keys = keys })
+}
+
+// newNodeWith is newNode with a configuration that edit changes last.
+func newNodeWith(t *testing.T, i int, edit func(*Config)) *node {
+	t.Helper()
 	n := &node{ev: &countEvents{}, meta: testMeta(i)}
 	cfg := DefaultConfig()
 	cfg.Name = fmt.Sprintf("host-%d", i)
 	cfg.BindAddr = netip.MustParseAddr("127.0.0.1")
 	cfg.BindPort = 0
 	cfg.Profile = "local"
-	cfg.Keys = keys
 	cfg.Meta = n.meta
 	cfg.Logger = testLogger()
 	cfg.Events = n.ev
+	edit(&cfg)
 	c, err := New(cfg)
 	if err != nil {
 		t.Fatalf("new %s: %v", cfg.Name, err)

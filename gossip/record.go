@@ -17,6 +17,8 @@ const (
 	msgLeave    byte = 0x02
 	msgNetworks byte = 0x03
 	msgState    byte = 0x04 // push/pull state: records and networks
+	msgKeyOp    byte = 0x05 // a key operation asked of one member
+	msgKeyReply byte = 0x06 // its answer
 )
 
 // minRecordLen is the smallest encoded record: IPv4 family and address, a

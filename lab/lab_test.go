@@ -447,7 +447,7 @@ func TestFlowStall(t *testing.T) {
 		want time.Duration
 	}{
 		{nil, 0},
-		{[]float64{0, 5, 5, 0}, 0},                      // start and end do not count
+		{[]float64{0, 5, 5, 0}, 0}, // start and end do not count
 		{[]float64{5, 0, 0, 5, 0, 5}, 2 * FlowInterval}, // the longest run
 		{[]float64{5, 0, 0, 0, 5, 0, 0, 5}, 3 * FlowInterval},
 	} {

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -95,6 +96,16 @@ type Agent struct {
 	// configProblems are mistakes in the config found after start (a
 	// network that clashes); status shows them until a restart.
 	configProblems []string
+
+	// allow is --peer-allowlist, nil without one; refusedLogged remembers
+	// the members whose refusal was logged, and why.
+	allow         *allowlistFile
+	refusedLogged map[string]string
+	// handoverPeers maps the overlay address of each current WireGuard
+	// peer to its name: only they may open a handover connection.
+	handoverPeers   atomic.Pointer[map[netip.Addr]string]
+	handoverRefused atomic.Uint64
+	handoverLogged  atomic.Int64 // unix nanoseconds of the last refusal logged
 }
 
 // New opens the WireGuard interface, the gossip member and the control
@@ -115,9 +126,10 @@ func New(cfg Config) (*Agent, error) {
 		started:  time.Now(),
 		ctls:     map[netip.Addr]*vipCtl{},
 
-		standbyHits:  map[netip.Addr]bool{},
-		carrierWatch: map[string]*cache.Orderer{},
-		linkStop:     make(chan struct{}),
+		standbyHits:   map[netip.Addr]bool{},
+		refusedLogged: map[string]string{},
+		carrierWatch:  map[string]*cache.Orderer{},
+		linkStop:      make(chan struct{}),
 	}
 	ok := false
 	defer func() {
@@ -127,6 +139,13 @@ func New(cfg Config) (*Agent, error) {
 	}()
 	if len(cfg.GossipKeys) == 0 {
 		a.log.Warn("GOSSIP IS NOT ENCRYPTED (--insecure-gossip): anyone who reaches the gossip port can join the cluster and redirect VM traffic")
+	}
+	if cfg.PeerAllowlist != "" {
+		var err error
+		if a.allow, err = loadAllowlistFile(cfg.PeerAllowlist); err != nil {
+			return nil, err
+		}
+		a.log.Info("peer allowlist loaded", "path", cfg.PeerAllowlist, "keys", len(a.allow.list().keys))
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
@@ -165,7 +184,9 @@ func New(cfg Config) (*Agent, error) {
 		if a.intercept, err = cache.OpenInterceptor(cfg.CacheInterface, 9000, a.log); err != nil {
 			return nil, err
 		}
-		lc := net.ListenConfig{Control: freebind}
+		lc := net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
+			return handoverSockopts(c, cfg.Interface)
+		}}
 		if a.handoverLn, err = lc.Listen(context.Background(), "tcp", net.JoinHostPort(cfg.Address.Addr().String(), strconv.Itoa(cfg.HandoverPort))); err != nil {
 			return nil, fmt.Errorf("handover listener: %w", err)
 		}
@@ -195,6 +216,10 @@ func New(cfg Config) (*Agent, error) {
 	gcfg.BindPort = cfg.GossipPort
 	gcfg.AdvertiseAddr = cfg.AdvertiseAddr
 	gcfg.Keys = cfg.GossipKeys
+	gcfg.KeyFile = cfg.GossipKeyFile
+	if a.allow != nil {
+		gcfg.Admit = a.admitMember
+	}
 	gcfg.Meta = a.meta()
 	gcfg.Profile = cfg.GossipProfile
 	gcfg.Logger = a.log
@@ -396,18 +421,27 @@ func linkExists(name string) bool {
 	return err == nil
 }
 
-// freebind lets the handover listener bind the overlay address before the
-// reconcile loop has put it on the WireGuard interface.
-func freebind(_, _ string, c syscall.RawConn) error {
+// handoverSockopts sets up the handover listener's socket. Freebind lets
+// it bind the overlay address before the reconcile loop has put it on the
+// WireGuard interface. Binding it to that interface keeps out connections
+// that arrive on another interface: Linux takes packets for any local
+// address on any interface, so without it a host on the underlay could
+// send to the overlay address directly. (Local processes still reach it;
+// the agent refuses them, see fromPeer.)
+func handoverSockopts(c syscall.RawConn, iface string) error {
 	var serr error
 	err := c.Control(func(fd uintptr) {
 		serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_FREEBIND, 1)
 		if serr == nil {
 			unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_FREEBIND, 1)
+			serr = unix.BindToDevice(int(fd), iface)
 		}
 	})
 	if err != nil {
 		return err
 	}
-	return serr
+	if serr != nil {
+		return fmt.Errorf("handover socket options: %w", serr)
+	}
+	return nil
 }

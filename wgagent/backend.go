@@ -216,7 +216,7 @@ func (b backend) Status(context.Context) (control.Status, error) {
 		if m.Local {
 			continue
 		}
-		p := control.Peer{Name: m.Name, State: string(m.State), VIPs: owned[m.Name], Path: "tunnel"}
+		p := control.Peer{Name: m.Name, State: string(m.State), VIPs: owned[m.Name], Path: "tunnel", Refused: a.peerRefusal(m)}
 		if _, ok := lan[m.Name]; ok {
 			p.Path = "lan"
 		}
@@ -258,7 +258,8 @@ func (b backend) Status(context.Context) (control.Status, error) {
 		st.Conflicts = append(st.Conflicts, control.Conflict{VIP: c.VIP.String(), Epoch: c.Epoch, Owners: c.Owners, Winner: winner.Owner})
 	}
 	gs := a.cluster.Stats()
-	st.Gossip = control.Gossip{Members: gs.Members, Encrypted: len(a.cfg.GossipKeys) > 0, DroppedMessages: gs.DroppedMessages, DroppedMeta: gs.DroppedMeta}
+	st.Gossip = control.Gossip{Members: gs.Members, Encrypted: len(a.cfg.GossipKeys) > 0, DroppedMessages: gs.DroppedMessages, DroppedMeta: gs.DroppedMeta, Refused: gs.Refused}
+	st.HandoverRefused = a.handoverRefused.Load()
 	return st, nil
 }
 

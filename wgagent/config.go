@@ -53,6 +53,16 @@ type Config struct {
 	// GossipKeys encrypt gossip; the first is primary. Empty only with
 	// InsecureGossip.
 	GossipKeys [][]byte
+	// GossipKeyFile is the file GossipKeys came from; `vmroam keys`
+	// rewrites it when the cluster's keys change. Empty: key changes are
+	// not persisted.
+	GossipKeyFile string
+	// PeerAllowlist is a file of WireGuard public keys ("KEY [NAME]" lines)
+	// that may be peers. Empty: every member with the gossip key may. With
+	// it, a member whose key is not listed, or listed for another name,
+	// gets no tunnel and its VIP claims are ignored. Re-read when it
+	// changes.
+	PeerAllowlist string
 	// InsecureGossip allows running without GossipKeys.
 	InsecureGossip bool
 	// GossipProfile is memberlist's timing profile: lan, wan or local.

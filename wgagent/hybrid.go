@@ -24,6 +24,9 @@ func (a *Agent) lanPaths(members []gossip.Member) map[string]route.Route {
 		if m.Local || m.MetaErr != nil || m.State != gossip.MemberAlive || !m.Meta.Trusted || m.Meta.Site != a.cfg.Site {
 			continue
 		}
+		if a.peerRefusal(m) != "" {
+			continue
+		}
 		ep := m.Meta.Endpoint.Addr()
 		rs, err := netlink.RouteGet(ep.AsSlice())
 		if err != nil || len(rs) == 0 {

@@ -675,6 +675,37 @@ func (a *Agent) memberOverlay(name string) (netip.Addr, bool) {
 // handoverWait bounds how long a claim waits for a delivery under way here.
 const handoverWait = 10 * time.Second
 
+// handoverPeer returns the name of the current WireGuard peer whose
+// overlay address is addr, "" if none.
+func (a *Agent) handoverPeer(addr netip.Addr) string {
+	if m := a.handoverPeers.Load(); m != nil {
+		return (*m)[addr.Unmap()]
+	}
+	return ""
+}
+
+// fromPeer says whether a handover connection comes from the overlay
+// address of a current WireGuard peer (an alive or suspect member, admitted
+// by the allowlist if there is one). Anything else is refused before a
+// byte is read, counted and logged (at most once a second): a VM, which
+// reaches hosts' overlay addresses through the tunnel from its VIP, a
+// local process (Linux delivers local connections to a socket bound to any
+// device), or a member that is not a peer. The listener is bound to the
+// WireGuard interface, so connections from the underlay do not get here.
+func (a *Agent) fromPeer(conn net.Conn) bool {
+	remote, err := netip.ParseAddrPort(conn.RemoteAddr().String())
+	if err == nil && a.handoverPeer(remote.Addr()) != "" {
+		return true
+	}
+	n := a.handoverRefused.Add(1)
+	now := time.Now().UnixNano()
+	if last := a.handoverLogged.Load(); now-last >= int64(time.Second) && a.handoverLogged.CompareAndSwap(last, now) {
+		a.log.Warn("handover: refused a connection that is not from a WireGuard peer's overlay address",
+			"remote", conn.RemoteAddr(), "refused_total", n)
+	}
+	return false
+}
+
 // serveHandovers answers handover requests from other agents.
 func (a *Agent) serveHandovers(ln net.Listener) {
 	defer a.bg.Done()
@@ -682,6 +713,10 @@ func (a *Agent) serveHandovers(ln net.Listener) {
 		conn, err := ln.Accept()
 		if err != nil {
 			return
+		}
+		if !a.fromPeer(conn) {
+			conn.Close()
+			continue
 		}
 		a.bg.Add(1)
 		go func() {
@@ -714,6 +749,9 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
 	if addr, alive := a.memberOverlay(req.Claimer); !alive || addr != remote.Addr().Unmap() {
 		return refuse("%s is not the overlay address of a live member %q", remote.Addr(), req.Claimer)
+	}
+	if peer := a.handoverPeer(remote.Addr()); peer != req.Claimer {
+		return refuse("%s is the overlay address of peer %q, not of %q", remote.Addr(), peer, req.Claimer)
 	}
 
 	var c *vipCtl
@@ -802,32 +840,27 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	return err
 }
 
-// readHandoverRequest reads the request a connection opens with. A member
-// may connect long before it asks (Prepare); anyone else must ask at once.
+// readHandoverRequest reads the request a peer's connection opens with. A
+// peer may connect long before it asks (Prepare).
 func (a *Agent) readHandoverRequest(conn net.Conn) (cache.Frame, error) {
 	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
 	from := remote.Addr().Unmap()
 	wait := 5 * time.Second
-	if a.isMemberOverlay(from) {
-		a.prepMu.Lock()
-		if a.idleHandovers == nil {
-			a.idleHandovers = map[netip.Addr]int{}
-		}
-		n := a.idleHandovers[from]
-		if n < maxIdleHandovers {
-			wait = prepareTTL
-			a.idleHandovers[from] = n + 1
-			defer func() {
-				a.prepMu.Lock()
-				if a.idleHandovers[from]--; a.idleHandovers[from] <= 0 {
-					delete(a.idleHandovers, from)
-				}
-				a.prepMu.Unlock()
-			}()
-		}
-		a.prepMu.Unlock()
-	}
 	a.prepMu.Lock()
+	if a.idleHandovers == nil {
+		a.idleHandovers = map[netip.Addr]int{}
+	}
+	if n := a.idleHandovers[from]; n < maxIdleHandovers {
+		wait = prepareTTL
+		a.idleHandovers[from] = n + 1
+		defer func() {
+			a.prepMu.Lock()
+			if a.idleHandovers[from]--; a.idleHandovers[from] <= 0 {
+				delete(a.idleHandovers, from)
+			}
+			a.prepMu.Unlock()
+		}()
+	}
 	if a.closing {
 		a.prepMu.Unlock()
 		return cache.Frame{}, errors.New("agent stopping")
@@ -847,15 +880,6 @@ func (a *Agent) readHandoverRequest(conn net.Conn) (cache.Frame, error) {
 	}
 	conn.SetReadDeadline(time.Time{})
 	return f, nil
-}
-
-func (a *Agent) isMemberOverlay(addr netip.Addr) bool {
-	for _, m := range a.cluster.Members() {
-		if m.MetaErr == nil && m.State == gossip.MemberAlive && m.Meta.Address == addr {
-			return true
-		}
-	}
-	return false
 }
 
 // reconcileMigrations runs in every reconcile with a.mu held: it acts on

@@ -42,6 +42,7 @@ func (a *Agent) reconcile() {
 		problems = append(problems, p)
 	}
 
+	a.checkAllowlistLocked(problem)
 	members := a.cluster.Members()
 	records := a.cluster.Table().Records()
 	a.reconcileOwnership(records)
@@ -68,6 +69,13 @@ func (a *Agent) reconcile() {
 		problem("routes: %v", err)
 	}
 	peers := a.wantPeers(members, records, problem)
+	// Before the peers change: a new peer's first handover connection
+	// can only arrive once it is one.
+	hp := make(map[netip.Addr]string, len(peers))
+	for _, p := range peers {
+		hp[p.allowedIPs[0].Addr()] = p.name
+	}
+	a.handoverPeers.Store(&hp)
 	if err := a.applyPeers(peers); err != nil {
 		problem("WireGuard: %v", err)
 	}
@@ -177,6 +185,9 @@ func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, prob
 	}
 	self := a.key.PublicKey()
 	byKey := map[wgtypes.Key]string{}
+	// A member may not take another's overlay address (or this host's):
+	// WireGuard would move it to its own peer.
+	byAddr := map[netip.Addr]string{a.cfg.Address.Addr(): a.cfg.Name}
 	var out []wantPeer
 	for _, m := range members {
 		if m.Local || !isPeerState(m.State) {
@@ -191,6 +202,11 @@ func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, prob
 			continue
 		}
 		k := wgtypes.Key(m.Meta.PublicKey)
+		if why := a.peerRefusal(m); why != "" {
+			problem("member %s is not a peer: %s (--peer-allowlist)", m.Name, why)
+			a.warnRefusedLocked(m, why)
+			continue
+		}
 		if k == self {
 			problem("member %s uses this host's WireGuard key", m.Name)
 			continue
@@ -199,7 +215,12 @@ func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, prob
 			problem("members %s and %s share one WireGuard key; ignoring %s", other, m.Name, m.Name)
 			continue
 		}
+		if other, dup := byAddr[m.Meta.Address]; dup {
+			problem("members %s and %s announce one overlay address %s; ignoring %s", other, m.Name, m.Meta.Address, m.Name)
+			continue
+		}
 		byKey[k] = m.Name
+		byAddr[m.Meta.Address] = m.Name
 		allowed := append([]netip.Prefix{hostPrefix(m.Meta.Address)}, owned[m.Name]...)
 		out = append(out, wantPeer{name: m.Name, key: k, endpoint: m.Meta.Endpoint, allowedIPs: allowed})
 	}

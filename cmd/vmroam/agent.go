@@ -37,6 +37,7 @@ type agentFlags struct {
 	dataDir           string
 	socket            string
 	keyFile           string
+	peerAllowlist     string
 	insecureGossip    bool
 	gossipProfile     string
 	reconcileInterval time.Duration
@@ -81,6 +82,7 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.StringVar(&f.dataDir, "data-dir", d.DataDir, "`directory` for the private key and state kept across restarts")
 	fs.StringVar(&f.socket, "socket", control.SocketPath(""), "control socket `path` (default from $VMROAM_SOCKET, else "+control.DefaultSocket+")")
 	fs.StringVar(&f.keyFile, "encrypt-key-file", "", "`file` with the gossip key(s), base64, one per line, first is primary (required unless --insecure-gossip)")
+	fs.StringVar(&f.peerAllowlist, "peer-allowlist", "", "`file` of WireGuard public keys that may be peers, 'KEY [NAME]' per line; other members get no tunnel and their VIP claims are ignored (re-read when it changes)")
 	fs.BoolVar(&f.insecureGossip, "insecure-gossip", false, "run gossip unencrypted: anyone reaching the gossip port can then redirect VM traffic")
 	fs.StringVar(&f.gossipProfile, "gossip-profile", d.GossipProfile, "memberlist timing: lan, wan or local")
 	fs.DurationVar(&f.reconcileInterval, "reconcile-interval", d.ReconcileInterval, "how often to check kernel state even without a change")
@@ -208,6 +210,7 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 	cfg.GossipPort, cfg.WGPort = f.gossipPort, f.wgPort
 	cfg.Interface, cfg.MTU, cfg.Site, cfg.TrustedSite = f.iface, f.mtu, f.site, f.trustedSite
 	cfg.DataDir, cfg.Socket = f.dataDir, f.socket
+	cfg.GossipKeyFile, cfg.PeerAllowlist = f.keyFile, f.peerAllowlist
 	cfg.InsecureGossip, cfg.GossipProfile = f.insecureGossip, f.gossipProfile
 	cfg.ReconcileInterval = f.reconcileInterval
 	cfg.Keepalive = f.keepalive

@@ -73,6 +73,9 @@ func printStatus(w io.Writer, st control.Status) {
 		enc = "NOT ENCRYPTED"
 	}
 	fmt.Fprintf(w, "gossip    %d members, %s, %d bad messages dropped\n", st.Gossip.Members, enc, st.Gossip.DroppedMessages+st.Gossip.DroppedMeta)
+	if st.Gossip.Refused > 0 || st.HandoverRefused > 0 {
+		fmt.Fprintf(w, "REFUSED   %d claims of members the peer allowlist refuses ignored, %d handover connections not from a peer\n", st.Gossip.Refused, st.HandoverRefused)
+	}
 	for _, p := range st.Problems {
 		fmt.Fprintf(w, "PROBLEM   %s\n", p)
 	}
@@ -91,7 +94,11 @@ func printStatus(w io.Writer, st control.Status) {
 		if p.LastHandshake != nil {
 			hs = time.Since(*p.LastHandshake).Truncate(time.Second).String() + " ago"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.State, orDash(p.Path), p.Endpoint, p.Address, hs, bytesStr(p.RxBytes), bytesStr(p.TxBytes), orDash(strings.Join(p.VIPs, ",")))
+		state := p.State
+		if p.Refused != "" {
+			state += " REFUSED"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, state, orDash(p.Path), p.Endpoint, p.Address, hs, bytesStr(p.RxBytes), bytesStr(p.TxBytes), orDash(strings.Join(p.VIPs, ",")))
 	}
 	tw.Flush()
 	fmt.Fprintln(w)

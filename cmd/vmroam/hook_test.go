@@ -90,6 +90,17 @@ func (b *recordingBackend) Allocate(_ context.Context, network, _ string) (contr
 	return control.VIP{}, nil
 }
 
+func (b *recordingBackend) Keys(context.Context) (control.Keys, error) {
+	b.record("keys list")
+	return control.Keys{Keys: []control.KeyUse{{Fingerprint: "0011223344556677", Members: 2, Primary: 2}},
+		Members: []control.MemberKeys{{Member: "h1", Keys: []string{"0011223344556677"}}, {Member: "h2", Error: "no answer"}}}, nil
+}
+
+func (b *recordingBackend) ChangeKeys(_ context.Context, op string, key []byte, force bool) (control.Keys, error) {
+	b.record("keys %s %x force=%v", op, key, force)
+	return control.Keys{Members: []control.MemberKeys{{Member: "h1"}}}, nil
+}
+
 // fakeAgent serves b on a socket that VMROAM_SOCKET points at: libvirt
 // gives the hook no flags, only that.
 func fakeAgent(t *testing.T, b *recordingBackend) {

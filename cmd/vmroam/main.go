@@ -35,6 +35,8 @@ Usage:
   vmroam migrate prepare VIP     the VM is about to arrive here: connect to
                                  its host now, so that the handover is quicker
   vmroam keygen --gossip         print a new gossip encryption key
+  vmroam keys list|add|use|remove [KEY]
+                                 rotate the gossip key cluster-wide, without a partition
   vmroam doctor [--json] [--encrypt-key-file FILE]
                                  check this host (WireGuard, TUN, forwarding,
                                  rp_filter, MTU to peers, clock, agent, key file)
@@ -101,6 +103,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runNetwork(ctx, rest, stdout, stderr)
 	case "keygen":
 		return runKeygen(rest, stdout, stderr)
+	case "keys":
+		return runKeys(ctx, rest, stdout, stderr)
 	case "hook":
 		return runHook(ctx, rest, stdout, stderr)
 	case "doctor":

@@ -114,6 +114,21 @@ func (c *Client) RemoveNetwork(ctx context.Context, name string) (Network, error
 	return n, err
 }
 
+// Keys lists the cluster's gossip keys as each member reports them.
+func (c *Client) Keys(ctx context.Context) (Keys, error) {
+	var k Keys
+	err := c.do(ctx, http.MethodGet, "/v1/keys", nil, &k)
+	return k, err
+}
+
+// ChangeKeys installs, uses or removes a gossip key cluster-wide; op is
+// KeyOpInstall, KeyOpUse or KeyOpRemove.
+func (c *Client) ChangeKeys(ctx context.Context, op string, key []byte, force bool) (Keys, error) {
+	var k Keys
+	err := c.do(ctx, http.MethodPost, "/v1/keys/"+url.PathEscape(op), KeyRequest{Key: key, Force: force}, &k)
+	return k, err
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {

@@ -40,6 +40,9 @@ type Status struct {
 	// Problems are conditions the operator should know about (a VIP's
 	// interface missing, a reconcile that failed), newest state only.
 	Problems []string `json:"problems"`
+	// HandoverRefused counts connections to the handover port that did
+	// not come from a WireGuard peer's overlay address (refused unread).
+	HandoverRefused uint64 `json:"handover_refused"`
 }
 
 // Peer is another agent and the tunnel to it.
@@ -59,6 +62,9 @@ type Peer struct {
 	// State is the member's gossip state: alive, suspect, dead or left.
 	// Only alive and suspect members are WireGuard peers.
 	State string `json:"state"`
+	// Refused says why the peer allowlist keeps this member out: no
+	// tunnel, its VIP claims ignored. Empty when it is not refused.
+	Refused string `json:"refused,omitempty"`
 }
 
 // VIP is one location record as this agent sees it.
@@ -88,6 +94,9 @@ type Gossip struct {
 	Encrypted       bool   `json:"encrypted"`
 	DroppedMessages uint64 `json:"dropped_messages"`
 	DroppedMeta     uint64 `json:"dropped_meta"`
+	// Refused counts VIP claims and network changes ignored because the
+	// peer allowlist refuses the member they came from.
+	Refused uint64 `json:"refused"`
 }
 
 // AttachRequest asks the agent to own a VIP behind a local interface.
@@ -170,3 +179,40 @@ type AllocateRequest struct {
 	Network string `json:"network"`
 	Dev     string `json:"dev,omitempty"`
 }
+
+// Keys are the cluster's gossip keys as each member reported them. Keys
+// appear by fingerprint (a short hash), never themselves.
+type Keys struct {
+	// Keys has one entry per key some member holds, the most used first.
+	Keys []KeyUse `json:"keys"`
+	// Members has one entry per member asked, sorted by name.
+	Members []MemberKeys `json:"members"`
+}
+
+// KeyUse is one key and how many members hold it.
+type KeyUse struct {
+	Fingerprint string `json:"fingerprint"`
+	Members     int    `json:"members"` // members that hold it
+	Primary     int    `json:"primary"` // members that encrypt with it
+}
+
+// MemberKeys is one member's keys.
+type MemberKeys struct {
+	Member string   `json:"member"`
+	Keys   []string `json:"keys"` // fingerprints, the primary key first
+	Error  string   `json:"error,omitempty"`
+}
+
+// KeyRequest asks for a change of the cluster's gossip keys.
+type KeyRequest struct {
+	Key []byte `json:"key"` // base64 in JSON
+	// Force removes a key even while members still use it.
+	Force bool `json:"force,omitempty"`
+}
+
+// Key operations, the last element of POST /v1/keys/{op}.
+const (
+	KeyOpInstall = "install"
+	KeyOpUse     = "use"
+	KeyOpRemove  = "remove"
+)

@@ -78,6 +78,52 @@ func (f *fakeBackend) Allocate(_ context.Context, network, dev string) (VIP, err
 	return VIP{VIP: p.Addr().Next().String(), Dev: dev, State: "reserved"}, nil
 }
 
+func (f *fakeBackend) Keys(context.Context) (Keys, error) {
+	return Keys{Keys: []KeyUse{{Fingerprint: "00112233", Members: 2, Primary: 2}}, Members: []MemberKeys{{Member: "h1", Keys: []string{"00112233"}}}}, nil
+}
+
+func (f *fakeBackend) ChangeKeys(_ context.Context, op string, key []byte, force bool) (Keys, error) {
+	if len(key) != 32 {
+		return Keys{}, fmt.Errorf("%w: a %d-byte key", ErrBadRequest, len(key))
+	}
+	if op == KeyOpRemove && !force {
+		return Keys{}, errors.New("remove key refused: h2 encrypts with it")
+	}
+	return Keys{Members: []MemberKeys{{Member: "h1", Keys: []string{op}}}}, nil
+}
+
+func TestKeys(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	srv, err := Listen(path, &fakeBackend{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	ctx := context.Background()
+	c := NewClient(path)
+	if k, err := c.Keys(ctx); err != nil || len(k.Keys) != 1 || k.Keys[0].Members != 2 {
+		t.Fatalf("list: %+v %v", k, err)
+	}
+	key := make([]byte, 32)
+	for _, op := range []string{KeyOpInstall, KeyOpUse} {
+		if k, err := c.ChangeKeys(ctx, op, key, false); err != nil || k.Members[0].Keys[0] != op {
+			t.Fatalf("%s: %+v %v", op, k, err)
+		}
+	}
+	if _, err := c.ChangeKeys(ctx, KeyOpRemove, key, false); err == nil || errors.Is(err, ErrBadRequest) || !strings.Contains(err.Error(), "h2 encrypts with it") {
+		t.Fatalf("refused remove: %v", err)
+	}
+	if _, err := c.ChangeKeys(ctx, KeyOpRemove, key, true); err != nil {
+		t.Fatalf("forced remove: %v", err)
+	}
+	if _, err := c.ChangeKeys(ctx, KeyOpUse, key[:5], false); !errors.Is(err, ErrBadRequest) {
+		t.Fatalf("short key: %v", err)
+	}
+	if _, err := c.ChangeKeys(ctx, "rotate", key, false); !errors.Is(err, ErrBadRequest) || !strings.Contains(err.Error(), "unknown key operation") {
+		t.Fatalf("unknown op: %v", err)
+	}
+}
+
 func TestNetworks(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "ctl.sock")
 	f := &fakeBackend{networks: map[string]netip.Prefix{}}

@@ -32,6 +32,11 @@ type Backend interface {
 	AddNetwork(ctx context.Context, name string, prefix netip.Prefix) (Network, error)
 	RemoveNetwork(ctx context.Context, name string) (Network, error)
 	Allocate(ctx context.Context, network, dev string) (VIP, error)
+	// Keys asks every member for its gossip keys; ChangeKeys installs,
+	// uses or removes one cluster-wide (op is a KeyOp constant). Both
+	// wait for the members' answers, a few seconds at most.
+	Keys(ctx context.Context) (Keys, error)
+	ChangeKeys(ctx context.Context, op string, key []byte, force bool) (Keys, error)
 }
 
 // ErrBadRequest marks errors caused by the client's input; the server
@@ -197,6 +202,26 @@ func handler(b Backend) http.Handler {
 	mux.HandleFunc("DELETE /v1/networks/{name}", func(w http.ResponseWriter, r *http.Request) {
 		n, err := b.RemoveNetwork(r.Context(), r.PathValue("name"))
 		reply(w, n, err)
+	})
+	mux.HandleFunc("GET /v1/keys", func(w http.ResponseWriter, r *http.Request) {
+		k, err := b.Keys(r.Context())
+		reply(w, k, err)
+	})
+	mux.HandleFunc("POST /v1/keys/{op}", func(w http.ResponseWriter, r *http.Request) {
+		op := r.PathValue("op")
+		switch op {
+		case KeyOpInstall, KeyOpUse, KeyOpRemove:
+		default:
+			reply(w, nil, fmt.Errorf("%w: unknown key operation %q", ErrBadRequest, op))
+			return
+		}
+		var req KeyRequest
+		if err := decode(w, r, &req); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		k, err := b.ChangeKeys(r.Context(), op, req.Key, req.Force)
+		reply(w, k, err)
 	})
 	return mux
 }

@@ -452,6 +452,15 @@ func (fakeAgent) RemoveNetwork(context.Context, string) (control.Network, error)
 func (fakeAgent) Allocate(context.Context, string, string) (control.VIP, error) {
 	return control.VIP{}, errors.ErrUnsupported
 }
+func (fakeAgent) Prepare(context.Context, netip.Addr) (control.VIP, error) {
+	return control.VIP{}, errors.ErrUnsupported
+}
+func (fakeAgent) Keys(context.Context) (control.Keys, error) {
+	return control.Keys{}, errors.ErrUnsupported
+}
+func (fakeAgent) ChangeKeys(context.Context, string, []byte, bool) (control.Keys, error) {
+	return control.Keys{}, errors.ErrUnsupported
+}
 
 func serveAgent(t *testing.T, st control.Status) string {
 	t.Helper()
