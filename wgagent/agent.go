@@ -26,6 +26,7 @@ import (
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
 	"github.com/vmroam/vmroam/wgagent/filter"
+	"github.com/vmroam/vmroam/wgagent/metrics"
 	"github.com/vmroam/vmroam/wgagent/route"
 	"github.com/vmroam/vmroam/wgagent/wgdev"
 	"github.com/vmroam/vmroam/xenhook"
@@ -48,6 +49,9 @@ type Agent struct {
 	cluster *gossip.Cluster
 	ctl     *control.Server
 	started time.Time
+
+	metrics    *metrics.Metrics // kept whether served or not
+	metricsSrv *metrics.Server  // nil unless Config.MetricsAddr
 
 	trigger chan struct{} // a reconcile is wanted; buffered 1
 
@@ -131,6 +135,7 @@ func New(cfg Config) (*Agent, error) {
 		carrierWatch:  map[string]*cache.Orderer{},
 		linkStop:      make(chan struct{}),
 	}
+	a.metrics = metrics.New(metricsSource{a})
 	ok := false
 	defer func() {
 		if !ok {
@@ -146,6 +151,14 @@ func New(cfg Config) (*Agent, error) {
 			return nil, err
 		}
 		a.log.Info("peer allowlist loaded", "path", cfg.PeerAllowlist, "keys", len(a.allow.list().keys))
+	}
+	if cfg.MetricsAddr != "" {
+		// Before anything changes on the host: an address in use stops
+		// the agent here.
+		var err error
+		if a.metricsSrv, err = metrics.Listen(cfg.MetricsAddr, a.log.With("component", "metrics")); err != nil {
+			return nil, err
+		}
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
@@ -244,6 +257,9 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	if a.metricsSrv != nil {
+		a.metricsSrv.Serve(a.metrics)
+	}
 	ok = true
 	return a, nil
 }
@@ -304,8 +320,13 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 // teardown undoes New. It runs once, from Run or from a failed New.
-// The control server goes first: its handlers use everything else.
+// The control and metrics servers go first: their handlers use everything
+// else.
 func (a *Agent) teardown() {
+	if a.metricsSrv != nil {
+		a.metricsSrv.Close()
+		a.metricsSrv = nil
+	}
 	if a.ctl != nil {
 		a.ctl.Close()
 		a.ctl = nil

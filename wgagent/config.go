@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
+	"strconv"
 	"time"
 
 	"github.com/vmroam/vmroam/cache"
@@ -120,6 +122,9 @@ type Config struct {
 	// networks and TCP MSS clamping into the tunnel. Off only for hosts
 	// whose firewall is managed otherwise.
 	Filter bool
+	// MetricsAddr is the HOST:PORT where the agent serves Prometheus
+	// metrics at /metrics, e.g. 127.0.0.1:9474; empty (the default): off.
+	MetricsAddr string
 	// Logger receives the agent's logs; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -247,6 +252,13 @@ func (c *Config) Validate() error {
 			add("--network %s given twice", n.Name)
 		}
 		seen[n.Name] = true
+	}
+	if c.MetricsAddr != "" {
+		if _, port, err := net.SplitHostPort(c.MetricsAddr); err != nil {
+			add("--metrics-addr %q: want HOST:PORT, e.g. 127.0.0.1:9474", c.MetricsAddr)
+		} else if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+			add("--metrics-addr %q: the port must be 1 to 65535", c.MetricsAddr)
+		}
 	}
 	if c.ReconcileInterval < 100*time.Millisecond {
 		add("--reconcile-interval %s: must be at least 100ms", c.ReconcileInterval)

@@ -38,6 +38,9 @@ func TestValidate(t *testing.T) {
 		{"bad port", func(c *Config) { c.WGPort = 0 }, "--wg-port"},
 		{"bad profile", func(c *Config) { c.GossipProfile = "moon" }, "--gossip-profile"},
 		{"fast reconcile", func(c *Config) { c.ReconcileInterval = 1 }, "--reconcile-interval"},
+		{"metrics without port", func(c *Config) { c.MetricsAddr = "127.0.0.1" }, "--metrics-addr"},
+		{"metrics port 0", func(c *Config) { c.MetricsAddr = "127.0.0.1:0" }, "--metrics-addr"},
+		{"metrics port name", func(c *Config) { c.MetricsAddr = "127.0.0.1:http" }, "--metrics-addr"},
 	}
 	for _, tc := range cases {
 		c := validConfig()
@@ -51,6 +54,11 @@ func TestValidate(t *testing.T) {
 	c.GossipKeys, c.InsecureGossip = nil, true
 	if err := c.Validate(); err != nil {
 		t.Errorf("--insecure-gossip without keys refused: %v", err)
+	}
+	c = validConfig()
+	c.MetricsAddr = "[::1]:9474"
+	if err := c.Validate(); err != nil {
+		t.Errorf("--metrics-addr [::1]:9474 refused: %v", err)
 	}
 	c = validConfig()
 	c.BindAddr = netip.MustParseAddr("0.0.0.0")

@@ -18,6 +18,7 @@ import (
 	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
+	"github.com/vmroam/vmroam/wgagent/metrics"
 	"github.com/vmroam/vmroam/wgagent/route"
 	"github.com/vmroam/vmroam/xenhook"
 )
@@ -61,7 +62,8 @@ type vipCtl struct {
 	orderer *cache.Orderer
 	stop    chan struct{}
 	rec     control.Migration
-	started time.Time // when it left stateLocal
+	flush   cache.FlushStats // what the handover stream carried, for the metrics
+	started time.Time        // when it left stateLocal
 	// byCarrier: the suspend came from the interface losing carrier, so
 	// carrier coming back (before any claim) means the VM stayed.
 	byCarrier bool
@@ -192,7 +194,7 @@ func (a *Agent) onLocked(c *vipCtl, ev vipEvent, why string) (vipAction, error) 
 		a.log.Warn("nobody claimed the VIP within the cache's max age: dropping its queue and releasing it", "vip", c.vip, "dropped", n)
 		c.rec.TimedOut = true
 		c.rec.Done = timePtr(time.Now())
-		a.finishLocked(c)
+		a.finishLocked(c, migrationQueues{cache: c.queue})
 		delete(a.ctls, c.vip)
 		a.intercept.Detach(c.vip, c)
 		delete(a.attached, c.vip)
@@ -219,7 +221,8 @@ func (a *Agent) beginLocked(c *vipCtl, why string) {
 	c.source = true
 	c.started = time.Now()
 	at := a.attached[c.vip]
-	c.rec = control.Migration{VIP: c.vip.String(), From: a.cfg.Name, Epoch: at.Epoch, Suspend: timePtr(c.started), Role: "source"}
+	c.rec = control.Migration{VIP: c.vip.String(), From: a.cfg.Name, Epoch: at.Epoch, Suspend: timePtr(c.started), Role: metrics.RoleSource}
+	a.metrics.MigrationStarted(metrics.RoleSource)
 	if m, ok := cache.NeighborMAC(c.dev, c.vip); ok {
 		c.mac = m
 	} else if len(at.MAC) == 6 {
@@ -398,7 +401,11 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 	}
 	after := o.Stats().Delivered - st.Delivered
 	c.rec.Done = timePtr(time.Now())
-	a.finishLocked(c)
+	if c.source { // an abort: the stream is the cache
+		a.finishLocked(c, migrationQueues{cache: o.Stream, held: o.Direct, orderer: o})
+	} else {
+		a.finishLocked(c, migrationQueues{stream: o.Stream, held: o.Direct, orderer: o})
+	}
 	c.mu.Unlock()
 	a.mu.Unlock()
 	// Packets the cache still delivered after the hand-back were routed
@@ -499,16 +506,19 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet 
 	return waited, quiet
 }
 
-// finishLocked files the migration record. Both locks held.
-func (a *Agent) finishLocked(c *vipCtl) {
+// finishLocked files the migration record, and its totals from the queues
+// it used in the metrics. Both locks held.
+func (a *Agent) finishLocked(c *vipCtl, q migrationQueues) {
 	if c.rec.VIP == "" {
 		return
 	}
+	a.metrics.MigrationEnded(c.totalsLocked(q))
 	a.history = append(a.history, c.rec)
 	if len(a.history) > 100 {
 		a.history = a.history[len(a.history)-100:]
 	}
 	c.rec = control.Migration{}
+	c.flush = cache.FlushStats{}
 }
 
 // arriveLocked handles `vip attach` of a VIP another host owns: claim it,
@@ -540,7 +550,8 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 	defer c.mu.Unlock()
 	c.started = time.Now()
 	c.source = false
-	c.rec = control.Migration{VIP: vip.String(), From: old.Owner, To: a.cfg.Name, Epoch: r.Epoch, Claim: timePtr(c.started), Role: "destination"}
+	c.rec = control.Migration{VIP: vip.String(), From: old.Owner, To: a.cfg.Name, Epoch: r.Epoch, Claim: timePtr(c.started), Role: metrics.RoleDestination}
+	a.metrics.MigrationStarted(metrics.RoleDestination)
 	stream := a.newQueue()
 	// c.queue has held what arrived since the holding route went in.
 	a.startDeliveryLocked(c, stream, c.queue, false)
@@ -623,6 +634,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 		}, nil)
 	c.mu.Lock()
 	c.rec.Flushed, c.rec.Forwarded = st.Flushed, st.Forwarded
+	c.flush = st
 	c.mu.Unlock()
 	if err != nil {
 		a.log.Warn("handover stream ended early", "vip", c.vip, "from", from, "err", err)
@@ -809,6 +821,7 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	a.mu.Lock()
 	c.mu.Lock()
 	c.rec.Flushed, c.rec.Forwarded = st.Flushed, st.Forwarded
+	c.flush = st
 	qs := q.Stats()
 	c.rec.Cached, c.rec.CachedBytes = qs.Packets, qs.Bytes
 	c.rec.Dropped = dropMap(qs, nil)
@@ -819,7 +832,7 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		c.rec.FlushEnd = timePtr(st.FlushEnd)
 	}
 	c.rec.Done = timePtr(time.Now())
-	a.finishLocked(c)
+	a.finishLocked(c, migrationQueues{cache: q})
 	c.mu.Unlock()
 	mine := a.ctls[req.VIP] == c
 	if mine {

@@ -41,6 +41,13 @@ func (a *Agent) reconcile() {
 		p := fmt.Sprintf(format, args...)
 		problems = append(problems, p)
 	}
+	// A step that failed to apply is an error for the metrics too; a
+	// member that cannot be a peer is only a problem.
+	failed := func(step, format string, args ...any) {
+		a.metrics.ReconcileError(step)
+		problem(format, args...)
+	}
+	a.metrics.ReconcileRun()
 
 	a.checkAllowlistLocked(problem)
 	members := a.cluster.Members()
@@ -56,7 +63,7 @@ func (a *Agent) reconcile() {
 
 	// The address first: a new peer's warm-up datagram is sent from it.
 	if err := a.ensureAddress(); err != nil {
-		problem("address: %v", err)
+		failed("address", "address: %v", err)
 	}
 	// Routes before peers: a VIP that moves to a host reached over the
 	// LAN must leave the tunnel at once for the new host's LAN route; if
@@ -66,7 +73,7 @@ func (a *Agent) reconcile() {
 	// which forwards it, until the peers change.
 	a.routes.Set(a.wantRoutes(records, a.lanPaths(members)))
 	if err := a.routes.Reconcile(); err != nil {
-		problem("routes: %v", err)
+		failed("routes", "routes: %v", err)
 	}
 	peers := a.wantPeers(members, records, problem)
 	// Before the peers change: a new peer's first handover connection
@@ -77,9 +84,9 @@ func (a *Agent) reconcile() {
 	}
 	a.handoverPeers.Store(&hp)
 	if err := a.applyPeers(peers); err != nil {
-		problem("WireGuard: %v", err)
+		failed("wireguard", "WireGuard: %v", err)
 	}
-	a.reconcileFilter(problem)
+	a.reconcileFilter(func(format string, args ...any) { failed("nftables", format, args...) })
 	problems = append(problems, a.configProblems...)
 	a.saveLocked()
 

@@ -60,6 +60,7 @@ type agentFlags struct {
 	logLevel          string
 	logFormat         string
 	config            string
+	metricsAddr       string
 }
 
 func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
@@ -105,6 +106,7 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&f.config, "config", "", "TOML config `file` with the same keys as these flags; flags win")
+	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on `HOST:PORT` at /metrics, e.g. 127.0.0.1:9474 (default: off)")
 	return f
 }
 
@@ -222,6 +224,7 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 	cfg.Xenstore = f.xenstore
 	cfg.Activation = f.activation
 	cfg.AllocSettle, cfg.AllocQuarantine = f.allocSettle, f.allocQuarantine
+	cfg.MetricsAddr = f.metricsAddr
 	for _, n := range f.networks {
 		name, cidr, ok := strings.Cut(n, "=")
 		p, err := netip.ParsePrefix(cidr)

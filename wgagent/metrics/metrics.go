@@ -1,0 +1,310 @@
+// Package metrics exposes the agent to Prometheus: it defines every
+// vmroam_* metric, keeps the counters the agent files as migrations end and
+// reconciles run, snapshots the current state (peers, VIPs, gossip) at
+// scrape time, and serves it all over HTTP.
+package metrics
+
+import (
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Label values the agent and the documentation share.
+const (
+	RoleSource      = "source"
+	RoleDestination = "destination"
+
+	KindCached    = "cached"    // source: queued while the VM was suspended
+	KindFlushed   = "flushed"   // sent (source) or received (destination) before the end marker
+	KindForwarded = "forwarded" // stragglers sent or received after the end marker
+	KindHeld      = "held"      // destination: reached it directly, held until delivery
+	KindDelivered = "delivered" // written to the VM (destination, or source on abort)
+)
+
+// Outcome is how a migration ended on this host.
+type Outcome uint8
+
+const (
+	Completed Outcome = iota // handed over (source) or delivered (destination)
+	Aborted                  // the VM stayed on the source; the cache went back to it
+	TimedOut                 // nobody claimed the VIP within the cache's max age
+)
+
+// Traffic counts packets and their bytes.
+type Traffic struct {
+	Packets, Bytes uint64
+}
+
+// Migration is what one migration did on this host, filed once when it
+// ends: the agent adds the queues' and streams' totals here rather than
+// counting packet by packet on the data path.
+type Migration struct {
+	Role    string // RoleSource or RoleDestination
+	Outcome Outcome
+	// Traffic by kind (KindCached ...); a packet may count under several
+	// kinds, e.g. cached and then flushed at the source.
+	Traffic map[string]Traffic
+	// Dropped is what the cache dropped on this host, by reason
+	// (cache.DropReason).
+	Dropped map[string]Traffic
+	// Handover is the time from the VM's activation at the destination to
+	// the first cached packet delivered to it; 0 when not measured.
+	Handover time.Duration
+}
+
+// Snapshot is the agent's current state, taken at each scrape.
+type Snapshot struct {
+	Time             time.Time      // when it was taken: handshake ages count to it
+	Peers            []Peer         // every other member the agent knows of
+	VIPs             map[string]int // location records by state as status shows them
+	GossipMembers    int            // alive members, this one included
+	GossipMsgErrors  uint64         // malformed gossip messages dropped, ever
+	GossipMetaErrors uint64         // member metadata that did not decode, ever
+	CacheUnclaimed   uint64         // packets the cache device read for no migration, ever
+	CacheQueuedBytes int64          // packet bytes held by every cache queue now
+	Problems         int            // conditions status reports now
+}
+
+// Peer is one other member and, while it is a WireGuard peer, its tunnel.
+type Peer struct {
+	Name  string
+	State string // alive, suspect, dead or left
+	// Tunnel: the member is a WireGuard peer now, so the fields below
+	// are read from the device.
+	Tunnel        bool
+	LastHandshake time.Time // zero: never
+	RxBytes       int64
+	TxBytes       int64
+}
+
+// Source gives the collector the agent's current state. Snapshot runs on
+// the scrape's goroutine: it may take the agent's locks briefly but must
+// not wait on the data path or on the network. On error it returns what it
+// could read with it.
+type Source interface {
+	Snapshot() (Snapshot, error)
+}
+
+// Peer and VIP states that are always exported, with 0 when none is in
+// them, so that a query or an alert finds the series.
+var (
+	peerStates = []string{"alive", "suspect", "dead", "left"}
+	vipStates  = []string{"local", "reserved", "remote", "released", "caching", "forwarding", "holding"}
+)
+
+// HandoverBuckets are the handover histogram's upper bounds: 0.5 ms
+// doubling to about 4 s (the goal is 5 ms; a stuck handover is seconds).
+var HandoverBuckets = prometheus.ExponentialBuckets(0.0005, 2, 14)
+
+// Metrics holds the agent's metrics in a registry of its own. Its methods
+// are safe for concurrent use and never block.
+type Metrics struct {
+	reg *prometheus.Registry
+
+	migrationsStarted   *prometheus.CounterVec
+	migrationsCompleted *prometheus.CounterVec
+	migrationsAborted   prometheus.Counter
+	migrationsTimedOut  prometheus.Counter
+	packets, bytes      *prometheus.CounterVec
+	droppedPackets      *prometheus.CounterVec
+	droppedBytes        *prometheus.CounterVec
+	handover            prometheus.Histogram
+	reconcileRuns       prometheus.Counter
+	reconcileErrors     *prometheus.CounterVec
+}
+
+// New returns the metrics of an agent whose current state src gives, with
+// Go runtime and process metrics beside them.
+func New(src Source) *Metrics {
+	m := &Metrics{
+		reg: prometheus.NewRegistry(),
+		migrationsStarted: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmroam_migrations_started_total",
+			Help: "Migrations that began on this host, by its role in them.",
+		}, []string{"role"}),
+		migrationsCompleted: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmroam_migrations_completed_total",
+			Help: "Migrations that ended as planned on this host: the cache handed over (source) or delivered (destination), by role.",
+		}, []string{"role"}),
+		migrationsAborted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vmroam_migrations_aborted_total",
+			Help: "Migrations away from this host that ended with the VM staying here and getting its cache back.",
+		}),
+		migrationsTimedOut: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vmroam_migrations_timed_out_total",
+			Help: "Migrations away from this host that nobody claimed within the cache's max age; their queue was dropped.",
+		}),
+		packets: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmroam_cache_packets_total",
+			Help: "Packets of finished migrations, by what the cache did with them: cached, flushed, forwarded, held, delivered.",
+		}, []string{"kind"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmroam_cache_bytes_total",
+			Help: "Bytes of the packets in vmroam_cache_packets_total, by the same kinds.",
+		}, []string{"kind"}),
+		droppedPackets: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmroam_cache_dropped_packets_total",
+			Help: "Packets of finished migrations the cache dropped on this host, by reason.",
+		}, []string{"reason"}),
+		droppedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmroam_cache_dropped_bytes_total",
+			Help: "Bytes of the packets in vmroam_cache_dropped_packets_total, by reason.",
+		}, []string{"reason"}),
+		handover: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "vmroam_handover_duration_seconds",
+			Help:    "Time from an arriving VM's activation (carrier or announcement) to the first cached packet delivered to it.",
+			Buckets: HandoverBuckets,
+		}),
+		reconcileRuns: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vmroam_reconcile_runs_total",
+			Help: "Reconciles of WireGuard peers, routes, addresses and nftables with the cluster's state.",
+		}),
+		reconcileErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmroam_reconcile_errors_total",
+			Help: "Reconcile steps that failed (retried on the next run), by step.",
+		}, []string{"step"}),
+	}
+	for _, role := range []string{RoleSource, RoleDestination} {
+		m.migrationsStarted.WithLabelValues(role)
+		m.migrationsCompleted.WithLabelValues(role)
+	}
+	for _, kind := range []string{KindCached, KindFlushed, KindForwarded, KindHeld, KindDelivered} {
+		m.packets.WithLabelValues(kind)
+		m.bytes.WithLabelValues(kind)
+	}
+	m.reg.MustRegister(
+		m.migrationsStarted, m.migrationsCompleted, m.migrationsAborted, m.migrationsTimedOut,
+		m.packets, m.bytes, m.droppedPackets, m.droppedBytes, m.handover,
+		m.reconcileRuns, m.reconcileErrors,
+		newStateCollector(src),
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return m
+}
+
+// Gatherer returns the registry, for serving and for tests.
+func (m *Metrics) Gatherer() prometheus.Gatherer { return m.reg }
+
+// MigrationStarted counts a migration beginning on this host in role.
+func (m *Metrics) MigrationStarted(role string) {
+	m.migrationsStarted.WithLabelValues(role).Inc()
+}
+
+// MigrationEnded files the totals of a migration that ended on this host.
+func (m *Metrics) MigrationEnded(mig Migration) {
+	switch mig.Outcome {
+	case Completed:
+		m.migrationsCompleted.WithLabelValues(mig.Role).Inc()
+	case Aborted:
+		m.migrationsAborted.Inc()
+	case TimedOut:
+		m.migrationsTimedOut.Inc()
+	}
+	for kind, t := range mig.Traffic {
+		m.packets.WithLabelValues(kind).Add(float64(t.Packets))
+		m.bytes.WithLabelValues(kind).Add(float64(t.Bytes))
+	}
+	for reason, t := range mig.Dropped {
+		m.droppedPackets.WithLabelValues(reason).Add(float64(t.Packets))
+		m.droppedBytes.WithLabelValues(reason).Add(float64(t.Bytes))
+	}
+	if mig.Handover > 0 {
+		m.handover.Observe(mig.Handover.Seconds())
+	}
+}
+
+// ReconcileRun counts one reconcile.
+func (m *Metrics) ReconcileRun() { m.reconcileRuns.Inc() }
+
+// ReconcileError counts a failed reconcile step (address, routes,
+// wireguard, nftables).
+func (m *Metrics) ReconcileError(step string) { m.reconcileErrors.WithLabelValues(step).Inc() }
+
+// stateCollector turns a Snapshot into gauges and counters at each scrape.
+type stateCollector struct {
+	src Source
+
+	peers, handshakeAge, peerRx, peerTx  *prometheus.Desc
+	vips                                 *prometheus.Desc
+	gossipMembers, gossipErrors          *prometheus.Desc
+	cacheUnclaimed, cacheQueued, problem *prometheus.Desc
+}
+
+func newStateCollector(src Source) *stateCollector {
+	return &stateCollector{
+		src:           src,
+		peers:         prometheus.NewDesc("vmroam_peers", "Other members of the cluster, by gossip state.", []string{"state"}, nil),
+		handshakeAge:  prometheus.NewDesc("vmroam_peer_handshake_age_seconds", "Time since the last WireGuard handshake with the peer; +Inf if none yet.", []string{"peer"}, nil),
+		peerRx:        prometheus.NewDesc("vmroam_peer_receive_bytes_total", "Bytes received from the WireGuard peer (restarts from 0 when the peer is removed and added again).", []string{"peer"}, nil),
+		peerTx:        prometheus.NewDesc("vmroam_peer_transmit_bytes_total", "Bytes sent to the WireGuard peer (restarts from 0 when the peer is removed and added again).", []string{"peer"}, nil),
+		vips:          prometheus.NewDesc("vmroam_vips", "VIPs of the location table, by state as `vmroam status` shows them.", []string{"state"}, nil),
+		gossipMembers: prometheus.NewDesc("vmroam_gossip_members", "Alive gossip members, this host included.", nil, nil),
+		gossipErrors: prometheus.NewDesc("vmroam_gossip_message_errors_total",
+			"Gossip input dropped as invalid: malformed messages or remote states (kind message), member metadata that did not decode (kind metadata).", []string{"kind"}, nil),
+		cacheUnclaimed: prometheus.NewDesc("vmroam_cache_unclaimed_packets_total", "Packets the cache device read for a VIP that no migration here was taking: lost.", nil, nil),
+		cacheQueued:    prometheus.NewDesc("vmroam_cache_queued_bytes", "Packet bytes held by all the cache's queues now.", nil, nil),
+		problem:        prometheus.NewDesc("vmroam_problems", "Problems `vmroam status` reports now (a reconcile step failing, a member that cannot be a peer, a config clash).", nil, nil),
+	}
+}
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.peers, c.handshakeAge, c.peerRx, c.peerTx, c.vips, c.gossipMembers, c.gossipErrors, c.cacheUnclaimed, c.cacheQueued, c.problem} {
+		ch <- d
+	}
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	s, err := c.src.Snapshot()
+	if err != nil {
+		// Served as a scrape error; what the snapshot holds still goes out.
+		ch <- prometheus.NewInvalidMetric(c.peers, fmt.Errorf("reading the agent's state: %w", err))
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+	}
+
+	byState := map[string]int{}
+	for _, st := range peerStates {
+		byState[st] = 0
+	}
+	for _, p := range s.Peers {
+		byState[p.State]++
+		if !p.Tunnel {
+			continue
+		}
+		age := math.Inf(1)
+		if !p.LastHandshake.IsZero() {
+			age = max(0, s.Time.Sub(p.LastHandshake).Seconds())
+		}
+		gauge(c.handshakeAge, age, p.Name)
+		counter(c.peerRx, float64(p.RxBytes), p.Name)
+		counter(c.peerTx, float64(p.TxBytes), p.Name)
+	}
+	for st, n := range byState {
+		gauge(c.peers, float64(n), st)
+	}
+	vips := map[string]int{}
+	for _, st := range vipStates {
+		vips[st] = 0
+	}
+	for st, n := range s.VIPs {
+		vips[st] += n
+	}
+	for st, n := range vips {
+		gauge(c.vips, float64(n), st)
+	}
+	gauge(c.gossipMembers, float64(s.GossipMembers))
+	counter(c.gossipErrors, float64(s.GossipMsgErrors), "message")
+	counter(c.gossipErrors, float64(s.GossipMetaErrors), "metadata")
+	counter(c.cacheUnclaimed, float64(s.CacheUnclaimed))
+	gauge(c.cacheQueued, float64(s.CacheQueuedBytes))
+	gauge(c.problem, float64(s.Problems))
+}
