@@ -28,6 +28,13 @@ type FlushStats struct {
 // from the interceptor meanwhile. progress, if not nil, is called after
 // each batch with the stats so far.
 func SendQueue(conn io.Writer, q *Queue, hdr Header, linger time.Duration, stop <-chan struct{}, progress func(FlushStats)) (FlushStats, error) {
+	return SendQueueTicks(conn, q, hdr, linger, 0, stop, progress)
+}
+
+// SendQueueTicks is SendQueue that also writes a FrameTick right after the
+// end marker and every tick while it lingers (tick 0: none), for a
+// destination that asked (Request.Ticks; see Orderer.Tick).
+func SendQueueTicks(conn io.Writer, q *Queue, hdr Header, linger, tick time.Duration, stop <-chan struct{}, progress func(FlushStats)) (FlushStats, error) {
 	var st FlushStats
 	w := NewWriter(conn)
 	backlog := q.Len()
@@ -68,6 +75,15 @@ func SendQueue(conn io.Writer, q *Queue, hdr Header, linger time.Duration, stop 
 	if err := w.End(End{Packets: st.Flushed, Bytes: st.FlushedB, Dropped: dropped}); err != nil {
 		return st, err
 	}
+	writeTick := func() error {
+		if tick <= 0 {
+			return nil
+		}
+		return w.Tick(time.Since(st.FlushStart))
+	}
+	if err := writeTick(); err != nil {
+		return st, err
+	}
 	if err := w.Flush(); err != nil {
 		return st, err
 	}
@@ -77,6 +93,12 @@ func SendQueue(conn io.Writer, q *Queue, hdr Header, linger time.Duration, stop 
 	}
 	deadline := time.NewTimer(linger)
 	defer deadline.Stop()
+	var ticks <-chan time.Time
+	if tick > 0 {
+		t := time.NewTicker(tick)
+		defer t.Stop()
+		ticks = t.C
+	}
 	for {
 		select {
 		case <-q.Notify():
@@ -85,6 +107,19 @@ func SendQueue(conn io.Writer, q *Queue, hdr Header, linger time.Duration, stop 
 			}
 			if progress != nil {
 				progress(st)
+			}
+			continue
+		case <-ticks:
+			// After whatever the queue holds now, so that the tick
+			// vouches for it.
+			if _, err := send(-1); err != nil {
+				return st, err
+			}
+			if err := writeTick(); err != nil {
+				return st, err
+			}
+			if err := w.Flush(); err != nil {
+				return st, err
 			}
 			continue
 		case <-deadline.C:
@@ -110,6 +145,11 @@ var ErrRefused = errors.New("handover refused")
 // the stream ends some other way, with the error). It returns when the
 // stream is over.
 func Receive(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End), progress func(FlushStats)) (FlushStats, error) {
+	return ReceiveTicks(r, q, onHeader, onEnd, nil, progress)
+}
+
+// ReceiveTicks is Receive that also passes each FrameTick's time to onTick.
+func ReceiveTicks(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End), onTick func(time.Duration), progress func(FlushStats)) (FlushStats, error) {
 	var st FlushStats
 	rd := NewReader(r)
 	f, err := rd.Next()
@@ -157,6 +197,13 @@ func Receive(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End), prog
 				return st, fmt.Errorf("handover: %w: close before the end marker", ErrMalformed)
 			}
 			return st, nil
+		case FrameTick:
+			if !ended {
+				return st, fmt.Errorf("handover: %w: tick before the end marker", ErrMalformed)
+			}
+			if onTick != nil {
+				onTick(f.Tick)
+			}
 		default:
 			return st, fmt.Errorf("handover: %w: unexpected frame %d", ErrMalformed, f.Type)
 		}
@@ -204,22 +251,26 @@ type Orderer struct {
 	Speedup float64 // default 1.5
 	MinRate float64 // packets/s; default 20000
 
-	mu        sync.Mutex
-	ended     bool // end marker seen: the flushed backlog is complete
-	closed    bool // the source will send nothing more
-	carrier   bool
-	endAt     time.Time // when the end marker arrived
-	carrierUp time.Time
-	wake      chan struct{}
-	first     map[Flow]time.Time
-	cls       *Classifier
-	pending   []byte
-	pendFlow  Flow
-	pendAt    time.Time
-	hasPend   bool
-	pendSeen  atomic.Bool // a packet is out of its queue and not yet written, for Idle
-	released  map[Flow]bool
-	late      uint64
+	mu          sync.Mutex
+	expectTicks bool
+	tickBase    time.Time     // destination time of the source's tick clock origin, plus the least one-way delay seen
+	tickSent    time.Duration // the latest tick's source time
+	ticking     bool
+	ended       bool // end marker seen: the flushed backlog is complete
+	closed      bool // the source will send nothing more
+	carrier     bool
+	endAt       time.Time // when the end marker arrived
+	carrierUp   time.Time
+	wake        chan struct{}
+	first       map[Flow]time.Time
+	cls         *Classifier
+	pending     []byte
+	pendFlow    Flow
+	pendAt      time.Time
+	hasPend     bool
+	pendSeen    atomic.Bool // a packet is out of its queue and not yet written, for Idle
+	released    map[Flow]bool
+	late        uint64
 
 	// Pacing: a token bucket refilled at the current pace.
 	tokens    float64
@@ -279,6 +330,34 @@ func (o *Orderer) Ended() {
 			o.endAt = time.Now()
 		}
 		o.ended = true
+	})
+}
+
+// ExpectTicks says whether the source was asked for ticks
+// (Request.Ticks): then a flow's direct packets also wait for a tick that
+// proves its stragglers are through the stream (see Tick).
+func (o *Orderer) ExpectTicks(yes bool) { o.set(func() { o.expectTicks = yes }) }
+
+// Tick says a FrameTick sent at source time sent (Tick 0: the header)
+// arrived now. Every packet the source took before sending it is ahead of
+// it in the stream. A straggler of a flow, sent by the old path before the
+// flow's first direct packet, reaches the source at most about one one-way
+// delay (between the hosts) after that packet reached the destination; so
+// once a tick sent later than that has arrived, no straggler of the flow
+// can still be in flight, even when a lost segment holds the stream up
+// for a retransmission: the tick then waits behind it too. Settle after
+// the flow's first direct packet is when such a tick arrives when nothing
+// holds the stream up.
+func (o *Orderer) Tick(sent time.Duration) {
+	now := time.Now()
+	o.set(func() {
+		// The least arrival delay seen is the one no queue or loss
+		// inflated: the clock's origin on this host's clock.
+		if base := now.Add(-sent); !o.ticking || base.Before(o.tickBase) {
+			o.tickBase = base
+		}
+		o.ticking = true
+		o.tickSent = max(o.tickSent, sent)
 	})
 }
 
@@ -367,6 +446,8 @@ func (o *Orderer) Run(stop <-chan struct{}) error {
 func (o *Orderer) step() (time.Duration, bool, error) {
 	o.mu.Lock()
 	carrier, ended, closed, endAt := o.carrier, o.ended, o.closed, o.endAt
+	expectTicks, ticked := o.expectTicks, o.ticking && o.tickSent > 0
+	tickedTo := o.tickBase.Add(o.tickSent)
 	o.mu.Unlock()
 	if !carrier {
 		return 0, false, nil
@@ -432,6 +513,9 @@ func (o *Orderer) step() (time.Duration, bool, error) {
 		release = release.Add(o.Settle)
 		if !closed && now.Before(release) {
 			return release.Sub(now), false, nil
+		}
+		if !closed && expectTicks && (!ticked || tickedTo.Before(o.first[o.pendFlow].Add(o.Settle))) {
+			return 0, false, nil // the next tick wakes us
 		}
 		if err := o.deliver(o.pending); err != nil {
 			return 0, false, err

@@ -90,6 +90,50 @@ func TestSendQueueReceive(t *testing.T) {
 	}
 }
 
+// TestSendQueueTicks: asked for ticks, the source writes one with the end
+// marker and then one per tick while it lingers, each later than the one
+// before and behind every straggler it took before it.
+func TestSendQueueTicks(t *testing.T) {
+	src := NewQueue(DefaultLimits(), nil)
+	src.Push(udpFrom(t, 1, 0), time.Now())
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	var sendErr error
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_, sendErr = SendQueueTicks(a, src, Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, 100*time.Millisecond, 5*time.Millisecond, nil, nil)
+	}()
+	dst := NewQueue(DefaultLimits(), nil)
+	var ticks []time.Duration
+	var atTick []int // packets received when each tick came
+	ended := make(chan struct{})
+	_, err := ReceiveTicks(b, dst, nil, func(End) {
+		close(ended)
+		go src.Push(udpFrom(t, 1, 1), time.Now())
+	}, func(d time.Duration) {
+		ticks = append(ticks, d)
+		atTick = append(atTick, dst.Len())
+	}, nil)
+	wg.Wait()
+	if err != nil || sendErr != nil {
+		t.Fatalf("receive %v, send %v", err, sendErr)
+	}
+	if len(ticks) < 5 {
+		t.Fatalf("%d ticks in 100 ms at 5 ms: %v", len(ticks), ticks)
+	}
+	for i := 1; i < len(ticks); i++ {
+		if ticks[i] <= ticks[i-1] {
+			t.Fatalf("ticks not increasing: %v", ticks)
+		}
+	}
+	if atTick[len(atTick)-1] != 2 {
+		t.Fatalf("the last tick came with %d packets in, want the straggler ahead of it too (2)", atTick[len(atTick)-1])
+	}
+}
+
 func TestReceiveRefused(t *testing.T) {
 	a, b := net.Pipe()
 	defer b.Close()
@@ -190,6 +234,64 @@ func TestOrdererStreamFirstThenSettledFlows(t *testing.T) {
 		if rec.got[i] != want[i] {
 			t.Fatalf("delivery order %v, want %v", rec.got, want)
 		}
+	}
+}
+
+// TestOrdererWaitsForTicks: with ticks asked for, a flow's direct packets
+// wait past settle while the stream is held up (a lost segment), until a
+// tick shows that the source sent everything it took by then: the
+// straggler stuck behind the loss then still comes first.
+func TestOrdererWaitsForTicks(t *testing.T) {
+	const settle = 30 * time.Millisecond
+	stream, direct := NewQueue(DefaultLimits(), nil), NewQueue(DefaultLimits(), nil)
+	rec := &recorder{}
+	o := &Orderer{Stream: stream, Direct: direct, Settle: settle, Write: rec.write}
+	o.ExpectTicks(true)
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- o.Run(stop) }()
+	defer func() {
+		close(stop)
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	o.SetCarrier(true)
+	o.Tick(0) // the header: the source's clock starts now
+	origin := time.Now()
+	stream.Push(udpFrom(t, 1, 0), time.Now())
+	o.Ended()
+	o.Tick(time.Since(origin))
+	waitCount(t, rec, 1)
+	firstDirect := time.Now()
+	direct.Push(udpFrom(t, 1, 20), firstDirect)
+
+	// Settle passes; the stream is stuck: ticks the source wrote are held
+	// up with the straggler. Nothing direct may go.
+	time.Sleep(3 * settle)
+	if n := rec.count(); n != 1 {
+		t.Fatalf("delivered %d: a direct packet went while the stream was held up", n)
+	}
+	// A tick written before the flow could have settled proves nothing.
+	o.Tick(firstDirect.Sub(origin))
+	time.Sleep(settle)
+	if n := rec.count(); n != 1 {
+		t.Fatalf("delivered %d: released on an early tick", n)
+	}
+	// The retransmission arrives: the straggler, then a later tick.
+	stream.Push(udpFrom(t, 1, 10), time.Now())
+	o.Tick(firstDirect.Sub(origin) + settle + time.Millisecond)
+	waitCount(t, rec, 3)
+	want := [][2]uint32{{1, 0}, {1, 10}, {1, 20}}
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	for i := range want {
+		if rec.got[i] != want[i] {
+			t.Fatalf("delivery order %v, want %v", rec.got, want)
+		}
+	}
+	if o.Stats().Late != 0 {
+		t.Errorf("late %d, want 0", o.Stats().Late)
 	}
 }
 

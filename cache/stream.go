@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/netip"
 	"strconv"
+	"time"
 )
 
 // The handover stream runs agent to agent over TCP inside WireGuard. Each
@@ -39,6 +41,7 @@ const (
 	FrameEnd     FrameType = 4 // end of the flushed queue; stragglers may follow as FramePacket
 	FrameClose   FrameType = 5 // no more packets: linger over
 	FrameRefuse  FrameType = 6 // the source refuses (reason)
+	FrameTick    FrameType = 7 // source -> destination after the end marker: the stream's clock (see Tick)
 )
 
 func (t FrameType) String() string {
@@ -55,6 +58,8 @@ func (t FrameType) String() string {
 		return "close"
 	case FrameRefuse:
 		return "refuse"
+	case FrameTick:
+		return "tick"
 	}
 	return "type-" + strconv.Itoa(int(t))
 }
@@ -64,7 +69,14 @@ type Request struct {
 	VIP     netip.Addr
 	Epoch   uint64
 	Claimer string // <= MaxClaimer bytes
+	// Ticks asks for FrameTick frames while the source lingers. It is a
+	// trailing flags byte, present only when a flag is set, so a request
+	// that asks for none is what an older agent sends and reads.
+	Ticks bool
 }
+
+// requestTicks is Request.Ticks in the request's flags byte.
+const requestTicks = 1
 
 // Header opens a flush.
 type Header struct {
@@ -164,6 +176,11 @@ func (w *Writer) Request(r Request) error {
 	b = binary.BigEndian.AppendUint64(b, r.Epoch)
 	b = append(b, byte(len(r.Claimer)))
 	b = append(b, r.Claimer...)
+	// The flags byte only when a flag is set: one encoding per request,
+	// and an older source still reads a request that asks for nothing new.
+	if r.Ticks {
+		b = append(b, requestTicks)
+	}
 	return w.frame(FrameRequest, b)
 }
 
@@ -193,6 +210,13 @@ func (w *Writer) End(e End) error {
 	b = binary.BigEndian.AppendUint64(b, e.Bytes)
 	b = binary.BigEndian.AppendUint64(b, e.Dropped)
 	return w.frame(FrameEnd, b)
+}
+
+// Tick writes FrameTick: sent is the source's clock (time since its flush
+// began) when it wrote the frame. Every packet the source took before then
+// is ahead of it in the stream.
+func (w *Writer) Tick(sent time.Duration) error {
+	return w.frame(FrameTick, binary.BigEndian.AppendUint64(w.scratch[:0], uint64(sent)))
 }
 
 // Close writes FrameClose; it does not close the underlying io.Writer.
@@ -225,6 +249,7 @@ type Frame struct {
 	Packet  []byte
 	End     End
 	Refuse  Refuse
+	Tick    time.Duration
 }
 
 // Reader reads frames. Packet payloads returned by Next are valid until the
@@ -276,7 +301,7 @@ func (r *Reader) next() (Frame, error) {
 		return Frame{}, fmt.Errorf("cache: read frame type: %w", err)
 	}
 	t := FrameType(tb)
-	if t < FrameRequest || t > FrameRefuse {
+	if t < FrameRequest || t > FrameTick {
 		return Frame{}, malformed("unknown frame type %d", tb)
 	}
 	n, err := r.length(t)
@@ -315,6 +340,15 @@ func (r *Reader) next() (Frame, error) {
 			return Frame{}, malformed("refuse reason of %d bytes over %d", len(p), MaxReason)
 		}
 		f.Refuse.Reason = string(p)
+	case FrameTick:
+		if len(p) != 8 {
+			return Frame{}, malformed("tick frame of %d bytes, want 8", len(p))
+		}
+		sent := binary.BigEndian.Uint64(p)
+		if sent > math.MaxInt64 {
+			return Frame{}, malformed("tick time %d out of range", sent)
+		}
+		f.Tick = time.Duration(sent)
 	}
 	if err != nil {
 		return Frame{}, err
@@ -420,6 +454,14 @@ func decodeRequest(p []byte) (Request, error) {
 	}
 	r := Request{VIP: vip, Epoch: d.u64()}
 	r.Claimer = string(d.bytes(int(d.u8())))
+	if len(d.p) == 1 && !d.bad {
+		switch flags := d.u8(); flags {
+		case requestTicks:
+			r.Ticks = true
+		default:
+			return Request{}, malformed("request flags %#x", flags)
+		}
+	}
 	if err := d.done(FrameRequest); err != nil {
 		return Request{}, err
 	}

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 )
 
 var mac6 = net.HardwareAddr{0x02, 0x16, 0x3e, 0x00, 0x00, 0x01}
@@ -21,6 +22,7 @@ func sampleFrames() []Frame {
 		{Type: FrameRequest, Request: Request{VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 7, Claimer: "host-2"}},
 		{Type: FrameRequest, Request: Request{VIP: netip.MustParseAddr("fd00::10"), Epoch: 1 << 40, Claimer: strings.Repeat("c", MaxClaimer)}},
 		{Type: FrameRequest, Request: Request{VIP: netip.MustParseAddr("::ffff:100.64.0.10"), Epoch: 0}},
+		{Type: FrameRequest, Request: Request{VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 7, Claimer: "host-2", Ticks: true}},
 		{Type: FrameHeader, Header: Header{VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 8, MAC: mac6, Queued: 12500, QueuedBytes: 12500 * 200}},
 		{Type: FrameHeader, Header: Header{VIP: netip.MustParseAddr("fd00::10"), Epoch: 9}},
 		{Type: FramePacket, Packet: []byte{0x45, 0, 0, 20}},
@@ -30,6 +32,8 @@ func sampleFrames() []Frame {
 		{Type: FrameClose},
 		{Type: FrameRefuse, Refuse: Refuse{Reason: "not the owner"}},
 		{Type: FrameRefuse, Refuse: Refuse{Reason: strings.Repeat("r", MaxReason)}},
+		{Type: FrameTick, Tick: 0},
+		{Type: FrameTick, Tick: 1500 * time.Millisecond},
 	}
 }
 
@@ -47,6 +51,8 @@ func writeFrame(w *Writer, f Frame) error {
 		return w.Close()
 	case FrameRefuse:
 		return w.Refuse(f.Refuse)
+	case FrameTick:
+		return w.Tick(f.Tick)
 	}
 	return fmt.Errorf("no such frame type %d", f.Type)
 }
@@ -214,12 +220,16 @@ func TestStreamMalformed(t *testing.T) {
 	}
 	cases := map[string][]byte{
 		"type 0":                 {0, 0},
-		"type 7":                 {7, 0},
+		"type 8":                 {8, 0},
 		"type 255":               {255, 1, 0},
 		"request vip len 5":      frame(FrameRequest, []byte{5, 1, 2, 3, 4, 5}, epoch, []byte{0}),
 		"request no vip":         frame(FrameRequest),
 		"request short claimer":  frame(FrameRequest, vip4, epoch, []byte{3, 'a'}),
-		"request trailing":       frame(FrameRequest, vip4, epoch, []byte{0, 9}),
+		"request trailing":       frame(FrameRequest, vip4, epoch, []byte{0, 1, 9}),
+		"request flags 0":        frame(FrameRequest, vip4, epoch, []byte{0, 0}),
+		"request flags 2":        frame(FrameRequest, vip4, epoch, []byte{0, 2}),
+		"tick short":             frame(FrameTick, make([]byte, 7)),
+		"tick out of range":      frame(FrameTick, []byte{0x80, 0, 0, 0, 0, 0, 0, 0}),
 		"header mac len 5":       frame(FrameHeader, vip4, epoch, []byte{5, 1, 2, 3, 4, 5}, make([]byte, 12)),
 		"header short":           frame(FrameHeader, vip4, epoch, []byte{0}, make([]byte, 11)),
 		"header trailing":        frame(FrameHeader, vip4, epoch, []byte{0}, make([]byte, 13)),
