@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -569,7 +570,7 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 // Whatever happens, it ends by telling the orderer the source is closed.
 func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *cache.Queue, o *cache.Orderer, stop chan struct{}) {
 	defer o.Closed()
-	req := cache.Request{VIP: c.vip, Epoch: r.Epoch, Claimer: a.cfg.Name}
+	req := cache.Request{VIP: c.vip, Epoch: r.Epoch, Claimer: a.cfg.Name, Ticks: true}
 	pc := a.takePrepared(c.vip, from)
 	var conn net.Conn
 	var rd io.Reader
@@ -610,14 +611,22 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 			a.log.Info("handover: the prepared connection failed; connecting anew", "vip", c.vip, "from", from, "err", err)
 			continue
 		}
+		if req.Ticks && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+			// An agent from before ticks closes on a request with flags.
+			a.log.Warn("handover: the old host does not know ticks (an older vmroam?); asking again without, so a loss in the stream may reorder", "vip", c.vip, "from", from)
+			req.Ticks = false
+			continue
+		}
 		a.log.Error("handover request", "vip", c.vip, "from", from, "err", err)
 		return
 	}
+	o.ExpectTicks(req.Ticks)
 	// The answer's round trip is the path's, unless the source made the
 	// request wait (see handoverWait); the connect's is one too.
 	o.Settle = max(a.cfg.CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
-	st, err := cache.Receive(rd, stream,
+	st, err := cache.ReceiveTicks(rd, stream,
 		func(h cache.Header) {
+			o.Tick(0) // the source's tick clock starts with the header
 			c.mu.Lock()
 			if len(h.MAC) == 6 {
 				c.mac = h.MAC
@@ -631,7 +640,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 			c.rec.Lost += e.Dropped
 			c.mu.Unlock()
 			o.Ended()
-		}, nil)
+		}, o.Tick, nil)
 	c.mu.Lock()
 	c.rec.Flushed, c.rec.Forwarded = st.Flushed, st.Forwarded
 	c.flush = st
@@ -741,6 +750,11 @@ func (a *Agent) serveHandovers(ln net.Listener) {
 	}
 }
 
+// handoverTick is how often the old host writes a tick while it lingers
+// (cache.SendQueueTicks): it bounds how much a tick adds to a flow's
+// settle at the new host.
+const handoverTick = 2 * time.Millisecond
+
 func (a *Agent) handleHandover(conn net.Conn) error {
 	f, err := a.readHandoverRequest(conn)
 	if err != nil {
@@ -816,7 +830,11 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		reconciled <- time.Since(t0)
 	}()
 	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "mac", mac, "after", time.Since(asked))
-	st, err := cache.SendQueue(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.cfg.CacheLinger, stop, nil)
+	var tick time.Duration
+	if req.Ticks {
+		tick = handoverTick
+	}
+	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.cfg.CacheLinger, tick, stop, nil)
 	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", <-reconciled)
 	a.mu.Lock()
 	c.mu.Lock()
