@@ -49,7 +49,8 @@ bench-migration: deps
 	$(GO) test -run '^$$' -bench BenchmarkMigration -benchtime 1x -count=1 -timeout 30m -v ./e2e/
 	$(GO) test -run '^$$' -bench 'BenchmarkQueue|BenchmarkClassify' -benchmem ./cache/
 
-# A VM migrates between namespace hosts under pings, with and without the cache.
+# A VM migrates between namespace hosts under pings, with and without the cache;
+# the cached move's timeline is drawn into migration.svg.
 # RTT=40ms puts each host in a site of its own behind an emulated WAN.
 demo: deps build
 	$(GO) run ./lab/demo -binary $(BIN) $(if $(RTT),-rtt $(RTT)) $(DEMO_ARGS)

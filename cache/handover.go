@@ -250,6 +250,9 @@ type Orderer struct {
 	Write   func(pkt []byte) error
 	Speedup float64 // default 1.5
 	MinRate float64 // packets/s; default 20000
+	// Timeline, if set, counts each packet written to the VM in
+	// SeriesDelivered, at the moment Write returned.
+	Timeline *Timeline
 
 	mu          sync.Mutex
 	expectTicks bool
@@ -577,8 +580,14 @@ func (o *Orderer) deliver(pkt []byte) error {
 	o.mu.Lock()
 	o.delivered++
 	o.deliveredB += uint64(len(pkt))
-	if o.firstDelivery.IsZero() {
-		o.firstDelivery = time.Now()
+	if o.Timeline != nil || o.firstDelivery.IsZero() {
+		now := time.Now()
+		if o.firstDelivery.IsZero() {
+			o.firstDelivery = now
+		}
+		// Under the lock with the counter, so that Stats and the
+		// timeline agree whenever the orderer is idle.
+		o.Timeline.Add(SeriesDelivered, now)
 	}
 	o.mu.Unlock()
 	return nil

@@ -193,11 +193,39 @@ type Queue struct {
 	packets, bytes            uint64
 	delivered, deliveredBytes uint64
 	dropped, droppedBytes     [nReasons]uint64
+
+	// tl, if set, counts kept packets in tlPush and popped ones in tlPop
+	// (see Record).
+	tl            *Timeline
+	tlPush, tlPop Series
 }
 
 // NewQueue returns an empty queue. b may be nil: no global cap.
 func NewQueue(l Limits, b *Budget) *Queue {
 	return &Queue{lim: l.withDefaults(), budget: b, notify: make(chan struct{}, 1)}
+}
+
+// Record counts, from now on, every packet Push keeps in series pushed of
+// tl and every packet Pop returns in series popped (SeriesNone: not
+// counted). When tl is not the timeline the queue recorded in before, the
+// packets the queue accepted so far are counted in pushed too: those still
+// queued at their arrival times, the others now. So the pushed series
+// always sums to Stats().Packets. A nil tl stops recording.
+func (q *Queue) Record(tl *Timeline, pushed, popped Series) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if tl != nil && tl != q.tl {
+		for i := 0; i < q.n; i++ {
+			e := q.ring[(q.head+i)&(len(q.ring)-1)]
+			tl.Add(pushed, q.base.Add(time.Duration(e.at)))
+		}
+		for gone := q.packets - uint64(q.n); gone > 0; {
+			n := uint32(min(gone, math.MaxUint32))
+			tl.AddN(pushed, time.Now(), n)
+			gone -= uint64(n)
+		}
+	}
+	q.tl, q.tlPush, q.tlPop = tl, pushed, popped
 }
 
 // Limits returns the queue's limits, defaults filled in.
@@ -255,6 +283,7 @@ func (q *Queue) Push(pkt []byte, now time.Time) DropReason {
 	q.qb += int64(n)
 	q.packets++
 	q.bytes += uint64(n)
+	q.tl.Add(q.tlPush, now)
 	q.mu.Unlock()
 
 	// len first: a send on a full channel still takes its lock, and at a
@@ -372,6 +401,7 @@ func (q *Queue) Pop(now time.Time) (pkt []byte, arrived time.Time, ok bool) {
 		}
 		q.delivered++
 		q.deliveredBytes += uint64(len(p))
+		q.tl.Add(q.tlPop, now)
 		q.pinned = q.slabs[0]
 		q.shrinkIfEmpty()
 		return p, q.base.Add(time.Duration(e.at)), true

@@ -75,6 +75,8 @@ type Agent struct {
 	dirty    bool     // persisted state changed since the last save
 	ctls     map[netip.Addr]*vipCtl
 	history  []control.Migration
+	// timelines of the last control.MaxTimelines migrations in history.
+	timelines []keptTimeline
 
 	// vmroam's nftables table; nil when Config.Filter is off.
 	filter        *filter.Table

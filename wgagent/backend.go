@@ -269,21 +269,7 @@ func (a *Agent) migrationsLocked() []control.Migration {
 	for _, c := range a.ctls {
 		c.mu.Lock()
 		if c.rec.VIP != "" {
-			m := c.rec
-			m.State = c.state
-			if c.queue != nil {
-				qs := c.queue.Stats()
-				if c.source {
-					m.Cached, m.CachedBytes = qs.Packets, qs.Bytes
-				} else {
-					m.Held = qs.Packets
-				}
-				m.Dropped = map[string]uint64{}
-				for r, n := range qs.Dropped {
-					m.Dropped[string(r)] = n
-				}
-			}
-			out = append(out, m)
+			out = append(out, c.liveRecordLocked())
 		}
 		c.mu.Unlock()
 	}
@@ -291,6 +277,26 @@ func (a *Agent) migrationsLocked() []control.Migration {
 		out = []control.Migration{}
 	}
 	return out
+}
+
+// liveRecordLocked is the record of c's migration under way, with the
+// counters as they stand. c.mu held.
+func (c *vipCtl) liveRecordLocked() control.Migration {
+	m := c.rec
+	m.State = c.state
+	if c.queue != nil {
+		qs := c.queue.Stats()
+		if c.source {
+			m.Cached, m.CachedBytes = qs.Packets, qs.Bytes
+		} else {
+			m.Held = qs.Packets
+		}
+		m.Dropped = map[string]uint64{}
+		for r, n := range qs.Dropped {
+			m.Dropped[string(r)] = n
+		}
+	}
+	return m
 }
 
 // Suspend starts caching a local VIP's packets (`vmroam migrate suspend`).

@@ -64,6 +64,7 @@ type vipCtl struct {
 	stop    chan struct{}
 	rec     control.Migration
 	flush   cache.FlushStats // what the handover stream carried, for the metrics
+	tl      *cache.Timeline  // the migration's packets per ms; nil outside one
 	started time.Time        // when it left stateLocal
 	// byCarrier: the suspend came from the interface losing carrier, so
 	// carrier coming back (before any claim) means the VM stayed.
@@ -222,8 +223,10 @@ func (a *Agent) beginLocked(c *vipCtl, why string) {
 	c.source = true
 	c.started = time.Now()
 	at := a.attached[c.vip]
-	c.rec = control.Migration{VIP: c.vip.String(), From: a.cfg.Name, Epoch: at.Epoch, Suspend: timePtr(c.started), Role: metrics.RoleSource}
+	c.rec = control.Migration{ID: a.migrationIDLocked(c.vip, at.Epoch), VIP: c.vip.String(), From: a.cfg.Name, Epoch: at.Epoch, Suspend: timePtr(c.started), Role: metrics.RoleSource}
 	a.metrics.MigrationStarted(metrics.RoleSource)
+	c.tl = cache.NewTimeline(c.started)
+	c.queue.Record(c.tl, cache.SeriesCached, cache.SeriesFlushed)
 	if m, ok := cache.NeighborMAC(c.dev, c.vip); ok {
 		c.mac = m
 	} else if len(at.MAC) == 6 {
@@ -239,8 +242,16 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	c.state = stateHolding
 	c.stream, c.queue = stream, direct
 	c.stop = make(chan struct{})
-	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.cfg.CacheSettle, Write: c.writer()}
+	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.cfg.CacheSettle, Write: c.writer(), Timeline: c.tl}
 	c.orderer = o
+	if c.tl != nil {
+		into := cache.SeriesReceived
+		if c.source { // an abort: the stream is this host's cache
+			into = cache.SeriesCached
+		}
+		stream.Record(c.tl, into, cache.SeriesNone)
+		direct.Record(c.tl, cache.SeriesHeld, cache.SeriesNone)
+	}
 	if closed {
 		o.Closed()
 	}
@@ -401,6 +412,7 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 		c.queue = a.newQueue()
 	}
 	after := o.Stats().Delivered - st.Delivered
+	c.rec.Delivered += after // as the timeline counts them
 	c.rec.Done = timePtr(time.Now())
 	if c.source { // an abort: the stream is the cache
 		a.finishLocked(c, migrationQueues{cache: o.Stream, held: o.Direct, orderer: o})
@@ -514,6 +526,7 @@ func (a *Agent) finishLocked(c *vipCtl, q migrationQueues) {
 		return
 	}
 	a.metrics.MigrationEnded(c.totalsLocked(q))
+	a.keepTimelineLocked(c)
 	a.history = append(a.history, c.rec)
 	if len(a.history) > 100 {
 		a.history = a.history[len(a.history)-100:]
@@ -539,6 +552,7 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 	// The controller takes the VIP's packets before any route leads them
 	// to the cache device, so none arrives without a sink.
 	holding, _ := step(vipPhase{state: stateNone}, evArrive)
+	tl := cache.NewTimeline(time.Now()) // from before the first held packet
 	c := a.addCtlLocked(vip, dev, holding)
 	// Divert before claiming: senders switch to this host as soon as the
 	// claim reaches them, and what they send must be held here, not
@@ -551,8 +565,9 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 	defer c.mu.Unlock()
 	c.started = time.Now()
 	c.source = false
-	c.rec = control.Migration{VIP: vip.String(), From: old.Owner, To: a.cfg.Name, Epoch: r.Epoch, Claim: timePtr(c.started), Role: metrics.RoleDestination}
+	c.rec = control.Migration{ID: a.migrationIDLocked(vip, old.Epoch), VIP: vip.String(), From: old.Owner, To: a.cfg.Name, Epoch: r.Epoch, Claim: timePtr(c.started), Role: metrics.RoleDestination}
 	a.metrics.MigrationStarted(metrics.RoleDestination)
+	c.tl = tl
 	stream := a.newQueue()
 	// c.queue has held what arrived since the holding route went in.
 	a.startDeliveryLocked(c, stream, c.queue, false)

@@ -20,9 +20,10 @@ import (
 // recordingBackend is an agent that lists the calls it gets. refuse makes
 // Attach and Detach fail for a VIP.
 type recordingBackend struct {
-	mu     sync.Mutex
-	calls  []string
-	refuse map[netip.Addr]bool
+	mu         sync.Mutex
+	calls      []string
+	refuse     map[netip.Addr]bool
+	migrations []control.Migration
 }
 
 func (b *recordingBackend) record(format string, args ...any) {
@@ -99,6 +100,26 @@ func (b *recordingBackend) Keys(context.Context) (control.Keys, error) {
 func (b *recordingBackend) ChangeKeys(_ context.Context, op string, key []byte, force bool) (control.Keys, error) {
 	b.record("keys %s %x force=%v", op, key, force)
 	return control.Keys{Members: []control.MemberKeys{{Member: "h1"}}}, nil
+}
+
+func (b *recordingBackend) Migrations(context.Context) ([]control.Migration, error) {
+	b.record("migrations")
+	out := []control.Migration{}
+	for _, m := range b.migrations {
+		m.Timeline = nil
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+func (b *recordingBackend) Migration(_ context.Context, id string) (control.Migration, error) {
+	b.record("migration %s", id)
+	for _, m := range b.migrations {
+		if m.ID == id {
+			return m, nil
+		}
+	}
+	return control.Migration{}, fmt.Errorf("%w: no migration %q", control.ErrNotFound, id)
 }
 
 // fakeAgent serves b on a socket that VMROAM_SOCKET points at: libvirt

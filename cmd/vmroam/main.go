@@ -34,6 +34,10 @@ Usage:
   vmroam migrate abort VIP       the VM stays here: deliver its cache to it
   vmroam migrate prepare VIP     the VM is about to arrive here: connect to
                                  its host now, so that the handover is quicker
+  vmroam migrations [--json] [ID]
+                                 past and current migrations here, with their timings
+  vmroam migrations --svg FILE [--with OTHER.json] ID
+                                 draw one migration's packets per ms as a picture
   vmroam keygen --gossip         print a new gossip encryption key
   vmroam keys list|add|use|remove [KEY]
                                  rotate the gossip key cluster-wide, without a partition
@@ -99,6 +103,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runVIP(ctx, rest, stdout, stderr)
 	case "migrate":
 		return runMigrate(ctx, rest, stdout, stderr)
+	case "migrations":
+		return runMigrations(ctx, rest, stdout, stderr)
 	case "network":
 		return runNetwork(ctx, rest, stdout, stderr)
 	case "keygen":

@@ -6,6 +6,10 @@
 // live, and prints both results side by side. It removes the lab when it
 // ends (or on Ctrl-C).
 //
+// It draws the timeline of the cached move, both hosts' sides on one time
+// axis, into an SVG picture (-svg, default migration.svg in the current
+// directory; open it in a browser).
+//
 // With -rtt, each host is a site of its own and the sites are joined by the
 // lab's WAN emulator with that round-trip time (one-way delay rtt/2), so the
 // VM moves between datacenters rather than within a LAN.
@@ -16,6 +20,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -28,6 +33,7 @@ import (
 	"time"
 
 	"github.com/vmroam/vmroam/lab"
+	"github.com/vmroam/vmroam/wgagent/control"
 )
 
 func main() {
@@ -36,13 +42,14 @@ func main() {
 	keep := flag.Bool("keep", false, "keep the lab up at the end until Ctrl-C, to look around")
 	verbose := flag.Bool("v", false, "show every lab step")
 	rtt := flag.Duration("rtt", 0, "put each host in a site of its own, joined by an emulated WAN with this round-trip time (0 = one LAN)")
+	svg := flag.String("svg", "migration.svg", "draw the cached migration's timeline into this SVG `file` (\"\" = none)")
 	flag.Parse()
 	if *rtt < 0 {
 		fmt.Fprintln(os.Stderr, "demo: -rtt must not be negative")
 		os.Exit(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, *binary, *downtime, *rtt, *keep, *verbose)
+	err := run(ctx, *binary, *svg, *downtime, *rtt, *keep, *verbose)
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
@@ -55,13 +62,18 @@ var (
 	vipC = netip.MustParseAddr("100.100.20.3") // the client pinging it
 )
 
-func run(ctx context.Context, binary string, downtime, rtt time.Duration, keep, verbose bool) error {
+func run(ctx context.Context, binary, svg string, downtime, rtt time.Duration, keep, verbose bool) error {
 	if err := lab.RequireRoot(); err != nil {
 		return fmt.Errorf("%w (run it as root: sudo make demo)", err)
 	}
 	bin, err := filepath.Abs(binary)
 	if err != nil {
 		return err
+	}
+	if svg != "" {
+		if svg, err = filepath.Abs(svg); err != nil {
+			return err
+		}
 	}
 	if _, err := os.Stat(bin); err != nil {
 		return fmt.Errorf("vmroam binary: %w (run make build first)", err)
@@ -130,6 +142,14 @@ func run(ctx context.Context, binary string, downtime, rtt time.Duration, keep, 
 	if err := cli(l, h2, "status"); err != nil {
 		return err
 	}
+	if svg != "" {
+		say("Drawing the migration's timeline: h1's side (the source) and h2's (the destination) on one time axis")
+		if err := drawTimeline(ctx, l, h1, h2, svg); err != nil {
+			// The picture is a bonus: the demo goes on without it.
+			fmt.Fprintln(os.Stderr, "demo: no timeline picture:", err)
+			svg = ""
+		}
+	}
 
 	say("Restarting the agents with --cache=false: only re-routing, as without vmroam's cache")
 	for _, h := range l.Hosts {
@@ -158,6 +178,9 @@ func run(ctx context.Context, binary string, downtime, rtt time.Duration, keep, 
 		fmt.Printf("  %-22s %8d %8d %6d %9d %12v\n", r.name, r.st.Sent, r.st.Received, r.st.LostCount, r.st.Reordered, r.st.MaxRTT.Round(time.Millisecond))
 	}
 	fmt.Println("  With the cache, the pings sent while the VM was paused waited and were answered; without it they were lost.")
+	if svg != "" {
+		fmt.Printf("\n  The cached migration, millisecond by millisecond: %s (open it in a browser)\n", svg)
+	}
 
 	if keep {
 		say("Lab kept up (work dir %s). Try: ip netns exec %s %s status --socket %s\nCtrl-C removes it.", l.Dir, h1.NS, bin, h1.Socket)
@@ -209,6 +232,70 @@ func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downti
 	st := p.Stop(2 * time.Second)
 	fmt.Printf("\r  sent %5d  answered %5d  lost %5d  reordered %d%s\n", st.Sent, st.Received, st.LostCount, st.Reordered, strings.Repeat(" ", 10))
 	return st, err
+}
+
+// drawTimeline waits until both sides of the last migration of the moving
+// VM to `to` are over, saves the source's side to a file and has the
+// destination draw both into svg, as an operator would.
+func drawTimeline(ctx context.Context, l *lab.Lab, from, to *lab.Host, svg string) error {
+	var id string
+	var src control.Migration
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ms, err := migrations(l, to)
+		if err != nil {
+			return err
+		}
+		id = ""
+		for _, m := range ms {
+			if m.VIP == vipM.String() && m.Role == "destination" {
+				id = m.ID
+			}
+		}
+		srcDone, dstDone := false, false
+		if id != "" {
+			for _, m := range ms {
+				dstDone = dstDone || m.ID == id && m.Role == "destination" && m.Done != nil
+			}
+			out, err := l.CLI(from, "migrations", "--json", id)
+			if err == nil && json.Unmarshal(out, &src) == nil {
+				srcDone = src.Done != nil
+			}
+		}
+		if srcDone && dstDone {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the migration of %s (%q) is not over on both hosts after 20 s", vipM, id)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	dump := filepath.Join(l.Dir, from.Name+"-migration.json")
+	fmt.Printf("\n[%s] $ vmroam migrations --json %s > %s\n", from.Name, id, dump)
+	b, err := json.Marshal(src)
+	if err == nil {
+		err = os.WriteFile(dump, b, 0o644)
+	}
+	if err != nil {
+		return fmt.Errorf("save %s's side of the migration: %w", from.Name, err)
+	}
+	return cli(l, to, "migrations", "--svg", svg, "--with", dump, id)
+}
+
+func migrations(l *lab.Lab, h *lab.Host) ([]control.Migration, error) {
+	out, err := l.CLI(h, "migrations", "--json")
+	if err != nil {
+		return nil, err
+	}
+	var ms []control.Migration
+	if err := json.Unmarshal(out, &ms); err != nil {
+		return nil, fmt.Errorf("%s: vmroam migrations --json: %w", h.Name, err)
+	}
+	return ms, nil
 }
 
 func say(format string, args ...any) {

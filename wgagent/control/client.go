@@ -129,6 +129,21 @@ func (c *Client) ChangeKeys(ctx context.Context, op string, key []byte, force bo
 	return k, err
 }
 
+// Migrations lists the agent's side of recent migrations.
+func (c *Client) Migrations(ctx context.Context) ([]Migration, error) {
+	var ms []Migration
+	err := c.do(ctx, http.MethodGet, "/v1/migrations", nil, &ms)
+	return ms, err
+}
+
+// Migration fetches one migration by ID, with its timeline. An ID the agent
+// does not know gives an error wrapping ErrNotFound.
+func (c *Client) Migration(ctx context.Context, id string) (Migration, error) {
+	var m Migration
+	err := c.do(ctx, http.MethodGet, "/v1/migrations/"+url.PathEscape(id), nil, &m)
+	return m, err
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {
@@ -156,10 +171,17 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if resp.StatusCode/100 != 2 {
 		var eb errorBody
 		if json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&eb) != nil || eb.Error == "" {
+			if resp.StatusCode == http.StatusNotFound {
+				// Not our JSON: the route itself is unknown.
+				return fmt.Errorf("the agent on %s does not serve %s %s: is it an older version?", c.path, method, path)
+			}
 			eb.Error = resp.Status
 		}
-		if resp.StatusCode == http.StatusBadRequest {
+		switch resp.StatusCode {
+		case http.StatusBadRequest:
 			return fmt.Errorf("%w%s", ErrBadRequest, strings.TrimPrefix(eb.Error, ErrBadRequest.Error()))
+		case http.StatusNotFound:
+			return fmt.Errorf("%w%s", ErrNotFound, strings.TrimPrefix(eb.Error, ErrNotFound.Error()))
 		}
 		return errors.New(eb.Error)
 	}

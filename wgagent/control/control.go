@@ -112,6 +112,11 @@ type errorBody struct {
 
 // Migration is one host's side of one VIP's move.
 type Migration struct {
+	// ID names the migration: VIP@EPOCH, where EPOCH is the VIP's epoch
+	// at its old host when the move began, so that both hosts give one
+	// migration the same ID. A second migration here from the same epoch
+	// (a suspend aborted, then another) is VIP@EPOCH#2, and so on.
+	ID    string `json:"id"`
 	VIP   string `json:"vip"`
 	From  string `json:"from"`
 	To    string `json:"to,omitempty"`
@@ -146,6 +151,48 @@ type Migration struct {
 	Dropped  map[string]uint64 `json:"dropped"` // by reason, on this host
 	Aborted  bool              `json:"aborted,omitempty"`
 	TimedOut bool              `json:"timed_out,omitempty"`
+
+	// Timeline is this host's packets of the migration per millisecond;
+	// only the answer for one migration (Client.Migration) carries it,
+	// and only for the last MaxTimelines migrations.
+	Timeline *Timeline `json:"timeline,omitempty"`
+}
+
+// MaxTimelines is how many finished migrations' timelines an agent keeps.
+const MaxTimelines = 16
+
+// Timeline is one host's packets of one migration, counted per millisecond.
+type Timeline struct {
+	Start  time.Time        `json:"start"` // when bin 0 begins, by this host's clock
+	Series []TimelineSeries `json:"series"`
+}
+
+// Names of timeline series.
+const (
+	SeriesCached    = "cached"    // source: reached the cache (about when the world sent it)
+	SeriesFlushed   = "flushed"   // source: sent to the destination
+	SeriesHeld      = "held"      // destination: reached it directly and was held
+	SeriesReceived  = "received"  // destination: came from the source
+	SeriesDelivered = "delivered" // written to the VM by the cache
+)
+
+// TimelineSeries is one count of a Timeline: packets per millisecond,
+// from the first millisecond that saw one to the last.
+type TimelineSeries struct {
+	Name   string   `json:"name"`   // one of the Series... constants
+	First  int      `json:"first"`  // the bin of Counts[0], in ms after Start
+	Counts []uint32 `json:"counts"` // packets in each millisecond
+	// Beyond counts packets after the timeline's window (60 s).
+	Beyond uint64 `json:"beyond,omitempty"`
+}
+
+// Total is the number of packets the series counted.
+func (s TimelineSeries) Total() uint64 {
+	n := s.Beyond
+	for _, c := range s.Counts {
+		n += uint64(c)
+	}
+	return n
 }
 
 // VIPRequest names one VIP.

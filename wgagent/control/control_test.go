@@ -6,16 +6,20 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 type fakeBackend struct {
-	attached map[netip.Addr]string
-	networks map[string]netip.Prefix
+	attached   map[netip.Addr]string
+	networks   map[string]netip.Prefix
+	migrations []Migration
 }
 
 func (f *fakeBackend) Status(context.Context) (Status, error) {
@@ -90,6 +94,83 @@ func (f *fakeBackend) ChangeKeys(_ context.Context, op string, key []byte, force
 		return Keys{}, errors.New("remove key refused: h2 encrypts with it")
 	}
 	return Keys{Members: []MemberKeys{{Member: "h1", Keys: []string{op}}}}, nil
+}
+
+func (f *fakeBackend) Migrations(context.Context) ([]Migration, error) {
+	out := []Migration{}
+	for _, m := range f.migrations {
+		m.Timeline = nil
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+func (f *fakeBackend) Migration(_ context.Context, id string) (Migration, error) {
+	for _, m := range f.migrations {
+		if m.ID == id {
+			return m, nil
+		}
+	}
+	return Migration{}, fmt.Errorf("%w: no migration %q on this host", ErrNotFound, id)
+}
+
+func TestMigrations(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	start := time.Date(2026, 11, 26, 10, 0, 0, 123456789, time.UTC)
+	tl := &Timeline{Start: start, Series: []TimelineSeries{{Name: SeriesCached, First: 3, Counts: []uint32{1, 0, 7}, Beyond: 2}}}
+	f := &fakeBackend{migrations: []Migration{
+		{ID: "100.100.20.1@4", VIP: "100.100.20.1", Role: "source", Cached: 10, Timeline: tl},
+		{ID: "fd00::1@7#2", VIP: "fd00::1", Role: "destination"},
+	}}
+	srv, err := Listen(path, f, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	ctx := context.Background()
+	c := NewClient(path)
+	ms, err := c.Migrations(ctx)
+	if err != nil || len(ms) != 2 || ms[0].ID != "100.100.20.1@4" || ms[0].Timeline != nil {
+		t.Fatalf("list: %+v %v", ms, err)
+	}
+	m, err := c.Migration(ctx, "100.100.20.1@4")
+	if err != nil || m.Cached != 10 || m.Timeline == nil {
+		t.Fatalf("one: %+v %v", m, err)
+	}
+	if got := m.Timeline; !got.Start.Equal(start) || len(got.Series) != 1 || got.Series[0].First != 3 || got.Series[0].Total() != 10 {
+		t.Errorf("timeline came back as %+v", got)
+	}
+	// An ID with characters that need escaping in a URL path.
+	if m, err := c.Migration(ctx, "fd00::1@7#2"); err != nil || m.VIP != "fd00::1" {
+		t.Errorf("odd ID: %+v %v", m, err)
+	}
+	if _, err := c.Migration(ctx, "100.100.20.1@9"); !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), `no migration "100.100.20.1@9"`) {
+		t.Errorf("unknown ID: %v", err)
+	}
+}
+
+// An agent from before an endpoint answers 404 with no JSON body: the
+// client says so rather than "not found".
+func TestOlderAgent(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "old.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.NotFoundHandler()}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		srv.Serve(ln)
+	}()
+	defer func() {
+		srv.Close()
+		<-done
+	}()
+	_, err = NewClient(path).Migrations(context.Background())
+	if err == nil || errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), "older version") {
+		t.Errorf("err = %v, want one that names an older agent", err)
+	}
 }
 
 func TestKeys(t *testing.T) {

@@ -37,11 +37,21 @@ type Backend interface {
 	// wait for the members' answers, a few seconds at most.
 	Keys(ctx context.Context) (Keys, error)
 	ChangeKeys(ctx context.Context, op string, key []byte, force bool) (Keys, error)
+	// Migrations lists this host's side of recent migrations, as
+	// Status.Migrations does, without timelines.
+	Migrations(ctx context.Context) ([]Migration, error)
+	// Migration returns one migration by ID with its timeline, or an
+	// error wrapping ErrNotFound.
+	Migration(ctx context.Context, id string) (Migration, error)
 }
 
 // ErrBadRequest marks errors caused by the client's input; the server
 // answers them with 400 instead of 500.
 var ErrBadRequest = errors.New("bad request")
+
+// ErrNotFound marks errors for a thing the agent does not have; the
+// server answers them with 404.
+var ErrNotFound = errors.New("not found")
 
 // Server serves a Backend on a Unix socket.
 type Server struct {
@@ -190,6 +200,14 @@ func handler(b Backend) http.Handler {
 		v, err := b.Allocate(r.Context(), req.Network, req.Dev)
 		reply(w, v, err)
 	})
+	mux.HandleFunc("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request) {
+		ms, err := b.Migrations(r.Context())
+		reply(w, ms, err)
+	})
+	mux.HandleFunc("GET /v1/migrations/{id}", func(w http.ResponseWriter, r *http.Request) {
+		m, err := b.Migration(r.Context(), r.PathValue("id"))
+		reply(w, m, err)
+	})
 	mux.HandleFunc("POST /v1/networks", func(w http.ResponseWriter, r *http.Request) {
 		var req NetworkRequest
 		if err := decode(w, r, &req); err != nil {
@@ -239,8 +257,11 @@ func reply(w http.ResponseWriter, v any, err error) {
 	w.Header().Set("Content-Type", "application/json")
 	if err != nil {
 		code := http.StatusInternalServerError
-		if errors.Is(err, ErrBadRequest) {
+		switch {
+		case errors.Is(err, ErrBadRequest):
 			code = http.StatusBadRequest
+		case errors.Is(err, ErrNotFound):
+			code = http.StatusNotFound
 		}
 		w.WriteHeader(code)
 		json.NewEncoder(w).Encode(errorBody{Error: err.Error()})

@@ -461,6 +461,12 @@ func (fakeAgent) Keys(context.Context) (control.Keys, error) {
 func (fakeAgent) ChangeKeys(context.Context, string, []byte, bool) (control.Keys, error) {
 	return control.Keys{}, errors.ErrUnsupported
 }
+func (fakeAgent) Migrations(context.Context) ([]control.Migration, error) {
+	return nil, errors.ErrUnsupported
+}
+func (fakeAgent) Migration(context.Context, string) (control.Migration, error) {
+	return control.Migration{}, errors.ErrUnsupported
+}
 
 func serveAgent(t *testing.T, st control.Status) string {
 	t.Helper()
