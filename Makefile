@@ -45,8 +45,9 @@ bench: deps
 	$(GO) test -run '^$$' -bench 'BenchmarkThroughput|BenchmarkHybrid' -benchtime 1x -count=1 -timeout 30m -v ./e2e/
 
 # Migrations with and without the cache: loss, reordering, delay, handover.
+# RTT=40ms adds the same between sites that far apart (the WAN lab).
 bench-migration: deps
-	$(GO) test -run '^$$' -bench BenchmarkMigration -benchtime 1x -count=1 -timeout 30m -v ./e2e/
+	$(GO) test -run '^$$' -bench BenchmarkMigration -benchtime 1x -count=1 -timeout 60m -v ./e2e/ $(if $(RTT),-args -rtt=$(RTT))
 	$(GO) test -run '^$$' -bench 'BenchmarkQueue|BenchmarkClassify' -benchmem ./cache/
 
 # A VM migrates between namespace hosts under pings, with and without the cache;

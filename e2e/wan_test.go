@@ -37,6 +37,12 @@ var wanBinDir string
 // of sites wanRTT apart, with agents (agentArgs) on every host.
 func newWANLab(t testing.TB, n int, agentArgs ...string) *lab.Lab {
 	t.Helper()
+	return newWANLabRTT(t, n, wanRTT, agentArgs...)
+}
+
+// newWANLabRTT is newWANLab with another round trip between sites.
+func newWANLabRTT(t testing.TB, n int, rtt time.Duration, agentArgs ...string) *lab.Lab {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end: skipped with -short")
 	}
@@ -48,7 +54,7 @@ func newWANLab(t testing.TB, n int, agentArgs ...string) *lab.Lab {
 		t.Fatal(err)
 	}
 	l, err := lab.New(lab.Config{Hosts: n, Sites: n, Binary: fastBinary, Logf: t.Logf,
-		WAN: wanem.Config{Delay: wanRTT / 2}, WANBinary: wb})
+		WAN: wanem.Config{Delay: rtt / 2}, WANBinary: wb})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,9 +81,14 @@ func newWANLab(t testing.TB, n int, agentArgs ...string) *lab.Lab {
 
 // wanMoveLab is migrationLab across the WAN: the VM m that moves starts on
 // host 1, its client c on host 3, every host in a site of its own.
-func wanMoveLab(t *testing.T, agentArgs ...string) (l *lab.Lab, m, c *lab.VM) {
+func wanMoveLab(t testing.TB, agentArgs ...string) (l *lab.Lab, m, c *lab.VM) {
 	t.Helper()
-	l = newWANLab(t, 3, agentArgs...)
+	return wanMoveLabRTT(t, wanRTT, agentArgs...)
+}
+
+func wanMoveLabRTT(t testing.TB, rtt time.Duration, agentArgs ...string) (l *lab.Lab, m, c *lab.VM) {
+	t.Helper()
+	l = newWANLabRTT(t, 3, rtt, agentArgs...)
 	var err error
 	if m, err = l.AddVM("m", l.Hosts[0], vipM); err != nil {
 		t.Fatal(err)
@@ -293,33 +304,7 @@ func TestWANHandover(t *testing.T) {
 	h1, h2 := l.Hosts[0], l.Hosts[1]
 	var got []time.Duration
 	for i, to := range []*lab.Host{h2, h1, h2, h1, h2} {
-		from := m.Host
-		flow, err := l.StartUDPFlow(c, m, 3*time.Second, "2M", 200)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cli(t, l, to, "migrate", "prepare", vipM.String())
-		time.Sleep(time.Second)
-		cli(t, l, from, "migrate", "suspend", vipM.String())
-		if err := l.UnplugVM(m, to); err != nil {
-			t.Fatal(err)
-		}
-		if err := l.ResumeVM(m); err != nil {
-			t.Fatal(err)
-		}
-		cli(t, l, to, "vip", "attach", vipM.String(), "--dev", m.Vif)
-		cli(t, l, from, "vip", "detach", vipM.String())
-		res, err := flow.Wait()
-		if err != nil {
-			t.Fatal(err)
-		}
-		mig := waitMigrated(t, l, to, vipM)
-		if mig.Claim == nil || mig.FirstDelivery == nil || mig.FlushStart == nil {
-			t.Fatalf("move %d: migration record incomplete: %+v", i+1, mig)
-		}
-		ho := mig.FirstDelivery.Sub(*mig.Claim)
-		t.Logf("move %d to %s: claim->first delivery %v (claim->flush start %v, carrier up %v after the claim), lost %d, out of order %d",
-			i+1, to.Name, ho, mig.FlushStart.Sub(*mig.Claim), mig.CarrierUp.Sub(*mig.Claim), res.Lost, res.OutOfOrder)
+		ho, res := preparedMove(t, l, m, c, to)
 		if res.Lost != 0 || res.OutOfOrder != 0 {
 			t.Errorf("move %d: %d lost, %d out of order; want none", i+1, res.Lost, res.OutOfOrder)
 		}
@@ -336,4 +321,40 @@ func TestWANHandover(t *testing.T) {
 	if med >= 2*wanRTT {
 		t.Errorf("median handover %v: not under two round trips (%v); the prepared connection saved nothing", med, 2*wanRTT)
 	}
+}
+
+// preparedMove moves m to `to` as libvirt would with vmroam's hooks, under a
+// light UDP flow from c: `to` is told first (migrate prepare), the old host
+// caches, the VM runs at `to` before `to` claims it. It returns the time
+// from the claim to the first cached packet delivered, and the flow.
+func preparedMove(t testing.TB, l *lab.Lab, m, c *lab.VM, to *lab.Host) (time.Duration, lab.FlowResult) {
+	t.Helper()
+	from := m.Host
+	flow, err := l.StartUDPFlow(c, m, 3*time.Second, "2M", 200)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli(t, l, to, "migrate", "prepare", vipM.String())
+	time.Sleep(time.Second)
+	cli(t, l, from, "migrate", "suspend", vipM.String())
+	if err := l.UnplugVM(m, to); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.ResumeVM(m); err != nil {
+		t.Fatal(err)
+	}
+	cli(t, l, to, "vip", "attach", vipM.String(), "--dev", m.Vif)
+	cli(t, l, from, "vip", "detach", vipM.String())
+	res, err := flow.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mig := waitMigrated(t, l, to, vipM)
+	if mig.Claim == nil || mig.FirstDelivery == nil || mig.FlushStart == nil || mig.CarrierUp == nil {
+		t.Fatalf("migration record incomplete: %+v", mig)
+	}
+	ho := mig.FirstDelivery.Sub(*mig.Claim)
+	t.Logf("prepared move to %s: claim->first delivery %v (claim->flush start %v, carrier up %v after the claim), lost %d, out of order %d",
+		to.Name, ho, mig.FlushStart.Sub(*mig.Claim), mig.CarrierUp.Sub(*mig.Claim), res.Lost, res.OutOfOrder)
+	return ho, res
 }
