@@ -259,6 +259,7 @@ func (b backend) Status(context.Context) (control.Status, error) {
 	}
 	gs := a.cluster.Stats()
 	st.Gossip = control.Gossip{Members: gs.Members, Encrypted: len(a.cfg.GossipKeys) > 0, DroppedMessages: gs.DroppedMessages, DroppedMeta: gs.DroppedMeta}
+	st.Config = a.configStatus()
 	return st, nil
 }
 

@@ -70,7 +70,7 @@ type vipCtl struct {
 	fencing bool
 }
 
-func (a *Agent) newQueue() *cache.Queue { return cache.NewQueue(a.cfg.CacheLimits, a.budget) }
+func (a *Agent) newQueue() *cache.Queue { return cache.NewQueue(a.live().CacheLimits, a.budget) }
 
 // Take queues a packet the cache device read for this VIP.
 func (c *vipCtl) Take(pkt []byte) {
@@ -235,7 +235,7 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	c.state = stateHolding
 	c.stream, c.queue = stream, direct
 	c.stop = make(chan struct{})
-	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.cfg.CacheSettle, Write: c.writer()}
+	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.live().CacheSettle, Write: c.writer()}
 	c.orderer = o
 	if closed {
 		o.Closed()
@@ -245,7 +245,7 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	// here (abort, a route flap) runs already and needs its carrier only.
 	mode := "carrier"
 	if !closed {
-		mode = a.cfg.Activation
+		mode = a.live().Activation
 	}
 	if mode != "announce" {
 		o.SetCarrier(hasCarrier(c.dev))
@@ -558,7 +558,7 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 // Whatever happens, it ends by telling the orderer the source is closed.
 func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *cache.Queue, o *cache.Orderer, stop chan struct{}) {
 	defer o.Closed()
-	deadline := time.Now().Add(a.cfg.CacheLimits.MaxAge)
+	deadline := time.Now().Add(a.live().CacheLimits.MaxAge)
 	var conn net.Conn
 	var dialRTT time.Duration
 	for {
@@ -605,7 +605,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 	}
 	// The answer's round trip is the path's, unless the source made the
 	// request wait (see handoverWait); the connect's is one too.
-	o.Settle = max(a.cfg.CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
+	o.Settle = max(a.live().CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
 	st, err := cache.Receive(rd, stream,
 		func(h cache.Header) {
 			c.mu.Lock()
@@ -727,7 +727,7 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	a.reconcile()
 	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "reconcile", time.Since(t0), "mac", mac)
 
-	st, err := cache.SendQueue(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.cfg.CacheLinger, stop, nil)
+	st, err := cache.SendQueue(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.live().CacheLinger, stop, nil)
 	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0))
 	a.mu.Lock()
 	c.mu.Lock()
@@ -785,7 +785,7 @@ func (a *Agent) reconcileMigrationsLocked() {
 		case state == stateCaching && up && attached:
 			a.onLocked(c, evCarrierBack, "interface "+dev+" has carrier again")
 		}
-		if state == stateCaching && now.Sub(started) > a.cfg.CacheLimits.MaxAge {
+		if state == stateCaching && now.Sub(started) > a.live().CacheLimits.MaxAge {
 			a.onLocked(c, evTimeout, "max age")
 		}
 	}

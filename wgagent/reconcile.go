@@ -219,6 +219,7 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 	}
 	wanted := make(map[wgtypes.Key]wantPeer, len(want))
 	var changes []wgtypes.PeerConfig
+	keepalive := a.live().Keepalive
 	for _, w := range want {
 		wanted[w.key] = w
 		c, ok := cur[w.key]
@@ -227,7 +228,7 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 			changes = append(changes, wgtypes.PeerConfig{
 				PublicKey:                   w.key,
 				Endpoint:                    udpAddr(w.endpoint),
-				PersistentKeepaliveInterval: &a.cfg.Keepalive,
+				PersistentKeepaliveInterval: &keepalive,
 				ReplaceAllowedIPs:           true,
 				AllowedIPs:                  ipNets(w.allowedIPs),
 			})
@@ -239,6 +240,11 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 		// say where a host is reachable, NAT included.
 		if c.Endpoint == nil || unmapped(c.Endpoint.AddrPort()) != w.endpoint {
 			pc.Endpoint = udpAddr(w.endpoint)
+			changed = true
+		}
+		// A reload may have changed the keepalive.
+		if c.PersistentKeepaliveInterval != keepalive {
+			pc.PersistentKeepaliveInterval = &keepalive
 			changed = true
 		}
 		have := prefixSet(c.AllowedIPs)
