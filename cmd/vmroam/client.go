@@ -76,6 +76,9 @@ func printStatus(w io.Writer, st control.Status) {
 	for _, p := range st.Problems {
 		fmt.Fprintf(w, "PROBLEM   %s\n", p)
 	}
+	if st.Config != nil && len(st.Config.RestartNeeded) > 0 {
+		fmt.Fprintf(w, "RESTART   the config changed %s: the agent runs with the old values until restarted\n", strings.Join(st.Config.RestartNeeded, ", "))
+	}
 	for _, c := range st.Conflicts {
 		fmt.Fprintf(w, "CONFLICT  %s claimed by %s at epoch %d; %s wins\n", c.VIP, strings.Join(c.Owners, " and "), c.Epoch, c.Winner)
 	}
