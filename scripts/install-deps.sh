@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, the tools the lab and the tests use and
 # that this machine lacks: iproute2 (ip), wireguard-tools (wg), iperf3,
-# procps (sysctl), iputils-ping, nftables (nft), and for the Xen hook's
-# test Xen's hotplug scripts (xen-utils-common) and the ifconfig vif-route
-# calls (net-tools). Each entry is package:what-it-provides, a command or,
+# procps (sysctl), iputils-ping, nftables (nft), for the Xen hook's test
+# Xen's hotplug scripts (xen-utils-common) and the ifconfig vif-route calls
+# (net-tools), for the systemd unit's test systemd-analyze (systemd; a
+# Debian container has none) and setpriv (util-linux). Each entry is package:what-it-provides, a command or,
 # starting with /, a file. Does nothing when all are there.
 set -euo pipefail
 need=()
 for pkg_what in iproute2:ip wireguard-tools:wg iperf3:iperf3 procps:sysctl iputils-ping:ping nftables:nft \
-	xen-utils-common:/etc/xen/scripts/vif-route net-tools:ifconfig; do
+	xen-utils-common:/etc/xen/scripts/vif-route net-tools:ifconfig systemd:systemd-analyze util-linux:setpriv; do
 	what=${pkg_what#*:}
 	case $what in
 	/*) [ -e "$what" ] ;;
