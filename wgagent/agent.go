@@ -303,21 +303,23 @@ func (a *Agent) joinLoop(ctx context.Context) {
 		a.mu.Lock()
 		list := joinList(cfg.Join, a.peers, a.cfg.advertise(), a.cfg.GossipPort)
 		a.mu.Unlock()
+		wasJoined := joined
 		if !joined {
 			if len(list) > 0 {
 				a.log.Info("joining", "members", list)
 				a.cluster.Join(jctx, list)
 			}
 			joined = jctx.Err() == nil
-		} else if added := notIn(cfg.Join, prev); len(added) > 0 {
-			a.log.Info("joining members the reloaded config added", "members", added)
-			a.cluster.Join(jctx, added)
 		}
-		prev = cfg.Join
 		if joined {
 			a.declareConfigured(cfg.Networks)
 			a.cluster.KeepJoined(jctx, list)
 		}
+		if added := notIn(cfg.Join, prev); wasJoined && len(added) > 0 {
+			a.log.Info("joining members the reloaded config added", "members", added)
+			a.cluster.Join(jctx, added)
+		}
+		prev = cfg.Join
 		<-jctx.Done()
 		cancel()
 	}

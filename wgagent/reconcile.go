@@ -242,8 +242,9 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 			pc.Endpoint = udpAddr(w.endpoint)
 			changed = true
 		}
-		// A reload may have changed the keepalive.
-		if c.PersistentKeepaliveInterval != keepalive {
+		// A reload may have changed the keepalive. WireGuard counts it
+		// in whole seconds.
+		if c.PersistentKeepaliveInterval != keepalive.Truncate(time.Second) {
 			pc.PersistentKeepaliveInterval = &keepalive
 			changed = true
 		}
