@@ -21,6 +21,7 @@ import (
 type configKey struct {
 	name   string
 	field  string // path in Config, e.g. "CacheLimits.MaxBytes"
+	also   string // another field the key sets, if any (a file's path beside its contents)
 	live   bool
 	secret bool // its values are never logged
 }
@@ -87,12 +88,23 @@ type liveConfig struct {
 // may change through it, without a lock; Reload swaps the whole of it.
 func (a *Agent) live() *Config { return &a.conf.Load().Config }
 
-func (k configKey) value(c *Config) reflect.Value {
+func (k configKey) value(c *Config) reflect.Value { return fieldValue(c, k.field) }
+
+func fieldValue(c *Config, path string) reflect.Value {
 	v := reflect.ValueOf(c).Elem()
-	for _, f := range strings.Split(k.field, ".") {
+	for _, f := range strings.Split(path, ".") {
 		v = v.FieldByName(f)
 	}
 	return v
+}
+
+// equal reports whether a and b agree on every field of the key.
+func (k configKey) equal(a, b *Config) bool {
+	eq := reflect.DeepEqual(k.value(a).Interface(), k.value(b).Interface())
+	if k.also != "" {
+		eq = eq && reflect.DeepEqual(fieldValue(a, k.also).Interface(), fieldValue(b, k.also).Interface())
+	}
+	return eq
 }
 
 func (k configKey) format(c *Config) string {
@@ -106,7 +118,7 @@ func (k configKey) format(c *Config) string {
 // split into those a reload applies live and those that need a restart.
 func diffConfig(from, to *Config) (live, restart []configKey) {
 	for _, k := range configKeys {
-		if reflect.DeepEqual(k.value(from).Interface(), k.value(to).Interface()) {
+		if k.equal(from, to) {
 			continue
 		}
 		if k.live {
@@ -132,6 +144,9 @@ func withLive(cur, next *Config) Config {
 	for _, k := range configKeys {
 		if k.live {
 			k.value(&out).Set(k.value(next))
+			if k.also != "" {
+				fieldValue(&out, k.also).Set(fieldValue(next, k.also))
+			}
 		}
 	}
 	return out

@@ -25,10 +25,15 @@ func TestConfigKeysCoverConfig(t *testing.T) {
 		}
 		names[k.name] = true
 		c := validConfig()
-		if !k.value(&c).IsValid() {
-			t.Errorf("config key %q: no Config field %s", k.name, k.field)
+		for _, f := range []string{k.field, k.also} {
+			if f == "" {
+				continue
+			}
+			if !fieldValue(&c, f).IsValid() {
+				t.Errorf("config key %q: no Config field %s", k.name, f)
+			}
+			fields[f] = true
 		}
-		fields[k.field] = true
 	}
 	var walk func(prefix string, typ reflect.Type)
 	walk = func(prefix string, typ reflect.Type) {
@@ -85,15 +90,20 @@ func changeValue(t *testing.T, v reflect.Value) {
 func TestDiffConfigFindsEveryKey(t *testing.T) {
 	base := validConfig()
 	for _, k := range configKeys {
-		c := validConfig()
-		changeValue(t, k.value(&c))
-		live, restart := diffConfig(&base, &c)
-		want, other := restart, live
-		if k.live {
-			want, other = live, restart
-		}
-		if len(want) != 1 || want[0].name != k.name || len(other) != 0 {
-			t.Errorf("%s changed: live %v, restart %v", k.name, keyNames(live), keyNames(restart))
+		for _, f := range []string{k.field, k.also} {
+			if f == "" {
+				continue
+			}
+			c := validConfig()
+			changeValue(t, fieldValue(&c, f))
+			live, restart := diffConfig(&base, &c)
+			want, other := restart, live
+			if k.live {
+				want, other = live, restart
+			}
+			if len(want) != 1 || want[0].name != k.name || len(other) != 0 {
+				t.Errorf("%s (%s) changed: live %v, restart %v", k.name, f, keyNames(live), keyNames(restart))
+			}
 		}
 	}
 	if live, restart := diffConfig(&base, &base); len(live)+len(restart) != 0 {
@@ -106,6 +116,9 @@ func TestWithLiveTakesOnlyLiveKeys(t *testing.T) {
 	next := validConfig()
 	for _, k := range configKeys {
 		changeValue(t, k.value(&next))
+		if k.also != "" {
+			changeValue(t, fieldValue(&next, k.also))
+		}
 	}
 	got := withLive(&cur, &next)
 	for _, k := range configKeys {
@@ -113,7 +126,7 @@ func TestWithLiveTakesOnlyLiveKeys(t *testing.T) {
 		if k.live {
 			from = &next
 		}
-		if !reflect.DeepEqual(k.value(&got).Interface(), k.value(from).Interface()) {
+		if !k.equal(&got, from) {
 			t.Errorf("%s (live %v) = %s, want %s", k.name, k.live, k.format(&got), k.format(from))
 		}
 	}
@@ -241,5 +254,25 @@ func TestLogLevel(t *testing.T) {
 		if got, want := logLevel(l), strings.ToLower(lv.String()); got != want {
 			t.Errorf("logLevel at %v = %q", lv, got)
 		}
+	}
+}
+
+// A key may set two fields (a file's path and what it holds): a change in
+// either is a change of the key, and a live key copies both.
+func TestConfigKeyWithTwoFields(t *testing.T) {
+	k := configKey{name: "two", field: "Site", also: "Xenstore", live: true}
+	a, b := validConfig(), validConfig()
+	if !k.equal(&a, &b) {
+		t.Fatal("equal configs differ")
+	}
+	b.Xenstore = "/run/other/socket"
+	if k.equal(&a, &b) {
+		t.Error("a change of the second field went unseen")
+	}
+	old := configKeys
+	defer func() { configKeys = old }()
+	configKeys = []configKey{k}
+	if got := withLive(&a, &b); got.Xenstore != b.Xenstore {
+		t.Errorf("withLive kept the second field at %q", got.Xenstore)
 	}
 }
