@@ -8,8 +8,13 @@ LDFLAGS := -X main.version=$(VERSION)
 FUZZTIME ?= 10s
 XEN_SCRIPT_DIR ?= /etc/xen/scripts
 LIBVIRT_HOOK_DIR ?= /etc/libvirt/hooks
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+# Units of locally installed programs: $(PREFIX)/lib/systemd/system. Local
+# overrides (`systemctl edit vmroam`) go to /etc/systemd/system.
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all build deps test unit lint vet fmt-check bench bench-migration demo fuzz install-xen install-libvirt clean
+.PHONY: all build deps test unit lint vet fmt-check bench bench-migration demo fuzz install install-xen install-libvirt clean
 
 all: build
 
@@ -66,6 +71,22 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzClassify$$' -fuzztime $(FUZZTIME) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./xenhook/xenstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseAnnouncement$$' -fuzztime $(FUZZTIME) ./xenhook/
+
+# The binary, the systemd unit (its paths follow PREFIX and SYSCONFDIR) and,
+# only when there is none yet, the example config: an operator's file is
+# never overwritten. DESTDIR stages the install (packaging).
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/vmroam
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/vmroam
+	sed -e 's|/usr/local/bin/vmroam|$(PREFIX)/bin/vmroam|g' -e 's|/etc/vmroam/|$(SYSCONFDIR)/vmroam/|g' \
+		scripts/systemd/vmroam.service > $(DESTDIR)$(UNITDIR)/vmroam.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/vmroam.service
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/vmroam/vmroam.toml ]; then \
+		echo "kept $(DESTDIR)$(SYSCONFDIR)/vmroam/vmroam.toml (docs/vmroam.example.toml has every key)"; \
+	else \
+		install -m 0644 docs/vmroam.example.toml $(DESTDIR)$(SYSCONFDIR)/vmroam/vmroam.toml; \
+	fi
+	@[ -n "$(DESTDIR)" ] || echo "next: edit $(SYSCONFDIR)/vmroam/vmroam.toml, then systemctl daemon-reload && systemctl enable --now vmroam"
 
 # The Xen hotplug hook: vif-route and vif-bridge source it when a vif goes
 # online or offline. DESTDIR stages the install (packaging).

@@ -50,31 +50,40 @@ func (l Limits) withDefaults() Limits {
 // Budget is a global cap on bytes held by all queues, shared between them.
 // Safe for concurrent use.
 type Budget struct {
-	max  int64
+	max  atomic.Int64
 	used atomic.Int64
 }
 
 // NewBudget returns a budget of maxBytes packet bytes. maxBytes <= 0 means
 // no global cap: the per-queue limits still hold, and Used still counts.
 func NewBudget(maxBytes int64) *Budget {
+	b := &Budget{}
+	b.SetMax(maxBytes)
+	return b
+}
+
+// SetMax changes the cap while queues use the budget (a config reload).
+// Bytes already held stay; below a lowered cap, pushes fail until enough
+// are released. maxBytes <= 0 means no cap, as in NewBudget.
+func (b *Budget) SetMax(maxBytes int64) {
 	if maxBytes <= 0 {
 		maxBytes = math.MaxInt64
 	}
-	return &Budget{max: maxBytes}
+	b.max.Store(maxBytes)
 }
 
 // Used returns the packet bytes held now by the queues sharing b.
 func (b *Budget) Used() int64 { return b.used.Load() }
 
 // Max returns the cap (math.MaxInt64 when there is none).
-func (b *Budget) Max() int64 { return b.max }
+func (b *Budget) Max() int64 { return b.max.Load() }
 
 // reserve takes n bytes if they fit. A CAS loop rather than Add-then-undo,
 // so that a failed reservation never makes another queue's fit fail too.
 func (b *Budget) reserve(n int64) bool {
 	for {
 		u := b.used.Load()
-		if u+n > b.max || u+n < u {
+		if u+n > b.max.Load() || u+n < u {
 			return false
 		}
 		if b.used.CompareAndSwap(u, u+n) {

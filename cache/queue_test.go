@@ -3,6 +3,7 @@ package cache
 import (
 	"bytes"
 	"encoding/binary"
+	"math"
 	"runtime"
 	"strconv"
 	"sync"
@@ -169,6 +170,34 @@ func TestQueueBudgetShared(t *testing.T) {
 	q.Push(make([]byte, 1000), t0)
 	if inf.Used() != 1000 {
 		t.Fatalf("uncapped used %d", inf.Used())
+	}
+}
+
+// A reload changes the cap under queues that hold bytes: lowered below what
+// they hold, new pushes fail while the bytes held stay; raised, they fit.
+func TestBudgetSetMax(t *testing.T) {
+	b := NewBudget(1000)
+	q := NewQueue(Limits{}, b)
+	if r := q.Push(mkPacket(1, 600), t0); r != "" {
+		t.Fatal(r)
+	}
+	b.SetMax(500)
+	if b.Max() != 500 {
+		t.Fatalf("max %d after SetMax(500)", b.Max())
+	}
+	if r := q.Push(mkPacket(2, 100), t0); r != DropGlobal {
+		t.Fatalf("push above a lowered cap: got %q, want %q", r, DropGlobal)
+	}
+	if q.Len() != 1 || b.Used() != 600 {
+		t.Fatalf("lowering the cap changed what is held: len %d, used %d", q.Len(), b.Used())
+	}
+	b.SetMax(2000)
+	if r := q.Push(mkPacket(3, 1000), t0); r != "" {
+		t.Fatalf("push under a raised cap: %s", r)
+	}
+	b.SetMax(0)
+	if b.Max() != math.MaxInt64 {
+		t.Fatalf("SetMax(0): max %d, want no cap", b.Max())
 	}
 }
 

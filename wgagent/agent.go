@@ -41,7 +41,11 @@ const (
 
 // Agent is one running host agent. Create it with New, then Run it.
 type Agent struct {
+	// cfg is the config the agent started with. Settings that Reload
+	// changes (the live keys in reload.go) are read through a.live().
 	cfg     Config
+	conf    atomic.Pointer[liveConfig]
+	ready   chan struct{} // closed once the agent serves (Ready)
 	log     *slog.Logger
 	key     wgtypes.Key
 	dev     *wgdev.Device
@@ -100,7 +104,8 @@ type Agent struct {
 	closing bool
 
 	// configProblems are mistakes in the config found after start (a
-	// network that clashes); status shows them until a restart.
+	// network that clashes); status shows them until a restart or a
+	// reload that declares the networks again.
 	configProblems []string
 
 	// allow is --peer-allowlist, nil without one; refusedLogged remembers
@@ -112,6 +117,9 @@ type Agent struct {
 	handoverPeers   atomic.Pointer[map[netip.Addr]string]
 	handoverRefused atomic.Uint64
 	handoverLogged  atomic.Int64 // unix nanoseconds of the last refusal logged
+	reloadMu        sync.Mutex   // serializes Reload
+	joinMu          sync.Mutex
+	rejoin          context.CancelFunc // restarts joinLoop with the live config
 }
 
 // New opens the WireGuard interface, the gossip member and the control
@@ -131,6 +139,7 @@ func New(cfg Config) (*Agent, error) {
 		attached: map[netip.Addr]attachment{},
 		started:  time.Now(),
 		ctls:     map[netip.Addr]*vipCtl{},
+		ready:    make(chan struct{}),
 
 		standbyHits:   map[netip.Addr]bool{},
 		refusedLogged: map[string]string{},
@@ -138,6 +147,7 @@ func New(cfg Config) (*Agent, error) {
 		linkStop:      make(chan struct{}),
 	}
 	a.metrics = metrics.New(metricsSource{a})
+	a.conf.Store(&liveConfig{Config: cfg})
 	ok := false
 	defer func() {
 		if !ok {
@@ -281,17 +291,11 @@ func (a *Agent) meta() gossip.Meta {
 // cluster and removes everything the agent created.
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.teardown()
-	join := joinList(a.cfg.Join, a.peers, a.cfg.advertise(), a.cfg.GossipPort)
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		if len(join) > 0 {
-			a.log.Info("joining", "members", join)
-			a.cluster.Join(ctx, join)
-		}
-		a.declareConfigured()
-		a.cluster.KeepJoined(ctx, join)
+		a.joinLoop(ctx)
 	}()
 	defer wg.Wait()
 	if a.handoverLn != nil {
@@ -307,7 +311,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 
 	a.reconcile()
-	tick := time.NewTicker(a.cfg.ReconcileInterval)
+	close(a.ready)
+	interval := a.live().ReconcileInterval
+	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
 		select {
@@ -317,8 +323,78 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-a.trigger:
 		case <-tick.C:
 		}
+		if iv := a.live().ReconcileInterval; iv != interval { // reloaded
+			interval = iv
+			tick.Reset(iv)
+		}
 		a.reconcile()
 	}
+}
+
+// Ready is closed once the agent serves: the control socket answers, the
+// join has started (it goes on retrying in the background until a member
+// answers: an agent whose peers are all down must still serve its VMs),
+// and the first reconcile has put the interface, peers and routes in place.
+func (a *Agent) Ready() <-chan struct{} { return a.ready }
+
+// joinLoop joins the cluster, declares the configured networks once
+// joined, and rejoins whenever this member is alone. A reload that changes
+// the join list or the networks restarts it with the new ones; members it
+// adds to the join list are joined at once.
+func (a *Agent) joinLoop(ctx context.Context) {
+	joined := false
+	prev := a.live().Join
+	for ctx.Err() == nil {
+		jctx, cancel := context.WithCancel(ctx)
+		// Before reading the config: a reload that stores a new one
+		// after this point cancels this round.
+		a.joinMu.Lock()
+		a.rejoin = cancel
+		a.joinMu.Unlock()
+		cfg := a.live()
+		a.mu.Lock()
+		list := joinList(cfg.Join, a.peers, a.cfg.advertise(), a.cfg.GossipPort)
+		a.mu.Unlock()
+		wasJoined := joined
+		if !joined {
+			if len(list) > 0 {
+				a.log.Info("joining", "members", list)
+				a.cluster.Join(jctx, list)
+			}
+			joined = jctx.Err() == nil
+		}
+		if joined {
+			a.declareConfigured(cfg.Networks)
+			a.cluster.KeepJoined(jctx, list)
+		}
+		if added := notIn(cfg.Join, prev); wasJoined && len(added) > 0 {
+			a.log.Info("joining members the reloaded config added", "members", added)
+			a.cluster.Join(jctx, added)
+		}
+		prev = cfg.Join
+		<-jctx.Done()
+		cancel()
+	}
+}
+
+// restartJoin makes joinLoop start over with the live config.
+func (a *Agent) restartJoin() {
+	a.joinMu.Lock()
+	if a.rejoin != nil {
+		a.rejoin()
+	}
+	a.joinMu.Unlock()
+}
+
+// notIn returns the elements of xs that ys lacks.
+func notIn(xs, ys []string) []string {
+	var out []string
+	for _, x := range xs {
+		if !slices.Contains(ys, x) {
+			out = append(out, x)
+		}
+	}
+	return out
 }
 
 // teardown undoes New. It runs once, from Run or from a failed New.

@@ -43,7 +43,7 @@ func (b backend) Allocate(ctx context.Context, network, dev string) (control.VIP
 		vip, ok := a.pickFree(n.Prefix)
 		if !ok {
 			a.mu.Unlock()
-			return control.VIP{}, badRequest("network %s (%s) has no free address (addresses released in the last %v are not reused yet)", n.Name, n.Prefix, a.cfg.AllocQuarantine)
+			return control.VIP{}, badRequest("network %s (%s) has no free address (addresses released in the last %v are not reused yet)", n.Name, n.Prefix, a.live().AllocQuarantine)
 		}
 		r := a.cluster.Claim(vip)
 		a.attached[vip] = attachment{VIP: vip, Epoch: r.Epoch}
@@ -77,7 +77,7 @@ func (b backend) Allocate(ctx context.Context, network, dev string) (control.VIP
 // vip: a concurrent claim of the same address by another host reaches
 // everyone within that time, and the (epoch, owner) order decides.
 func (a *Agent) settleClaim(ctx context.Context, vip netip.Addr) (bool, error) {
-	t := time.NewTimer(a.cfg.AllocSettle)
+	t := time.NewTimer(a.live().AllocSettle)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
@@ -111,7 +111,7 @@ func (a *Agent) pickFree(p netip.Prefix) (netip.Addr, bool) {
 			return false
 		}
 		at, ok := t.ReleasedAt(addr)
-		return ok && time.Since(at) >= a.cfg.AllocQuarantine
+		return ok && time.Since(at) >= a.live().AllocQuarantine
 	}
 	size := prefixSize(p)
 	// A few random tries, then a scan from a random start so a nearly

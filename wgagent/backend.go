@@ -260,6 +260,7 @@ func (b backend) Status(context.Context) (control.Status, error) {
 	gs := a.cluster.Stats()
 	st.Gossip = control.Gossip{Members: gs.Members, Encrypted: len(a.cfg.GossipKeys) > 0, DroppedMessages: gs.DroppedMessages, DroppedMeta: gs.DroppedMeta, Refused: gs.Refused}
 	st.HandoverRefused = a.handoverRefused.Load()
+	st.Config = a.configStatus()
 	return st, nil
 }
 

@@ -135,6 +135,9 @@ type NetworkConfig struct {
 	Prefix netip.Prefix
 }
 
+// String returns NAME=CIDR, as the config file writes it.
+func (n NetworkConfig) String() string { return n.Name + "=" + n.Prefix.String() }
+
 // DefaultConfig returns a Config with every default filled in; Name,
 // BindAddr, Address and GossipKeys remain to be set.
 func DefaultConfig() Config {

@@ -74,7 +74,7 @@ type vipCtl struct {
 	fencing bool
 }
 
-func (a *Agent) newQueue() *cache.Queue { return cache.NewQueue(a.cfg.CacheLimits, a.budget) }
+func (a *Agent) newQueue() *cache.Queue { return cache.NewQueue(a.live().CacheLimits, a.budget) }
 
 // Take queues a packet the cache device read for this VIP.
 func (c *vipCtl) Take(pkt []byte) {
@@ -242,7 +242,7 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	c.state = stateHolding
 	c.stream, c.queue = stream, direct
 	c.stop = make(chan struct{})
-	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.cfg.CacheSettle, Write: c.writer(), Timeline: c.tl}
+	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.live().CacheSettle, Write: c.writer(), Timeline: c.tl}
 	c.orderer = o
 	if c.tl != nil {
 		into := cache.SeriesReceived
@@ -260,7 +260,7 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	// here (abort, a route flap) runs already and needs its carrier only.
 	mode := "carrier"
 	if !closed {
-		mode = a.cfg.Activation
+		mode = a.live().Activation
 	}
 	if mode != "announce" {
 		o.SetCarrier(hasCarrier(c.dev))
@@ -638,7 +638,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 	o.ExpectTicks(req.Ticks)
 	// The answer's round trip is the path's, unless the source made the
 	// request wait (see handoverWait); the connect's is one too.
-	o.Settle = max(a.cfg.CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
+	o.Settle = max(a.live().CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
 	st, err := cache.ReceiveTicks(rd, stream,
 		func(h cache.Header) {
 			o.Tick(0) // the source's tick clock starts with the header
@@ -669,7 +669,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 // until it answers, stops being alive, the cache's age limit passes or
 // stop closes; nil if it gave up.
 func (a *Agent) connectHandover(c *vipCtl, from string, stop chan struct{}) (net.Conn, time.Duration) {
-	deadline := time.Now().Add(a.cfg.CacheLimits.MaxAge)
+	deadline := time.Now().Add(a.live().CacheLimits.MaxAge)
 	for {
 		// Short attempts: a lost SYN is retried by a new dial sooner than
 		// by TCP's own 1 s backoff.
@@ -849,7 +849,7 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	if req.Ticks {
 		tick = handoverTick
 	}
-	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.cfg.CacheLinger, tick, stop, nil)
+	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.live().CacheLinger, tick, stop, nil)
 	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", <-reconciled)
 	a.mu.Lock()
 	c.mu.Lock()
@@ -950,7 +950,7 @@ func (a *Agent) reconcileMigrationsLocked() {
 		case state == stateCaching && up && attached:
 			a.onLocked(c, evCarrierBack, "interface "+dev+" has carrier again")
 		}
-		if state == stateCaching && now.Sub(started) > a.cfg.CacheLimits.MaxAge {
+		if state == stateCaching && now.Sub(started) > a.live().CacheLimits.MaxAge {
 			a.onLocked(c, evTimeout, "max age")
 		}
 	}

@@ -99,20 +99,23 @@ func (a *Agent) checkNetworkPrefix(p netip.Prefix) error {
 }
 
 // declareConfigured declares the networks of the config file, once the
-// agent has joined (so it sees what the cluster has already).
-func (a *Agent) declareConfigured() {
-	for _, n := range a.cfg.Networks {
+// agent has joined (so it sees what the cluster has already), and again
+// after a reload that changed them. Its problems replace the earlier ones.
+func (a *Agent) declareConfigured(networks []NetworkConfig) {
+	var problems []string
+	for _, n := range networks {
 		cur, ok := a.cluster.Table().Network(n.Name)
 		if ok && !cur.Removed() && cur.Prefix == n.Prefix {
 			continue
 		}
 		if _, err := a.declareNetwork(n.Name, n.Prefix); err != nil {
 			a.log.Error("network from the config not declared", "network", n.Name, "prefix", n.Prefix, "err", err)
-			a.mu.Lock()
-			a.configProblems = append(a.configProblems, fmt.Sprintf("network %s %s from the config: %v", n.Name, n.Prefix, err))
-			a.mu.Unlock()
+			problems = append(problems, fmt.Sprintf("network %s %s from the config: %v", n.Name, n.Prefix, err))
 		}
 	}
+	a.mu.Lock()
+	a.configProblems = problems
+	a.mu.Unlock()
 }
 
 // checkAttachNetwork refuses a VIP outside every virtual network once any

@@ -249,6 +249,7 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 	}
 	wanted := make(map[wgtypes.Key]wantPeer, len(want))
 	var changes []wgtypes.PeerConfig
+	keepalive := a.live().Keepalive
 	for _, w := range want {
 		wanted[w.key] = w
 		c, ok := cur[w.key]
@@ -257,7 +258,7 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 			changes = append(changes, wgtypes.PeerConfig{
 				PublicKey:                   w.key,
 				Endpoint:                    udpAddr(w.endpoint),
-				PersistentKeepaliveInterval: &a.cfg.Keepalive,
+				PersistentKeepaliveInterval: &keepalive,
 				ReplaceAllowedIPs:           true,
 				AllowedIPs:                  ipNets(w.allowedIPs),
 			})
@@ -269,6 +270,12 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 		// say where a host is reachable, NAT included.
 		if c.Endpoint == nil || unmapped(c.Endpoint.AddrPort()) != w.endpoint {
 			pc.Endpoint = udpAddr(w.endpoint)
+			changed = true
+		}
+		// A reload may have changed the keepalive. WireGuard counts it
+		// in whole seconds.
+		if c.PersistentKeepaliveInterval != keepalive.Truncate(time.Second) {
+			pc.PersistentKeepaliveInterval = &keepalive
 			changed = true
 		}
 		have := prefixSet(c.AllowedIPs)

@@ -8,13 +8,16 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/BurntSushi/toml"
 
 	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/internal/sdnotify"
 	"github.com/vmroam/vmroam/wgagent"
 	"github.com/vmroam/vmroam/wgagent/control"
 	"github.com/vmroam/vmroam/wgagent/wgdev"
@@ -248,22 +251,40 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 	return cfg, nil
 }
 
+// logHandler is the agent's log handler. It keeps its level, which a
+// reload changes, and its format, which a reload compares.
+type logHandler struct {
+	slog.Handler
+	level  *slog.LevelVar
+	format string
+}
+
 func newLogger(level, format string, w io.Writer) (*slog.Logger, error) {
-	var lv slog.Level
+	lv := new(slog.LevelVar)
 	if err := lv.UnmarshalText([]byte(level)); err != nil {
 		return nil, usagef("--log-level %q: want debug, info, warn or error", level)
 	}
 	opts := &slog.HandlerOptions{Level: lv}
 	switch format {
 	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
+		return slog.New(&logHandler{slog.NewTextHandler(w, opts), lv, format}), nil
 	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
+		return slog.New(&logHandler{slog.NewJSONHandler(w, opts), lv, format}), nil
 	}
 	return nil, usagef("--log-format %q: want text or json", format)
 }
 
 func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	return serveAgent(ctx, args, hup, stdout, stderr)
+}
+
+// serveAgent runs the agent until ctx ends, re-reads its config file each
+// time reload fires, and tells systemd (Type=notify) when it is ready,
+// reloading and stopping.
+func serveAgent(ctx context.Context, args []string, reload <-chan os.Signal, stdout, stderr io.Writer) error {
 	cfg, err := agentConfig(args, stdout, stderr)
 	if err != nil {
 		return err
@@ -272,5 +293,70 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	return a.Run(ctx)
+	log := cfg.Logger
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	ready := a.Ready()
+	for {
+		select {
+		case <-ready:
+			ready = nil
+			notify(log, sdnotify.Ready, sdnotify.Status("serving on "+cfg.Socket))
+		case <-reload:
+			if ready != nil { // not serving yet: systemd waits for READY anyway
+				reloadAgent(a, log, args)
+				continue
+			}
+			notify(log, sdnotify.Reloading())
+			notify(log, sdnotify.Ready, sdnotify.Status(reloadAgent(a, log, args)))
+		case <-ctx.Done():
+			notify(log, sdnotify.Stopping)
+			return <-done
+		case err := <-done:
+			return err
+		}
+	}
+}
+
+// reloadAgent re-reads the command line and the config file (the command
+// line still wins) and applies the result, or nothing if any of it is
+// wrong. It returns a one-line summary for systemd.
+func reloadAgent(a *wgagent.Agent, log *slog.Logger, args []string) string {
+	log.Info("reloading the config")
+	next, err := agentConfig(args, io.Discard, io.Discard)
+	var applied, restart []string
+	if err == nil {
+		applied, restart, err = a.Reload(next)
+	}
+	if err != nil {
+		log.Error("config reload refused, nothing changed", "err", err)
+		return "serving; last reload refused: " + err.Error()
+	}
+	cur, _ := log.Handler().(*logHandler)
+	nw, _ := next.Logger.Handler().(*logHandler)
+	if cur != nil && nw != nil {
+		if from, to := cur.level.Level(), nw.level.Level(); from != to {
+			cur.level.Set(to)
+			log.Info("config reloaded", "key", "log-level", "from", from, "to", to)
+			applied = append(applied, "log-level")
+		}
+		if cur.format != nw.format {
+			log.Warn("config changed, but this key needs a restart: running with the old value until then", "key", "log-format", "running", cur.format, "file", nw.format)
+			restart = append(restart, "log-format")
+		}
+	}
+	msg := "serving; config reloaded at " + time.Now().Format(time.TimeOnly)
+	if len(applied) > 0 {
+		msg += ", applied " + strings.Join(applied, ", ")
+	}
+	if len(restart) > 0 {
+		msg += ", RESTART NEEDED for " + strings.Join(restart, ", ")
+	}
+	return msg
+}
+
+func notify(log *slog.Logger, msgs ...string) {
+	if _, err := sdnotify.Notify(msgs...); err != nil {
+		log.Warn("telling systemd", "err", err)
+	}
 }

@@ -27,11 +27,35 @@ func client(socket string) *control.Client {
 }
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	st, asJSON, err := fetchStatus(ctx, "status", args, stdout, stderr)
+	fs := newFlagSet("status", "status [--json] [--watch [--interval 2s]] [--socket PATH]", stdout, stderr)
+	var socket string
+	socketFlag(fs, &socket)
+	asJSON := fs.Bool("json", false, "print JSON")
+	watch := fs.Bool("watch", false, "print the status again every --interval, in place on a terminal, until interrupted")
+	interval := fs.Duration("interval", 2*time.Second, "time between two refreshes with --watch")
+	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
-	if asJSON {
+	if len(pos) > 0 {
+		return usagef("status takes no arguments, got %q", pos)
+	}
+	if *interval <= 0 {
+		return usagef("status: --interval %v: must be positive", *interval)
+	}
+	if !*watch && isSet(fs, "interval") {
+		return usagef("status: --interval goes with --watch")
+	}
+	if *watch {
+		return watchStatus(ctx, client(socket), *interval, *asJSON, stdout, stderr)
+	}
+	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
+	defer cancel()
+	st, err := client(socket).Status(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
 		return writeJSON(stdout, st)
 	}
 	printStatus(stdout, st)
@@ -78,6 +102,9 @@ func printStatus(w io.Writer, st control.Status) {
 	}
 	for _, p := range st.Problems {
 		fmt.Fprintf(w, "PROBLEM   %s\n", p)
+	}
+	if st.Config != nil && len(st.Config.RestartNeeded) > 0 {
+		fmt.Fprintf(w, "RESTART   the config changed %s: the agent runs with the old values until restarted\n", strings.Join(st.Config.RestartNeeded, ", "))
 	}
 	for _, c := range st.Conflicts {
 		fmt.Fprintf(w, "CONFLICT  %s claimed by %s at epoch %d; %s wins\n", c.VIP, strings.Join(c.Owners, " and "), c.Epoch, c.Winner)

@@ -20,7 +20,8 @@ between hosts in different LANs or datacenters.
 Usage:
   vmroam agent --bind IP --address CIDR --encrypt-key-file FILE [flags]
                                  run the host agent (one per hypervisor host)
-  vmroam status [--json]         show this host's agent, its peers and VIPs
+  vmroam status [--json] [--watch [--interval 2s]]
+                                 show this host's agent, its peers and VIPs
   vmroam vip attach VIP --dev IFACE
                                  this host now runs the VM with VIP behind IFACE
   vmroam vip allocate --network NAME [--dev IFACE]

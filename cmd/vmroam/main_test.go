@@ -80,6 +80,9 @@ func TestHelpExitsZero(t *testing.T) {
 		if code != 0 || strings.Count(stdout, "Usage:") != 1 {
 			t.Errorf("%v: exit %d, stdout %q, stderr %q", args, code, stdout, stderr)
 		}
+		if n := strings.Count(stdout, "Usage"); n > 1 {
+			t.Errorf("%v: the usage printed %d times", args, n)
+		}
 	}
 }
 

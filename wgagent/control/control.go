@@ -43,6 +43,33 @@ type Status struct {
 	// HandoverRefused counts connections to the handover port that did
 	// not come from a WireGuard peer's overlay address (refused unread).
 	HandoverRefused uint64 `json:"handover_refused"`
+	// Config holds the settings a reload (SIGHUP) can change, as in
+	// effect now; nil from agents that predate it.
+	Config *Config `json:"config,omitempty"`
+}
+
+// Config is the effective value of every setting the agent applies on a
+// reload, named after its config key. Durations are Go durations ("2s").
+type Config struct {
+	LogLevel            string   `json:"log_level"`
+	Join                []string `json:"join"`
+	Networks            []string `json:"networks"` // NAME=CIDR
+	ReconcileInterval   string   `json:"reconcile_interval"`
+	Keepalive           string   `json:"keepalive"`
+	CacheMaxBytes       int64    `json:"cache_max_bytes"`
+	CacheMaxPackets     int      `json:"cache_max_packets"`
+	CacheMaxAge         string   `json:"cache_max_age"`
+	CacheGlobalMaxBytes int64    `json:"cache_global_max_bytes"`
+	CacheLinger         string   `json:"cache_linger"`
+	CacheSettle         string   `json:"cache_settle"`
+	Activation          string   `json:"activation"`
+	AllocSettle         string   `json:"alloc_settle"`
+	AllocQuarantine     string   `json:"alloc_quarantine"`
+	// Reloaded is when a reload last changed a setting; nil: never.
+	Reloaded *time.Time `json:"reloaded,omitempty"`
+	// RestartNeeded lists the keys the last reload found changed but
+	// cannot apply while the agent runs: they keep their old value.
+	RestartNeeded []string `json:"restart_needed"`
 }
 
 // Peer is another agent and the tunnel to it.
