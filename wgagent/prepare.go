@@ -113,6 +113,20 @@ func (a *Agent) takePrepared(vip netip.Addr, from string) *preparedConn {
 	return pc
 }
 
+// dropPrepared closes and forgets the prepared connection for vip, if
+// any, and says whether there was one.
+func (a *Agent) dropPrepared(vip netip.Addr) bool {
+	a.prepMu.Lock()
+	defer a.prepMu.Unlock()
+	pc := a.prepared[vip]
+	if pc == nil {
+		return false
+	}
+	pc.conn.Close()
+	delete(a.prepared, vip)
+	return true
+}
+
 // expirePrepared closes prepared connections whose claim never came, or
 // all of them when the agent stops (all).
 func (a *Agent) expirePrepared(all bool) {
