@@ -71,6 +71,14 @@ func (b backend) Prepare(ctx context.Context, vip netip.Addr) (control.VIP, erro
 	if err := setUserTimeout(conn, prepareUserTimeout); err != nil {
 		a.log.Debug("prepare: TCP_USER_TIMEOUT", "err", err)
 	}
+	if now, _ := a.cluster.Table().Get(vip); now.Owner != r.Owner || now.Epoch != r.Epoch {
+		// Claimed while we dialed: Xen's vif hotplug hook (the claim)
+		// races the xenstore watch that prepares. Kept, the connection
+		// would idle at the old owner until prepareTTL.
+		conn.Close()
+		a.log.Debug("prepare: the VIP moved while connecting; not kept", "vip", vip, "owner", now.Owner, "epoch", now.Epoch)
+		return a.vipStatus(vip), nil
+	}
 	a.prepMu.Lock()
 	if old := a.prepared[vip]; old != nil {
 		old.conn.Close()
