@@ -158,9 +158,9 @@ func wgQueueDrops(l *lab.Lab) map[string]uint64 {
 	return out
 }
 
-// checkWANFlow fails the test unless the flow lost nothing beyond what
+// checkFlow fails the test unless the flow lost nothing beyond what
 // the underlay and the TUN queues account for, and reordered nothing.
-func checkWANFlow(t *testing.T, res lab.FlowResult, underlay, tunQueue uint64) {
+func checkFlow(t *testing.T, res lab.FlowResult, underlay, tunQueue uint64) {
 	t.Helper()
 	if res.OutOfOrder != 0 {
 		t.Errorf("%d datagrams out of order; want none", res.OutOfOrder)
@@ -211,7 +211,7 @@ func TestWANMigrationUDP(t *testing.T) {
 			if res.OutOfOrder != 0 {
 				logHandBacks(t, l)
 			}
-			checkWANFlow(t, res, underlay, tunQueue)
+			checkFlow(t, res, underlay, tunQueue)
 		})
 	}
 }
@@ -289,7 +289,7 @@ func TestWANMigrationUnderlayLoss(t *testing.T) {
 	if mig.Flushed == 0 {
 		t.Errorf("nothing flushed: the cache was not used")
 	}
-	checkWANFlow(t, res, underlay, tunQueue)
+	checkFlow(t, res, underlay, tunQueue)
 }
 
 // TestWANHandover measures the handover across the WAN in its hardest

@@ -86,10 +86,16 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 
 // Detach releases vip. Detaching a VIP that is not attached here succeeds
 // and changes nothing: after a migration the hook on the old host may
-// arrive when the new host owns the VIP already.
+// arrive when the new host owns the VIP already, and after a failed
+// incoming migration libvirt's release hook runs on the destination while
+// the source still runs the VM. Only a prepared handover connection
+// (Prepare) is closed then: the VM is not coming.
 func (b backend) Detach(_ context.Context, vip netip.Addr) (control.VIP, error) {
 	a := b.a
 	vip = vip.Unmap()
+	if a.dropPrepared(vip) {
+		a.log.Info("detached before arriving: the prepared handover connection is closed", "vip", vip)
+	}
 	a.mu.Lock()
 	_, ok := a.attached[vip]
 	if ok && a.ctls[vip] != nil {

@@ -613,6 +613,9 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 				close(released)
 				conn.Close()
 			}()
+			if prepared {
+				a.log.Info("handover: requested on the prepared connection", "vip", c.vip, "from", from, "rtt", rtt)
+			}
 			break
 		}
 		close(released)

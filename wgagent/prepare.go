@@ -71,6 +71,14 @@ func (b backend) Prepare(ctx context.Context, vip netip.Addr) (control.VIP, erro
 	if err := setUserTimeout(conn, prepareUserTimeout); err != nil {
 		a.log.Debug("prepare: TCP_USER_TIMEOUT", "err", err)
 	}
+	if now, _ := a.cluster.Table().Get(vip); now.Owner != r.Owner || now.Epoch != r.Epoch {
+		// Claimed while we dialed: Xen's vif hotplug hook (the claim)
+		// races the xenstore watch that prepares. Kept, the connection
+		// would idle at the old owner until prepareTTL.
+		conn.Close()
+		a.log.Debug("prepare: the VIP moved while connecting; not kept", "vip", vip, "owner", now.Owner, "epoch", now.Epoch)
+		return a.vipStatus(vip), nil
+	}
 	a.prepMu.Lock()
 	if old := a.prepared[vip]; old != nil {
 		old.conn.Close()
@@ -111,6 +119,20 @@ func (a *Agent) takePrepared(vip netip.Addr, from string) *preparedConn {
 		return nil
 	}
 	return pc
+}
+
+// dropPrepared closes and forgets the prepared connection for vip, if
+// any, and says whether there was one.
+func (a *Agent) dropPrepared(vip netip.Addr) bool {
+	a.prepMu.Lock()
+	defer a.prepMu.Unlock()
+	pc := a.prepared[vip]
+	if pc == nil {
+		return false
+	}
+	pc.conn.Close()
+	delete(a.prepared, vip)
+	return true
 }
 
 // expirePrepared closes prepared connections whose claim never came, or

@@ -36,8 +36,12 @@ func xenstorePath(setting string) (string, error) {
 	return setting, nil
 }
 
-// xenEvents turns xenstore's domain events into migration steps.
-type xenEvents struct{ a *Agent }
+// xenEvents turns xenstore's domain events into migration steps. ctx ends
+// when the agent stops following xenstore.
+type xenEvents struct {
+	a   *Agent
+	ctx context.Context
+}
 
 // Suspending starts caching every VIP of the domain's vifs: this is the
 // moment the source VM stops, before its interface goes, so nothing is in
@@ -61,10 +65,40 @@ func (x xenEvents) Suspending(domid int, name string) {
 	}()
 }
 
-// Incoming is logged only: the arrival itself starts at the vif's hotplug
-// hook (`vip attach`), which knows the VIPs.
+// Incoming is logged only: the domain's vifs, and so its VIPs, come later
+// (IncomingVIPs).
 func (x xenEvents) Incoming(domid int, name string) {
 	x.a.log.Info("xenstore: incoming migration", "domid", domid, "name", name)
+}
+
+// xenPrepareTimeout bounds the preparation of one arriving VIP.
+const xenPrepareTimeout = 5 * time.Second
+
+// IncomingVIPs pre-provisions the VIPs of an arriving domain's vif, as
+// `vmroam migrate prepare` does: it connects to each VIP's current owner,
+// so that the claim at the vif's hotplug hook (`vip attach`) sends its
+// handover request at once. In its own goroutine: the watcher must not
+// wait for a dial.
+func (x xenEvents) IncomingVIPs(domid int, name string, vips []netip.Addr) {
+	a := x.a
+	if a.intercept == nil {
+		a.log.Debug("xenstore: incoming VIPs not prepared: the migration cache is off", "domid", domid, "vips", vips)
+		return
+	}
+	a.bg.Add(1)
+	go func() {
+		defer a.bg.Done()
+		for _, vip := range vips {
+			ctx, cancel := context.WithTimeout(x.ctx, xenPrepareTimeout)
+			v, err := backend{a}.Prepare(ctx, vip)
+			cancel()
+			if err != nil {
+				a.log.Warn("xenstore: could not prepare an arriving VIP; the claim connects then", "vip", vip, "domid", domid, "name", name, "err", err)
+				continue
+			}
+			a.log.Info("xenstore: prepared an arriving VIP", "vip", vip, "domid", domid, "name", name, "owner", v.Owner)
+		}
+	}()
 }
 
 // runXenstore follows xenstore until ctx ends, reconnecting when the
@@ -74,7 +108,7 @@ func (a *Agent) runXenstore(ctx context.Context, path string) {
 	for {
 		c, err := xenstore.Dial(path)
 		if err == nil {
-			w := xenhook.NewWatcher(c, xenEvents{a}, a.log.With("component", "xenstore"))
+			w := xenhook.NewWatcher(c, xenEvents{a, ctx}, a.log.With("component", "xenstore"))
 			a.xenMu.Lock()
 			a.xen = w
 			a.xenFollowed = map[int]bool{}

@@ -15,5 +15,9 @@
 // "<name>--migratedaway" once the destination has the whole image
 // (tools/xl/xl_migrate.c). xenstored's "@introduceDomain" fires only when
 // the domain is introduced, which for an incoming domain is after the
-// stream, so the name under /local/domain is what announces it early.
+// stream, so the name under /local/domain is what announces it early. Its
+// vifs, and with them their addresses (the backend's "ip", which vif-route
+// reads too), appear only after the stream, when libxl adds the devices
+// just before their hotplug scripts run (libxl_create.c,
+// domcreate_attach_devices).
 package xenhook

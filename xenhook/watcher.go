@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,6 +21,12 @@ type Handler interface {
 	// Incoming: a domain named "<name>--incoming" exists: a migration to
 	// this host is being prepared. Must not block.
 	Incoming(domid int, name string)
+	// IncomingVIPs: a vif of that incoming domain carries these addresses
+	// (the "ip" of its backend in xenstore, as vif-route reads it), so
+	// they are about to arrive here. Reported once per vif, again only if
+	// its addresses change, and only while the domain is "--incoming".
+	// Must not block.
+	IncomingVIPs(domid int, name string, vips []netip.Addr)
 }
 
 const (
@@ -40,8 +47,8 @@ const (
 var errEventsEnded = errors.New("xenstore event stream ended")
 
 // Watcher follows domains in xenstore and reports, through a Handler, when
-// a followed domain is asked to suspend and when an incoming migration
-// creates a domain here.
+// a followed domain is asked to suspend, when an incoming migration
+// creates a domain here, and which addresses that domain's vifs carry.
 type Watcher struct {
 	c    *xenstore.Client
 	h    Handler
@@ -113,7 +120,7 @@ func (w *Watcher) following(domid int) bool {
 // domain: "@introduceDomain" fires only after the memory stream (see the
 // package comment), so it serves as a second chance, with a full rescan.
 func (w *Watcher) Run(ctx context.Context) error {
-	r := &run{w: w, domains: make(map[int]*domain), incoming: make(map[int]string)}
+	r := &run{w: w, domains: make(map[int]*domain), incoming: make(map[int]string), vifIPs: make(map[int]map[int]string)}
 	defer r.unwatchAll()
 	r.dropped = w.c.Dropped()
 	for _, x := range []struct{ path, token string }{
@@ -159,8 +166,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 type run struct {
 	w        *Watcher
 	watches  []watchKey
-	domains  map[int]*domain // followed domains with watches registered
-	incoming map[int]string  // domid -> the "--incoming" name reported
+	domains  map[int]*domain        // followed domains with watches registered
+	incoming map[int]string         // domid -> the "--incoming" name reported
+	vifIPs   map[int]map[int]string // incoming domid -> devid -> the "ip" reported
 	dropped  uint64
 	dead     bool // the client is gone: no unwatching
 }
@@ -315,6 +323,11 @@ func (r *run) resync() error {
 	if err := r.scan(); err != nil {
 		return err
 	}
+	for id := range r.incoming {
+		if err := r.scanVifs(id); err != nil {
+			return err
+		}
+	}
 	for id := range r.domains {
 		if err := r.checkShutdown(id); err != nil {
 			return err
@@ -338,10 +351,123 @@ func (r *run) domainEvent(path string) error {
 	}
 	dom, sub, _ := strings.Cut(rest, "/")
 	id, ok := decimal(dom)
-	if !ok || (sub != "" && sub != "name") {
+	if !ok {
 		return nil
 	}
-	return r.checkIncoming(id)
+	if sub == "" || sub == "name" {
+		return r.checkIncoming(id)
+	}
+	if guest, devid, ok := vifNode(id, sub); ok && r.incoming[guest] != "" {
+		return r.checkVif(guest, devid)
+	}
+	return nil
+}
+
+// vifNode says whether sub, a path below /local/domain/<dom>, is one of
+// the nodes that tell a vif's addresses: the frontend's directory or its
+// "backend" link (device/vif/<devid>[/backend], dom is the guest), or the
+// backend's directory or its "ip" (backend/vif/<guest>/<devid>[/ip], dom
+// is the backend's, 0 unless a driver domain serves the vif). libxl
+// writes both ends in one transaction when it adds the vif, which during
+// an incoming migration is after the memory stream and before the vif's
+// hotplug script runs (libxl_create.c, domcreate_attach_devices).
+func vifNode(dom int, sub string) (guest, devid int, ok bool) {
+	parts := strings.Split(sub, "/")
+	switch {
+	case len(parts) >= 3 && len(parts) <= 4 && parts[0] == "device" && parts[1] == "vif" &&
+		(len(parts) == 3 || parts[3] == "backend"):
+		devid, ok = decimal(parts[2])
+		return dom, devid, ok
+	case len(parts) >= 4 && len(parts) <= 5 && parts[0] == "backend" && parts[1] == "vif" &&
+		(len(parts) == 4 || parts[4] == "ip"):
+		if guest, ok = decimal(parts[2]); !ok {
+			return 0, 0, false
+		}
+		devid, ok = decimal(parts[3])
+		return guest, devid, ok
+	}
+	return 0, 0, false
+}
+
+// checkVif reads the addresses of an incoming domain's vif and reports
+// them when they are new: from the backend the frontend names, else from
+// dom0's backend.
+func (r *run) checkVif(id, devid int) error {
+	backend, err := r.read(fmt.Sprintf("%s/%d/device/vif/%d/backend", domainRoot, id, devid))
+	if err != nil {
+		return err
+	}
+	if !strings.HasPrefix(backend, domainRoot+"/") {
+		backend = fmt.Sprintf("%s/0/backend/vif/%d/%d", domainRoot, id, devid)
+	}
+	ip, err := r.read(backend + "/ip")
+	if err != nil {
+		return err
+	}
+	seen := r.vifIPs[id]
+	if seen == nil {
+		seen = make(map[int]string)
+		r.vifIPs[id] = seen
+	}
+	if prev, ok := seen[devid]; ok && prev == ip {
+		return nil
+	}
+	seen[devid] = ip
+	vips := r.vifAddrs(backend, ip)
+	if len(vips) == 0 {
+		return nil
+	}
+	name := strings.TrimSuffix(r.incoming[id], suffixIncoming)
+	r.w.log.Info("xenhook: incoming domain's vif", "domid", id, "name", name, "devid", devid, "ip", ip)
+	r.w.h.IncomingVIPs(id, name, vips)
+	return nil
+}
+
+// vifAddrs parses a vif's "ip" as vif-route and vmroam.hook read it:
+// space-separated addresses, each maybe with /32 or /128. A network is no
+// VIP and is skipped, as the hook skips it.
+func (r *run) vifAddrs(backend, ip string) []netip.Addr {
+	var out []netip.Addr
+	for _, f := range strings.Fields(ip) {
+		a, err := netip.ParseAddr(f)
+		if p, perr := netip.ParsePrefix(f); perr == nil && p.Bits() == p.Addr().BitLen() {
+			a, err = p.Addr(), nil
+		}
+		if err != nil || a.Zone() != "" {
+			r.w.log.Warn("xenhook: not a VIP in a vif's ip", "path", backend+"/ip", "value", f)
+			continue
+		}
+		out = append(out, a.Unmap())
+	}
+	return out
+}
+
+// scanVifs checks every vif an incoming domain already has: the agent may
+// start, or reconnect, after libxl added them.
+func (r *run) scanVifs(id int) error {
+	for _, dir := range []string{
+		fmt.Sprintf("%s/%d/device/vif", domainRoot, id),
+		fmt.Sprintf("%s/0/backend/vif/%d", domainRoot, id),
+	} {
+		devids, err := r.w.c.Directory(dir)
+		switch {
+		case errors.Is(err, xenstore.ErrNotFound):
+			continue
+		case fatal(err):
+			return fmt.Errorf("xenhook: %w", err)
+		case err != nil:
+			r.w.log.Warn("xenhook: cannot list vifs", "path", dir, "err", err)
+			continue
+		}
+		for _, s := range devids {
+			if devid, ok := decimal(s); ok {
+				if err := r.checkVif(id, devid); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // scan looks at every domain's name, as after "@introduceDomain".
@@ -370,6 +496,7 @@ func (r *run) scan() error {
 	for id := range r.incoming {
 		if !present[id] {
 			delete(r.incoming, id)
+			delete(r.vifIPs, id)
 		}
 	}
 	return nil
@@ -385,15 +512,17 @@ func (r *run) checkIncoming(id int) error {
 	base, ok := strings.CutSuffix(name, suffixIncoming)
 	if !ok || base == "" {
 		delete(r.incoming, id)
+		delete(r.vifIPs, id)
 		return nil
 	}
 	if r.incoming[id] == name {
 		return nil
 	}
 	r.incoming[id] = name
+	delete(r.vifIPs, id)
 	r.w.log.Info("xenhook: incoming migration", "domid", id, "name", base)
 	r.w.h.Incoming(id, base)
-	return nil
+	return r.scanVifs(id)
 }
 
 func (r *run) checkShutdown(id int) error {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"runtime"
 	"sync"
 	"testing"
@@ -23,6 +24,10 @@ func (r *recorder) Suspending(domid int, name string) {
 
 func (r *recorder) Incoming(domid int, name string) {
 	r.ch <- fmt.Sprintf("incoming %d %s", domid, name)
+}
+
+func (r *recorder) IncomingVIPs(domid int, name string, vips []netip.Addr) {
+	r.ch <- fmt.Sprintf("vips %d %s %v", domid, name, vips)
 }
 
 // until returns the calls before want, failing if want does not come.
@@ -190,6 +195,45 @@ func TestIncoming(t *testing.T) {
 	// A name that is only the suffix is no migration.
 	e.srv.Write("/local/domain/9/name", "--incoming")
 	expectNone(t, e.barrier(t), "empty name")
+}
+
+// TestIncomingVIPs: the addresses of an incoming domain's vifs are
+// reported as libxl writes them (after the memory stream, before the
+// hotplug script), once per vif, and never for a domain that is not
+// arriving.
+func TestIncomingVIPs(t *testing.T) {
+	e := newEnv(t)
+	// An incoming domain whose vif exists already when Run starts (the
+	// agent restarted during a migration), in dom0's backend.
+	e.srv.Write("/local/domain/8/name", "vm3--incoming")
+	e.srv.Write("/local/domain/0/backend/vif/8/0/ip", "100.64.0.8")
+	e.start(t)
+	e.rec.until(t, "incoming 8 vm3")
+	e.rec.until(t, "vips 8 vm3 [100.64.0.8]")
+
+	e.srv.Write("/local/domain/7/name", "vm1--incoming")
+	e.rec.until(t, "incoming 7 vm1")
+	// libxl adds the vif: frontend, then backend, in one transaction.
+	e.srv.Write("/local/domain/7/device/vif/0/backend", "/local/domain/0/backend/vif/7/0")
+	e.srv.Write("/local/domain/7/device/vif/0/state", "1")
+	e.srv.Write("/local/domain/0/backend/vif/7/0/mac", "00:16:3e:00:00:07")
+	e.srv.Write("/local/domain/0/backend/vif/7/0/ip", "100.64.0.7 fd00::7/128 10.0.0.0/24 nonsense")
+	expectNone(t, e.rec.until(t, "vips 7 vm1 [100.64.0.7 fd00::7]"), "before the vif's addresses")
+	// The same again, other nodes of the vif: nothing new.
+	e.srv.Write("/local/domain/0/backend/vif/7/0/ip", "100.64.0.7 fd00::7/128 10.0.0.0/24 nonsense")
+	e.srv.Write("/local/domain/0/backend/vif/7/0/state", "2")
+	e.srv.Write("/local/domain/0/backend/vif/7/0/hotplug-status", "connected")
+	// A second vif served by a driver domain (backend 3), named by the
+	// frontend's link.
+	e.srv.Write("/local/domain/3/backend/vif/7/1/ip", "100.64.0.17")
+	e.srv.Write("/local/domain/7/device/vif/1/backend", "/local/domain/3/backend/vif/7/1")
+	expectNone(t, e.rec.until(t, "vips 7 vm1 [100.64.0.17]"), "second vif")
+	// A vif of a domain that is not arriving (here already, or a source).
+	e.srv.Write("/local/domain/0/backend/vif/5/0/ip", "100.64.0.5")
+	// Arrived: renamed to its own name; later writes are no arrival.
+	e.srv.Write("/local/domain/7/name", "vm1")
+	e.srv.Write("/local/domain/0/backend/vif/7/0/ip", "100.64.0.77")
+	expectNone(t, e.barrier(t), "after the arrival")
 }
 
 func TestUnfollow(t *testing.T) {

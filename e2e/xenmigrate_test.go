@@ -1,0 +1,415 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmroam/vmroam/lab"
+	"github.com/vmroam/vmroam/wgagent/control"
+	"github.com/vmroam/vmroam/xenhook/xenstore/xenstoretest"
+)
+
+const xenScripts = "/etc/xen/scripts"
+
+// xenHotplug runs Xen's real vif-route (Debian's xen-utils-common) inside a
+// lab host's namespace with vmroam's hook in its vif-post.d, as libxl runs
+// it on a Xen host. Only what needs a hypervisor is stubbed: xenstore-read
+// answers a vif's "ip", xenstore-write and logger record; vmroam is the
+// binary under test, reaching the host's agent through VMROAM_SOCKET.
+type xenHotplug struct {
+	dir string
+	bin string // vmroam, for the hook's PATH
+}
+
+// requireXenScripts skips the test when Xen's hotplug scripts or the tools
+// vif-route runs are missing.
+func requireXenScripts(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(xenScripts, "vif-route")); err != nil {
+		t.Skipf("Xen's hotplug scripts are not installed (%v): `make deps` installs Debian's xen-utils-common", err)
+	}
+	for _, tool := range []string{"unshare", "mount", "ifconfig", "cp"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not found: `make deps` installs what vif-route needs", tool)
+		}
+	}
+}
+
+func newXenHotplug(t *testing.T, vmroam string) *xenHotplug {
+	t.Helper()
+	x := &xenHotplug{dir: t.TempDir(), bin: vmroam}
+	if out, err := exec.Command("cp", "-a", xenScripts, x.path("scripts")).CombinedOutput(); err != nil {
+		t.Fatalf("copy %s: %v\n%s", xenScripts, err, out)
+	}
+	for _, d := range []string{"scripts/vif-post.d", "bin", "log/xen"} {
+		if err := os.MkdirAll(x.path(d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hook, err := os.ReadFile(filepath.Join("..", "scripts", "xen", "vmroam.hook"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(x.path("scripts/vif-post.d/vmroam.hook"), hook, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(vmroam, x.path("bin/vmroam")); err != nil {
+		t.Fatal(err)
+	}
+	stubs := map[string]string{
+		// The store holds what the test passes in XENSTORE_IP for the
+		// vif's XENBUS_PATH; nothing else.
+		"xenstore-read": `case "$1" in
+"$XENBUS_PATH/ip") printf '%s\n' "$XENSTORE_IP" ;;
+*) echo "couldn't read path $1" >&2; exit 1 ;;
+esac`,
+		"xenstore-exists": `[ "$1" = "$XENBUS_PATH/ip" ]`,
+		"xenstore-write":  `printf '%s\n' "$*" >>"$XENHOTPLUG_DIR/xenstore.writes"`,
+		"xenstore-rm":     `printf 'rm %s\n' "$*" >>"$XENHOTPLUG_DIR/xenstore.writes"`,
+		"logger":          `printf '%s\n' "$*" >>"$XENHOTPLUG_DIR/syslog"`,
+	}
+	for name, body := range stubs {
+		if err := os.WriteFile(x.path("bin/"+name), []byte("#!/bin/bash\n"+body+"\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(x.path("driver.sh"), []byte(xenHotplugDriver), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return x
+}
+
+func (x *xenHotplug) path(name string) string { return filepath.Join(x.dir, name) }
+
+// xenHotplugDriver runs in a mount namespace of its own inside the host's
+// network namespace: Xen's scripts look for their hooks in
+// /etc/xen/scripts (built into xen-hotplug-common.sh) and put /usr/bin
+// first in PATH, so the copies and stubs are mounted over the real paths.
+const xenHotplugDriver = `set -euo pipefail
+T=$1 command=$2
+mount --make-rprivate /
+mount --bind "$T/scripts" /etc/xen/scripts
+mount --bind "$T/log" /var/log
+. "$T/scripts/hotplugpath.sh"
+for stub in "$T"/bin/*; do
+	name=${stub##*/}
+	for d in "$bindir" "$sbindir" "$LIBEXEC_BIN" /usr/bin /usr/sbin /bin /sbin; do
+		if [ ! -L "$d" ] && [ -e "$d/$name" ] && ! mountpoint -q "$d/$name"; then
+			mount --bind "$stub" "$d/$name"
+		fi
+	done
+done
+export PATH="$T/bin:$PATH"
+exec /etc/xen/scripts/vif-route "$command"
+`
+
+// vifRoute runs `vif-route command` for vif on h, whose xenstore path is
+// xenbus (backend/vif/DOMID/DEVID) and whose "ip" there is ip.
+func (x *xenHotplug) vifRoute(t *testing.T, l *lab.Lab, h *lab.Host, command, vif, xenbus, ip string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", h.NS,
+		"unshare", "--mount", "--propagation", "private", "bash", x.path("driver.sh"), x.dir, command)
+	// A clean environment, as udev or libxl give the script.
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C",
+		"vif=" + vif, "XENBUS_PATH=" + xenbus, "XENSTORE_IP=" + ip,
+		"XENHOTPLUG_DIR=" + x.dir, control.SocketEnv + "=" + h.Socket}
+	t0 := time.Now()
+	out, err := cmd.CombinedOutput()
+	hotplugLog, _ := os.ReadFile(x.path("log/xen/xen-hotplug.log"))
+	if err != nil {
+		syslog, _ := os.ReadFile(x.path("syslog"))
+		t.Fatalf("vif-route %s %s on %s: %v\n%s\nhotplug log:\n%s\nsyslog:\n%s", command, vif, h.Name, err, out, hotplugLog, syslog)
+	}
+	t.Logf("vif-route %s %s on %s took %v", command, vif, h.Name, time.Since(t0).Round(time.Millisecond))
+	if command == "online" {
+		writes, _ := os.ReadFile(x.path("xenstore.writes"))
+		if !strings.Contains(string(writes), xenbus+"/hotplug-status connected") {
+			t.Fatalf("vif-route online did not report success to libxl; xenstore writes:\n%s\nhotplug log:\n%s", writes, hotplugLog)
+		}
+	}
+}
+
+// logHas is a condition for eventually or poll: h's agent log holds s.
+func logHas(h *lab.Host, s string) func() error {
+	return func() error {
+		b, err := os.ReadFile(h.Agent.LogPath)
+		if err != nil {
+			return err
+		}
+		if !bytes.Contains(b, []byte(s)) {
+			return fmt.Errorf("%s's log has no %q", h.Name, s)
+		}
+		return nil
+	}
+}
+
+// poll is eventually at a 10 ms pace, for waits while a VM is down.
+func poll(t *testing.T, what string, cond func() error) {
+	t.Helper()
+	end := time.Now().Add(10 * time.Second)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(end) {
+			t.Fatalf("%s: not within 10s: %v", what, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestXenMigration is a live migration in the lab as `xl migrate` makes
+// it, told to vmroam only through the integration points a Xen host has:
+// each host's xenstore (an in-test xenstored per host, followed by its
+// agent), Xen's real vif-route with vmroam's hook, and the VM's own
+// gratuitous ARP. In xl's order: the destination creates "web1--incoming";
+// libxl asks the source domain to suspend (control/shutdown); the
+// destination adds the vif (its xenstore "ip": the agent prepares the
+// handover) and brings it online (the hook attaches: the claim); the source
+// is renamed "--migratedaway"; the destination domain runs and announces
+// itself; the source's vif goes offline. 0 lost, 0 reordered at 12,500
+// datagrams/s.
+func TestXenMigration(t *testing.T) {
+	requireXenScripts(t)
+	const srcDom, dstDom = "/local/domain/7", "/local/domain/9"
+	xs1, xs2 := xenstoretest.NewServer(t), xenstoretest.NewServer(t)
+	xs1.Write(srcDom+"/name", "web1")
+	xs1.Write(srcDom+"/device/vif/0/backend", "/local/domain/0/backend/vif/7/0")
+	xs1.Write("/local/domain/0/backend/vif/7/0/ip", vipM.String())
+	l := newLabWith(t, 3, fastBinary)
+	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
+	for _, h := range l.Hosts {
+		var extra []string
+		switch h {
+		case h1:
+			extra = []string{"--xenstore", xs1.Path()}
+		case h2:
+			// A Xen vif may have carrier before the domain runs: only the
+			// VM's announcement says it does.
+			extra = []string{"--xenstore", xs2.Path(), "--activation", "announce"}
+		}
+		if _, err := l.StartAgent(h, extra...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hotplug := newXenHotplug(t, fastBinary)
+	m, err := l.AddVMWithVif("m", "vif7.0", h1, vipM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := l.AddVM("c", h3, vipC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	attachPair(t, l, m, c)
+
+	queueDrops := wgQueueDrops(l)
+	flow, err := l.StartUDPFlow(c, m, 8*time.Second, "20M", 200)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The sender's WireGuard device, step by step: what it drops on
+	// transmit, wireguard-go did not read in time (starved of CPU while
+	// other tests load the machine), before vmroam could see it.
+	var steps []string
+	senderDrops := func(when string) uint64 {
+		out, _ := l.Exec(h3.NS, "cat", "/sys/class/net/"+h3.Iface+"/statistics/tx_dropped")
+		n, _ := strconv.ParseUint(strings.TrimSpace(string(out)), 10, 64)
+		steps = append(steps, fmt.Sprintf("%s %d", when, n))
+		return n
+	}
+	drops := func(when string) { senderDrops(when) }
+	time.Sleep(2 * time.Second)
+	drops("before")
+	// xl migrate: the destination makes the domain, the memory is copied
+	// while the VM runs on.
+	xs2.Write(dstDom+"/name", "web1--incoming")
+	time.Sleep(500 * time.Millisecond)
+	// The lab's stand-in for the destination's vif (a veth, down: no
+	// carrier) is made now, out of the way; vmroam sees it only through
+	// xenstore and the hotplug script, below.
+	vif, err := l.PrepareIncoming(m, h2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Exec(h2.NS, "ip", "link", "set", vif, "name", "vif9.0"); err != nil {
+		t.Fatal(err)
+	}
+	vif = "vif9.0"
+	// From here the VM is down until it announces itself: every wait
+	// polls fast, so that the test's own slowness does not stretch the
+	// downtime (the cache holds all of it, and delivers it later).
+	// libxl suspends the source domain.
+	xs1.Write(srcDom+"/control/shutdown", "suspend")
+	poll(t, "h1 routing the VIP into its cache after the xenstore suspend", func() error {
+		out, err := l.Exec(h1.NS, "ip", "route", "get", vipM.String())
+		if err != nil || !strings.Contains(string(out), "dev vmrc0") {
+			return fmt.Errorf("route: %v %s", err, out)
+		}
+		return nil
+	})
+	// The stream is across: libxl adds the destination's vif, frontend
+	// and backend in one transaction, then runs its hotplug script.
+	xs2.Write(dstDom+"/device/vif/0/backend", "/local/domain/0/backend/vif/9/0")
+	xs2.Write("/local/domain/0/backend/vif/9/0/ip", vipM.String())
+	poll(t, "h2 prepared the handover from the incoming domain's vif in xenstore", logHas(h2, "prepared for an arriving VM"))
+	hotplug.vifRoute(t, l, h2, "online", vif, "backend/vif/9/0", vipM.String())
+	xs1.Write(srcDom+"/name", "web1--migratedaway")
+	xs2.Write(dstDom+"/name", "web1")
+	if err := l.CompleteIncoming(m, h2, vif); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.AnnounceVM(m); err != nil {
+		t.Fatal(err)
+	}
+	drops("announced")
+	// xl destroys the source domain: its vif goes offline.
+	hotplug.vifRoute(t, l, h1, "offline", "vif7.0", "backend/vif/7/0", vipM.String())
+	drops("offline")
+
+	res, err := flow.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wgDrops := senderDrops("end")
+	t.Logf("h3's WireGuard device, tx_dropped after each step: %s", strings.Join(steps, ", "))
+	mig := waitMigrated(t, l, h2, vipM)
+	t.Logf("iperf3: %d datagrams, %d lost, %d out of order; flushed %d, forwarded %d, held %d, delivered %d, late %d, dropped %v; activation %q, handover %v",
+		res.Packets, res.Lost, res.OutOfOrder, mig.Flushed, mig.Forwarded, mig.Held, mig.Delivered, mig.Late, mig.Dropped, mig.Activation, handover(mig))
+	if out, err := l.Exec(m.NS, "nstat", "-az", "UdpRcvbufErrors", "UdpInErrors", "IpInDiscards", "UdpNoPorts"); err == nil {
+		t.Logf("VM m's counters:\n%s", out)
+	}
+	if res.Lost != 0 || res.OutOfOrder != 0 {
+		logWireGuardDrops(t, l)
+	}
+	if res.Packets < 50000 {
+		t.Errorf("only %d datagrams: the stream did not run", res.Packets)
+	}
+	var tunQueue uint64
+	for k, n := range wgQueueDrops(l) {
+		tunQueue += n - queueDrops[k]
+	}
+	t.Logf("the sender's WireGuard device dropped %d on transmit; all hosts' %d", wgDrops, tunQueue)
+	checkFlow(t, res, 0, tunQueue)
+	if mig.Flushed == 0 {
+		t.Errorf("nothing flushed: the cache was not used")
+	}
+	// The cache itself must lose and reorder nothing: all it took went out.
+	if mig.Late != 0 || sum(mig.Dropped) != 0 || mig.Delivered < mig.Flushed+mig.Forwarded+mig.Held {
+		t.Errorf("the cache reordered (%d late), dropped (%v) or kept back packets (delivered %d of %d)", mig.Late, mig.Dropped, mig.Delivered, mig.Flushed+mig.Forwarded+mig.Held)
+	}
+	if mig.Activation != "garp" {
+		t.Errorf("activation %q: want garp, the VM's announcement", mig.Activation)
+	}
+	eventually(t, 10*time.Second, "h2's handover used the prepared connection", logHas(h2, "handover: requested on the prepared connection"))
+	for _, h := range []*lab.Host{h1, h2} {
+		if o := vipOwner(status(t, l, h), vipM); o != "h2" {
+			t.Errorf("%s names %q the owner, want h2", h.Name, o)
+		}
+	}
+	for _, v := range status(t, l, h2).VIPs {
+		if v.VIP == vipM.String() && (!v.Local || v.Dev != vif) {
+			t.Errorf("h2: %+v, want local on %s (attached by the hook)", v, vif)
+		}
+	}
+}
+
+// logWireGuardDrops logs each host's WireGuard device counters: drops on
+// transmit there come from wireguard-go starved of CPU (other tests load
+// the machine), not from vmroam.
+func logWireGuardDrops(t *testing.T, l *lab.Lab) {
+	t.Helper()
+	for _, h := range l.Hosts {
+		out, err := l.Exec(h.NS, "ip", "-s", "link", "show", "dev", h.Iface)
+		t.Logf("%s: ip -s link show %s (%v):\n%s", h.Name, h.Iface, err, out)
+	}
+}
+
+// TestLibvirtReleaseAfterFailedIncoming: libvirt's hook on a destination
+// prepares a VM's VIPs ("prepare begin": the agent connects to the VIP's
+// host), then the incoming migration fails before the VM started there and
+// libvirt runs "release end", whose hook detaches the VIPs. The VM still
+// runs on its source: the destination must close its prepared connection
+// and leave the VIP alone, at the same owner and epoch, still delivered.
+func TestLibvirtReleaseAfterFailedIncoming(t *testing.T) {
+	l, _, c := migrationLab(t, 3)
+	h1, h2 := l.Hosts[0], l.Hosts[1]
+	before := status(t, l, h1)
+	var epoch uint64
+	for _, v := range before.VIPs {
+		if v.VIP == vipM.String() {
+			epoch = v.Epoch
+		}
+	}
+	domain := fmt.Sprintf(`<domain type='kvm'>
+  <name>web1</name>
+  <metadata>
+    <vmroam:vips xmlns:vmroam="https://vmroam.dev/xmlns/1">
+      <vmroam:vip address="%s"/>
+    </vmroam:vips>
+  </metadata>
+  <devices>
+    <interface type='ethernet'><mac address='52:54:00:6b:3c:58'/><model type='virtio'/></interface>
+  </devices>
+</domain>
+`, vipM)
+	hook := func(op, subop string) string {
+		t.Helper()
+		cmd := exec.Command(binary, "hook", "libvirt", "web1", op, subop, "-")
+		cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", control.SocketEnv + "=" + h2.Socket}
+		cmd.Stdin = strings.NewReader(domain)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("hook libvirt web1 %s %s: %v\n%s", op, subop, err, out)
+		}
+		t.Logf("hook libvirt web1 %s %s: %s", op, subop, bytes.TrimSpace(out))
+		return string(out)
+	}
+	handoverConns := func() string {
+		out, err := l.Exec(h2.NS, "ss", "-tnH", "state", "established", "dport", "=", ":7947")
+		if err != nil {
+			t.Fatalf("ss on h2: %v\n%s", err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	if out := hook("prepare", "begin"); !strings.Contains(out, "ready (owner h1)") {
+		t.Fatalf("prepare did not connect to h1: %s", out)
+	}
+	if conns := handoverConns(); !strings.Contains(conns, h1.Overlay.Addr().String()+":7947") {
+		t.Fatalf("no prepared handover connection from h2 to h1: %q", conns)
+	}
+	// The incoming migration fails before "started": libvirt releases.
+	hook("release", "end")
+	eventually(t, 10*time.Second, "h2 closes its prepared connection", func() error {
+		if conns := handoverConns(); conns != "" {
+			return fmt.Errorf("still open: %s", conns)
+		}
+		return nil
+	})
+	for _, h := range l.Hosts {
+		for _, v := range status(t, l, h).VIPs {
+			if v.VIP == vipM.String() && (v.Owner != "h1" || v.Epoch != epoch) {
+				t.Errorf("%s: %+v after the destination's release; want owner h1 at epoch %d, untouched", h.Name, v, epoch)
+			}
+		}
+	}
+	for _, v := range status(t, l, h1).VIPs {
+		if v.VIP == vipM.String() && (!v.Local || v.State != "local") {
+			t.Errorf("h1: %+v, want the VM still local there", v)
+		}
+	}
+	if err := l.Ping(c, vipM, 3, 5*time.Second); err != nil {
+		t.Errorf("the VM on h1 stopped answering after h2's release: %v", err)
+	}
+}
