@@ -158,6 +158,28 @@ func wgQueueDrops(l *lab.Lab) map[string]uint64 {
 	return out
 }
 
+// queueDropsSince is what every host's WireGuard TUN queue dropped since
+// before (wgQueueDrops).
+func queueDropsSince(l *lab.Lab, before map[string]uint64) uint64 {
+	var n uint64
+	for k, v := range wgQueueDrops(l) {
+		n += v - before[k]
+	}
+	return n
+}
+
+// lostBeyondQueues is what a flow lost beyond what the WireGuard TUN
+// queues dropped meanwhile (wireguard-go short of CPU on this machine: see
+// wanAccount); it says so when they dropped any.
+func lostBeyondQueues(t testing.TB, lost int, tunQueue uint64) int {
+	t.Helper()
+	if tunQueue == 0 {
+		return lost
+	}
+	t.Logf("NOTE: WireGuard's TUN queues dropped %d packets meanwhile: wireguard-go was short of CPU on this machine (not a migration loss)", tunQueue)
+	return max(0, lost-int(tunQueue))
+}
+
 // checkFlow fails the test unless the flow lost nothing beyond what
 // the underlay and the TUN queues account for, and reordered nothing.
 func checkFlow(t *testing.T, res lab.FlowResult, underlay, tunQueue uint64) {
