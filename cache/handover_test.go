@@ -182,19 +182,24 @@ func waitCount(t *testing.T, r *recorder, n int) {
 	}
 }
 
-func TestOrdererStreamFirstThenSettledFlows(t *testing.T) {
-	stream, direct := NewQueue(DefaultLimits(), nil), NewQueue(DefaultLimits(), nil)
-	rec := &recorder{}
-	o := &Orderer{Stream: stream, Direct: direct, Settle: 100 * time.Millisecond, Write: rec.write}
+// runOrderer runs o until the test ends.
+func runOrderer(t *testing.T, o *Orderer) {
 	stop := make(chan struct{})
 	done := make(chan error, 1)
 	go func() { done <- o.Run(stop) }()
-	defer func() {
+	t.Cleanup(func() {
 		close(stop)
 		if err := <-done; err != nil {
 			t.Error(err)
 		}
-	}()
+	})
+}
+
+func TestOrdererStreamFirstThenSettledFlows(t *testing.T) {
+	stream, direct := NewQueue(DefaultLimits(), nil), NewQueue(DefaultLimits(), nil)
+	rec := &recorder{}
+	o := &Orderer{Stream: stream, Direct: direct, Settle: 100 * time.Millisecond, Write: rec.write}
+	runOrderer(t, o)
 
 	// Flow 1's old path (stream) and new path (direct) overlap; flow 2
 	// only arrives directly.
@@ -247,15 +252,7 @@ func TestOrdererWaitsForTicks(t *testing.T) {
 	rec := &recorder{}
 	o := &Orderer{Stream: stream, Direct: direct, Settle: settle, Write: rec.write}
 	o.ExpectTicks(true)
-	stop := make(chan struct{})
-	done := make(chan error, 1)
-	go func() { done <- o.Run(stop) }()
-	defer func() {
-		close(stop)
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	}()
+	runOrderer(t, o)
 	o.SetCarrier(true)
 	o.Tick(0) // the header: the source's clock starts now
 	origin := time.Now()

@@ -70,6 +70,13 @@ func newLabWith(t testing.TB, n int, bin string) *lab.Lab {
 	if err != nil {
 		t.Fatal(err)
 	}
+	closeAtEnd(t, l)
+	return l
+}
+
+// closeAtEnd removes the lab when the test ends, first showing the end of
+// every agent's log if the test failed.
+func closeAtEnd(t testing.TB, l *lab.Lab) {
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, h := range l.Hosts {
@@ -83,7 +90,6 @@ func newLabWith(t testing.TB, n int, bin string) *lab.Lab {
 			t.Errorf("lab close: %v", err)
 		}
 	})
-	return l
 }
 
 func tail(s string, n int) string {

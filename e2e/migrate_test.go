@@ -27,15 +27,29 @@ func migrationLab(t testing.TB, n int, agentArgs ...string) (l *lab.Lab, m, c *l
 			t.Fatal(err)
 		}
 	}
+	m, c = addPair(t, l, first, "", last)
+	return l, m, c
+}
+
+// addPair adds the VM m that moves on mHost (behind a vif called mVif, ""
+// for the lab's own name) and its client c on cHost, attaches both and
+// waits until c reaches m (attachPair).
+func addPair(t testing.TB, l *lab.Lab, mHost *lab.Host, mVif string, cHost *lab.Host) (m, c *lab.VM) {
+	t.Helper()
 	var err error
-	if m, err = l.AddVM("m", first, vipM); err != nil {
+	if mVif != "" {
+		m, err = l.AddVMWithVif("m", mVif, mHost, vipM)
+	} else {
+		m, err = l.AddVM("m", mHost, vipM)
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
-	if c, err = l.AddVM("c", last, vipC); err != nil {
+	if c, err = l.AddVM("c", cHost, vipC); err != nil {
 		t.Fatal(err)
 	}
 	attachPair(t, l, m, c)
-	return l, m, c
+	return m, c
 }
 
 // attachPair attaches the moving VM m and the client c where they run and

@@ -91,15 +91,7 @@ func TestAgentWithUnitCapabilities(t *testing.T) {
 			}
 		}
 	}
-	m, err := l.AddVM("m", h1, vipM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := l.AddVM("c", h3, vipC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	attachPair(t, l, m, c)
+	m, c := addPair(t, l, h1, "", h3)
 	if out, err := l.Exec(h1.NS, "nft", "list", "table", "inet", "vmroam"); err != nil || !strings.Contains(string(out), "100.100.20.0/24") {
 		t.Errorf("h1: vmroam's nftables table: %s %v", out, err)
 	}

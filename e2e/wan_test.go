@@ -58,19 +58,7 @@ func newWANLabRTT(t testing.TB, n int, rtt time.Duration, agentArgs ...string) *
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, h := range l.Hosts {
-				if h.Agent != nil {
-					b, _ := os.ReadFile(h.Agent.LogPath)
-					t.Logf("---- log of %s ----\n%s", h.Name, tail(string(b), 60))
-				}
-			}
-		}
-		if err := l.Close(); err != nil {
-			t.Errorf("lab close: %v", err)
-		}
-	})
+	closeAtEnd(t, l)
 	for _, h := range l.Hosts {
 		if _, err := l.StartAgent(h, agentArgs...); err != nil {
 			t.Fatal(err)
@@ -89,14 +77,7 @@ func wanMoveLab(t testing.TB, agentArgs ...string) (l *lab.Lab, m, c *lab.VM) {
 func wanMoveLabRTT(t testing.TB, rtt time.Duration, agentArgs ...string) (l *lab.Lab, m, c *lab.VM) {
 	t.Helper()
 	l = newWANLabRTT(t, 3, rtt, agentArgs...)
-	var err error
-	if m, err = l.AddVM("m", l.Hosts[0], vipM); err != nil {
-		t.Fatal(err)
-	}
-	if c, err = l.AddVM("c", l.Hosts[2], vipC); err != nil {
-		t.Fatal(err)
-	}
-	attachPair(t, l, m, c)
+	m, c = addPair(t, l, l.Hosts[0], "", l.Hosts[2])
 	return l, m, c
 }
 

@@ -204,15 +204,7 @@ func TestXenMigration(t *testing.T) {
 		}
 	}
 	hotplug := newXenHotplug(t, fastBinary)
-	m, err := l.AddVMWithVif("m", "vif7.0", h1, vipM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := l.AddVM("c", h3, vipC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	attachPair(t, l, m, c)
+	m, c := addPair(t, l, h1, "vif7.0", h3)
 
 	queueDrops := wgQueueDrops(l)
 	flow, err := l.StartUDPFlow(c, m, 8*time.Second, "20M", 200)
