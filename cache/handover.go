@@ -115,6 +115,10 @@ func Receive(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End), prog
 	rd := NewReader(r)
 	f, err := rd.Next()
 	if err != nil {
+		if errors.Is(err, io.EOF) {
+			// The source owes a header or a refusal: it was cut.
+			err = io.ErrUnexpectedEOF
+		}
 		return st, fmt.Errorf("handover: read header: %w", err)
 	}
 	switch f.Type {
