@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"os"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -24,19 +26,29 @@ import (
 // loopback. `make sim` runs BenchmarkPropagation with 200 agents;
 // TestPropagation runs the same code small, with the unit tests.
 
-var simAgents = flag.Int("sim.agents", 200, "agents in BenchmarkPropagation")
+var (
+	simAgents   = flag.Int("sim.agents", 200, "agents in BenchmarkPropagation")
+	simProfiles = flag.String("sim.profiles", "lan,wan,local", "memberlist configurations BenchmarkPropagation runs, comma-separated")
+)
 
 // simulation is a cluster of agents on loopback and what they saw of the
 // record being measured.
 type simulation struct {
-	nodes []*Cluster
-	seen  []*simEvents
+	nodes      []*Cluster
+	seen       []*simEvents
+	countSince time.Time // when countTraffic started
 
 	// What one record's measurement collects, reset by measure.
 	target  atomic.Pointer[simTarget]
 	udpPkts atomic.Int64
 	udpB    atomic.Int64
 	tcpB    atomic.Int64
+
+	// Since countTraffic: memberlist's failure detector at work. On a
+	// machine too loaded for the profile's probe timeout, agents suspect
+	// each other and the refutations crowd the gossip.
+	suspicions atomic.Int64
+	deaths     atomic.Int64
 }
 
 // simTarget is the record being measured: when each agent first held it.
@@ -84,6 +96,10 @@ func (s *countingSink) IncrCounterWithLabels(key []string, val float32, _ []metr
 		s.sim.udpB.Add(int64(val))
 	case slices.Equal(key, []string{"memberlist", "tcp", "sent"}):
 		s.sim.tcpB.Add(int64(val))
+	case slices.Equal(key, []string{"memberlist", "msg", "suspect"}):
+		s.sim.suspicions.Add(1)
+	case slices.Equal(key, []string{"memberlist", "msg", "dead"}):
+		s.sim.deaths.Add(1)
 	}
 }
 
@@ -105,7 +121,7 @@ func raiseNoFile(tb testing.TB, n int) {
 }
 
 // newSimulation starts n agents with the given profile, joins each to
-// the first, and waits until every one sees all n alive. The caller shuts
+// an earlier one, and waits until every one sees all n alive. The caller shuts
 // them down with close.
 func newSimulation(tb testing.TB, profile string, n int) *simulation {
 	tb.Helper()
@@ -132,9 +148,11 @@ func newSimulation(tb testing.TB, profile string, n int) *simulation {
 		s.seen = append(s.seen, e)
 	}
 	start := time.Now()
-	seed := []string{fmt.Sprintf("127.0.0.1:%d", s.nodes[0].LocalPort())}
-	for _, c := range s.nodes[1:] {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	for i, c := range s.nodes[1:] {
+		// Each joins one that joined before it: a single seed answering
+		// every join falls behind on a loaded machine.
+		seed := []string{fmt.Sprintf("127.0.0.1:%d", s.nodes[rand.IntN(i+1)].LocalPort())}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		c.Join(ctx, seed)
 		timedOut := ctx.Err() != nil
 		cancel()
@@ -143,26 +161,26 @@ func newSimulation(tb testing.TB, profile string, n int) *simulation {
 			tb.Fatalf("%s could not join", c.Name())
 		}
 	}
+	// Every agent must see (nearly) every other alive: on a loaded
+	// machine probes time out now and then, and an agent suspected or
+	// declared dead for a moment must not stall the measurement. Records
+	// reach it all the same.
 	deadline := time.Now().Add(5 * time.Minute)
 	for {
-		converged := true
+		fewest := n
 		for _, c := range s.nodes {
-			if c.Stats().Members != n {
-				converged = false
-				break
-			}
+			fewest = min(fewest, c.Stats().Members)
 		}
-		if converged {
-			break
+		if fewest >= n-n/50 {
+			tb.Logf("%s: %d agents joined in %v; each sees at least %d alive", profile, n, time.Since(start).Round(time.Millisecond), fewest)
+			return s
 		}
 		if time.Now().After(deadline) {
 			s.close()
-			tb.Fatalf("%s: %d agents did not all see each other within 5 minutes", profile, n)
+			tb.Fatalf("%s: after 5 minutes, an agent of %d sees only %d alive", profile, n, fewest)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	tb.Logf("%s: %d agents joined and converged in %v", profile, n, time.Since(start).Round(time.Millisecond))
-	return s
 }
 
 func (s *simulation) close() {
@@ -201,6 +219,7 @@ type recordResult struct {
 	tcpBytes int64
 	start    time.Time
 	window   time.Duration // claim to drained
+	missed   int           // agents it had not reached by the timeout
 }
 
 // spread has a random agent claim a new VIP and waits until every agent
@@ -220,14 +239,18 @@ func (s *simulation) spread(tb testing.TB, vip netip.Addr, timeout time.Duration
 	}
 	t := time.NewTimer(timeout)
 	defer t.Stop()
+	res := recordResult{start: tg.start}
 	select {
 	case <-tg.all:
 	case <-t.C:
-		tb.Fatalf("%v reached %d of %d agents within %v", vip, tg.count.Load(), n, timeout)
+		// Counted as reaching them at the timeout: a lower bound.
+		res.missed = n - int(tg.count.Load())
 	}
-	res := recordResult{start: tg.start}
 	for i := range tg.arrived {
 		d := time.Duration(tg.arrived[i].Load())
+		if d == 0 {
+			d = timeout
+		}
 		res.all = max(res.all, d)
 		if i != claimer {
 			res.arrivals = append(res.arrivals, d)
@@ -259,6 +282,7 @@ func (s *simulation) idleRate(d time.Duration) (pkts, bytes float64) {
 // returned func is called.
 func countTraffic(s *simulation) (stop func()) {
 	conf := &metrics.Config{FilterDefault: true}
+	s.countSince = time.Now()
 	metrics.NewGlobal(conf, &countingSink{sim: s})
 	return func() { metrics.NewGlobal(conf, &metrics.BlackholeSink{}) }
 }
@@ -282,12 +306,17 @@ type summary struct {
 	arrP50, arrP99         time.Duration
 	udpPktsPerRecord       float64 // beyond the idle rate
 	udpBytesPerRecord      float64
+	missed                 int // records that had not reached every agent by the timeout
 }
 
 func summarize(rs []recordResult, idlePkts, idleBytes float64) summary {
 	var all, arr []time.Duration
 	var pkts, bytes float64
+	missed := 0
 	for _, r := range rs {
+		if r.missed > 0 {
+			missed++
+		}
 		all = append(all, r.all)
 		arr = append(arr, r.arrivals...)
 		pkts += float64(r.udpPkts) - idlePkts*r.window.Seconds()
@@ -299,12 +328,13 @@ func summarize(rs []recordResult, idlePkts, idleBytes float64) summary {
 		arrP50: percentile(arr, 50), arrP99: percentile(arr, 99),
 		udpPktsPerRecord:  pkts / float64(len(rs)),
 		udpBytesPerRecord: bytes / float64(len(rs)),
+		missed:            missed,
 	}
 }
 
 func (s summary) String() string {
-	return fmt.Sprintf("%d records: every agent had it after p50 %v p99 %v max %v; one agent's arrival p50 %v p99 %v; %.0f UDP packets (%.0f KB) per record",
-		s.records, s.allP50.Round(time.Millisecond), s.allP99.Round(time.Millisecond), s.allMax.Round(time.Millisecond),
+	return fmt.Sprintf("%d records (%d not everywhere by the timeout): every agent had it after p50 %v p99 %v max %v; one agent's arrival p50 %v p99 %v; %.0f UDP packets (%.0f KB) per record",
+		s.records, s.missed, s.allP50.Round(time.Millisecond), s.allP99.Round(time.Millisecond), s.allMax.Round(time.Millisecond),
 		s.arrP50.Round(time.Millisecond), s.arrP99.Round(time.Millisecond), s.udpPktsPerRecord, s.udpBytesPerRecord/1000)
 }
 
@@ -313,15 +343,12 @@ func simVIP(i int) netip.Addr {
 	return netip.AddrFrom4([4]byte{100, 64 + byte(i>>16&0x3f), byte(i >> 8), byte(i)})
 }
 
-// recordTimeout bounds one record's spread: by then push/pull alone would
-// have carried it (every 30 s on the LAN configuration, 60 s on the WAN
-// one, more in large clusters; each agent starts at a random offset).
-func recordTimeout(profile string) time.Duration {
-	if profile == "wan" {
-		return 5 * time.Minute
-	}
-	return 3 * time.Minute
-}
+// recordTimeout is how long a record may take to reach every agent
+// before it counts as missed: far beyond what gossip takes, and below
+// push/pull's interval (30 s on the LAN configuration, 60 s on the WAN
+// one, times 4 at 200 agents), which would otherwise hide a broadcast
+// that failed.
+const recordTimeout = 30 * time.Second
 
 // BenchmarkPropagation measures how long a new location record takes to
 // reach every one of -sim.agents agents, with memberlist's LAN, WAN and
@@ -332,12 +359,10 @@ func BenchmarkPropagation(b *testing.B) {
 	if testing.Short() {
 		b.Skip("the propagation simulation is not run with -short")
 	}
-	for _, profile := range []string{"lan", "wan", "local"} {
+	for _, profile := range strings.Split(*simProfiles, ",") {
 		var (
 			sim     *simulation
 			next    int
-			idleP   float64
-			idleB   float64
 			stopCnt func()
 		)
 		b.Run(profile, func(b *testing.B) {
@@ -346,18 +371,24 @@ func BenchmarkPropagation(b *testing.B) {
 			if sim == nil {
 				sim = newSimulation(b, profile, *simAgents)
 				stopCnt = countTraffic(sim)
-				idleP, idleB = sim.idleRate(5 * time.Second)
 			}
 			var rs []recordResult
 			b.ResetTimer()
 			for range b.N {
 				b.StartTimer()
-				r := sim.spread(b, simVIP(next), recordTimeout(profile))
+				r := sim.spread(b, simVIP(next), recordTimeout)
 				b.StopTimer()
 				sim.settle(b, &r)
 				next++
 				rs = append(rs, r)
+				if testing.Verbose() {
+					fmt.Fprintf(os.Stderr, "%s record %d: everywhere after %v, %d agents missed\n", profile, next, r.all.Round(time.Millisecond), r.missed)
+				}
 			}
+			// What the agents send with nothing to spread (probes and
+			// their acks, membership news), measured once the records
+			// are over, when the joins' news is long gone too.
+			idleP, idleB := sim.idleRate(10 * time.Second)
 			sum := summarize(rs, idleP, idleB)
 			b.ReportMetric(float64(sum.allP50)/1e6, "all-p50-ms")
 			b.ReportMetric(float64(sum.allP99)/1e6, "all-p99-ms")
@@ -367,7 +398,11 @@ func BenchmarkPropagation(b *testing.B) {
 			b.ReportMetric(sum.udpPktsPerRecord, "udp-pkts/record")
 			b.ReportMetric(sum.udpBytesPerRecord, "udp-B/record")
 			b.ReportMetric(idleP/float64(len(sim.nodes)), "idle-pkts/s/agent")
-			b.Logf("%s, %d agents: %v (idle: %.1f UDP packets/s per agent)", profile, len(sim.nodes), sum, idleP/float64(len(sim.nodes)))
+			b.ReportMetric(float64(sum.missed), "missed-records")
+			elapsed := time.Since(sim.countSince).Seconds()
+			b.ReportMetric(float64(sim.suspicions.Load())/elapsed, "suspicions/s")
+			b.Logf("%s, %d agents: %v (idle: %.1f UDP packets/s per agent); since the start %d suspicions, %d declared dead",
+				profile, len(sim.nodes), sum, idleP/float64(len(sim.nodes)), sim.suspicions.Load(), sim.deaths.Load())
 		})
 		if sim != nil {
 			stopCnt()
@@ -391,9 +426,9 @@ func TestPropagation(t *testing.T) {
 	defer stop()
 	var rs []recordResult
 	for i := range records {
-		r := sim.spread(t, simVIP(i), recordTimeout("lan"))
+		r := sim.spread(t, simVIP(i), 3*time.Minute)
 		sim.settle(t, &r)
-		if len(r.arrivals) != agents-1 || slices.Contains(r.arrivals, 0) {
+		if r.missed != 0 || len(r.arrivals) != agents-1 || slices.Contains(r.arrivals, 0) {
 			t.Fatalf("record %d: arrivals %v", i, r.arrivals)
 		}
 		if r.udpPkts == 0 || r.udpBytes == 0 {
