@@ -247,6 +247,9 @@ func FuzzClassify(f *testing.F) {
 	}
 	f.Add([]byte{})
 	f.Add([]byte{0x45, 0, 0, 20})
+	for _, b := range barrierPackets(f) {
+		f.Add(b)
+	}
 	f.Add(append([]byte{0x60, 0, 0, 0, 0, 8, 0, 64}, make([]byte, 40)...))
 	c := NewClassifier()
 	f.Fuzz(func(t *testing.T, pkt []byte) {
@@ -266,6 +269,10 @@ func FuzzClassify(f *testing.F) {
 			t.Fatalf("fragment with ports: %v", fl)
 		}
 		_ = fl.String()
+		// The cache device's barrier parser agrees with the classifier.
+		if _, ok := barrierNonce(pkt); ok && (!fl.Src.Is4() || fl.Proto != 17 || fl.Fragment || fl.DstPort != barrierPort) {
+			t.Fatalf("barrier packet of flow %v", fl)
+		}
 	})
 }
 

@@ -141,9 +141,10 @@ var ErrRefused = errors.New("handover refused")
 
 // Receive is the destination side of a handover after the request went
 // out: it reads the header, pushes every packet into q in stream order, and
-// calls onEnd at the end marker and onClose at the close marker (or when
-// the stream ends some other way, with the error). It returns when the
-// stream is over.
+// calls onEnd at the end marker. It returns when the stream is over: nil
+// at the close marker, an error wrapping ErrMalformed for anything
+// SendQueue does not write (a second header or end marker, a close before
+// the end marker).
 func Receive(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End), progress func(FlushStats)) (FlushStats, error) {
 	return ReceiveTicks(r, q, onHeader, onEnd, nil, progress)
 }
@@ -154,6 +155,10 @@ func ReceiveTicks(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End),
 	rd := NewReader(r)
 	f, err := rd.Next()
 	if err != nil {
+		if errors.Is(err, io.EOF) {
+			// The source owes a header or a refusal: it was cut.
+			err = io.ErrUnexpectedEOF
+		}
 		return st, fmt.Errorf("handover: read header: %w", err)
 	}
 	switch f.Type {
@@ -187,6 +192,11 @@ func ReceiveTicks(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End),
 				st.FlushedB += uint64(len(f.Packet))
 			}
 		case FrameEnd:
+			if ended {
+				// The source writes one: a second would count its
+				// drops twice and restart the destination's settle.
+				return st, fmt.Errorf("handover: %w: a second end marker", ErrMalformed)
+			}
 			ended = true
 			st.FlushEnd = time.Now()
 			if onEnd != nil {

@@ -1,8 +1,10 @@
 package cache
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
+	"io"
 	"net"
 	"net/netip"
 	"sync"
@@ -338,4 +340,138 @@ func TestOrdererPaces(t *testing.T) {
 	if took < 80*time.Millisecond {
 		t.Errorf("2000 packets delivered in %v: not paced at 20,000/s", took)
 	}
+}
+
+// TestReceiveRejects: Receive takes only what SendQueue can write: a
+// header, packets, one end marker, packets, a close marker.
+func TestReceiveRejects(t *testing.T) {
+	hdr := Frame{Type: FrameHeader, Header: Header{VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 2}}
+	pkt := Frame{Type: FramePacket, Packet: []byte{0x45, 0, 0, 20}}
+	end := Frame{Type: FrameEnd, End: End{Packets: 1}}
+	closing := Frame{Type: FrameClose}
+	req := Frame{Type: FrameRequest, Request: Request{VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 2, Claimer: "b"}}
+	if _, err := Receive(bytes.NewReader(encode(t, hdr, pkt, end, pkt, closing)), NewQueue(DefaultLimits(), nil), nil, nil, nil); err != nil {
+		t.Fatalf("a well-formed stream: %v", err)
+	}
+	for name, frames := range map[string][]Frame{
+		"packet first":    {pkt, hdr, end, closing},
+		"request first":   {req},
+		"two headers":     {hdr, hdr, end, closing},
+		"two end markers": {hdr, pkt, end, end, closing},
+		"close first":     {hdr, closing},
+		"request inside":  {hdr, req, end, closing},
+	} {
+		ends := 0
+		_, err := Receive(bytes.NewReader(encode(t, frames...)), NewQueue(DefaultLimits(), nil), nil, func(End) { ends++ }, nil)
+		if !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: %v, want ErrMalformed", name, err)
+		}
+		if ends > 1 {
+			t.Errorf("%s: onEnd called %d times", name, ends)
+		}
+	}
+}
+
+// FuzzReceive is the destination's side of a handover fed arbitrary bytes
+// as the source's stream. Whatever comes, the queue holds exactly the
+// stream's packets in order, within its bounds; the callbacks see at most
+// one header and one end marker; and the stream is accepted only if it is
+// what SendQueue writes.
+func FuzzReceive(f *testing.F) {
+	hdr := Frame{Type: FrameHeader, Header: Header{VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 8, MAC: mac6, Queued: 2, QueuedBytes: 24}}
+	pkt := Frame{Type: FramePacket, Packet: []byte{0x45, 0, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8}}
+	end := Frame{Type: FrameEnd, End: End{Packets: 2, Bytes: 24, Dropped: 1}}
+	closing := Frame{Type: FrameClose}
+	f.Add(encode(f, hdr, pkt, pkt, end, pkt, closing))
+	f.Add(encode(f, hdr, end, closing))
+	f.Add(encode(f, hdr, pkt, end, end, closing))
+	f.Add(encode(f, Frame{Type: FrameRefuse, Refuse: Refuse{Reason: "no"}}))
+	f.Add(encode(f, hdr, pkt)[:20])
+	// Small bounds, so that the fuzzer reaches them.
+	lim := Limits{MaxBytes: 4096, MaxPackets: 16, MaxAge: time.Hour}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		// The frames as the Reader sees them, up to the first bad one.
+		var frames []Frame
+		r := NewReader(bytes.NewReader(in))
+		for {
+			fr, err := r.Next()
+			if err != nil {
+				break
+			}
+			fr.Packet = bytes.Clone(fr.Packet)
+			frames = append(frames, fr)
+		}
+
+		q := NewQueue(lim, nil)
+		headers, ends := 0, 0
+		st, err := Receive(bytes.NewReader(in), q, func(Header) { headers++ }, func(End) { ends++ }, nil)
+
+		wellFormed, streamed := handoverShape(frames)
+		if wellFormed != (err == nil) {
+			t.Fatalf("frames %v: Receive returned %v", frameTypes(frames), err)
+		}
+		if err != nil && !errors.Is(err, ErrMalformed) && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, ErrRefused) {
+			t.Fatalf("error of an unexpected kind: %v", err)
+		}
+		if headers > 1 || ends > 1 || (err == nil && (headers != 1 || ends != 1)) {
+			t.Fatalf("%d headers, %d end markers reported (err %v)", headers, ends, err)
+		}
+		if got := int(st.Flushed + st.Forwarded); got != len(streamed) {
+			t.Fatalf("stats count %d packets, the stream had %d", got, len(streamed))
+		}
+
+		// The queue keeps a prefix-closed, in-order subset: what fits.
+		qs := q.Stats()
+		if qs.Len > lim.MaxPackets || qs.QueuedBytes > lim.MaxBytes {
+			t.Fatalf("queue over its bounds: %d packets, %d bytes", qs.Len, qs.QueuedBytes)
+		}
+		if int(qs.Packets)+int(qs.DroppedTotal()) != len(streamed) {
+			t.Fatalf("queue took %d and dropped %d of %d packets", qs.Packets, qs.DroppedTotal(), len(streamed))
+		}
+		next := 0
+		for {
+			p, _, ok := q.Pop(time.Now())
+			if !ok {
+				break
+			}
+			for next < len(streamed) && !bytes.Equal(streamed[next], p) {
+				next++
+			}
+			if next == len(streamed) {
+				t.Fatalf("queue holds %x, not a stream packet in order", p)
+			}
+			next++
+		}
+	})
+}
+
+// handoverShape says whether frames are what SendQueue writes (header,
+// packets, one end marker, packets, close; anything after the close is
+// not read) and returns the packets Receive takes before it stops.
+func handoverShape(frames []Frame) (wellFormed bool, packets [][]byte) {
+	if len(frames) == 0 || frames[0].Type != FrameHeader {
+		return false, nil
+	}
+	ended := false
+	for _, fr := range frames[1:] {
+		switch {
+		case fr.Type == FramePacket:
+			packets = append(packets, fr.Packet)
+		case fr.Type == FrameEnd && !ended:
+			ended = true
+		case fr.Type == FrameClose && ended:
+			return true, packets
+		default:
+			return false, packets
+		}
+	}
+	return false, packets
+}
+
+func frameTypes(frames []Frame) []FrameType {
+	ts := make([]FrameType, len(frames))
+	for i, f := range frames {
+		ts[i] = f.Type
+	}
+	return ts
 }

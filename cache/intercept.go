@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -41,8 +42,7 @@ type Interceptor struct {
 	done      chan struct{}
 	closeOnce sync.Once
 
-	barrierMu sync.Mutex // one Barrier at a time
-	barrierN  atomic.Uint64
+	barrierMu sync.Mutex  // one Barrier at a time
 	barrierCh chan uint64 // nonces of barrier packets read
 }
 
@@ -180,13 +180,18 @@ func (in *Interceptor) read() {
 func (in *Interceptor) Barrier(timeout time.Duration) error {
 	in.barrierMu.Lock()
 	defer in.barrierMu.Unlock()
-	nonce := in.barrierN.Add(1)
+	// Random, not counted: anyone who can route a packet to BarrierAddr
+	// (a local VM, through the host) could otherwise send the next
+	// barrier's packet ahead of it and end a hand-back early.
+	var nb [8]byte
+	rand.Read(nb[:]) // never fails (it crashes the program instead)
+	nonce := binary.BigEndian.Uint64(nb[:])
 	conn, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: BarrierAddr.AsSlice(), Port: barrierPort})
 	if err != nil {
 		return fmt.Errorf("cache barrier: %w", err)
 	}
 	defer conn.Close()
-	if _, err := conn.Write(binary.BigEndian.AppendUint64(nil, nonce)); err != nil {
+	if _, err := conn.Write(nb[:]); err != nil {
 		return fmt.Errorf("cache barrier: send: %w", err)
 	}
 	t := time.NewTimer(timeout)
@@ -204,10 +209,13 @@ func (in *Interceptor) Barrier(timeout time.Duration) error {
 	}
 }
 
-// barrierNonce reads the nonce of a barrier packet: IPv4, UDP to
-// barrierPort, 8 bytes of payload.
+// barrierNonce reads the nonce of a barrier packet: IPv4, not a
+// fragment, UDP to barrierPort, 8 bytes of payload.
 func barrierNonce(pkt []byte) (uint64, bool) {
 	if len(pkt) < 20 || pkt[0]>>4 != 4 || pkt[9] != 17 {
+		return 0, false
+	}
+	if pkt[6]&0x3f != 0 || pkt[7] != 0 { // more fragments, or an offset
 		return 0, false
 	}
 	ihl := int(pkt[0]&0x0f) * 4

@@ -1,12 +1,15 @@
 package cache
 
 import (
+	"bytes"
 	"net"
 	"net/netip"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
 	"github.com/vishvananda/netlink"
 
 	"github.com/vmroam/vmroam/internal/netnstest"
@@ -69,4 +72,39 @@ func TestBarrier(t *testing.T) {
 			t.Errorf("barrier packets counted as unclaimed: %d", in.Unclaimed())
 		}
 	})
+}
+
+// barrierPackets are a barrier packet as the kernel sends it and the same
+// with a flag or field changed.
+func barrierPackets(t testing.TB) map[string][]byte {
+	i := ip4(layers.IPProtocolUDP)
+	i.DstIP = BarrierAddr.AsSlice()
+	u := &layers.UDP{SrcPort: 40000, DstPort: barrierPort}
+	if err := u.SetNetworkLayerForChecksum(i); err != nil {
+		t.Fatal(err)
+	}
+	ok := serialize(t, i, u, gopacket.Payload([]byte{1, 2, 3, 4, 5, 6, 7, 8}))
+	mod := func(f func(b []byte)) []byte {
+		b := bytes.Clone(ok)
+		f(b)
+		return b
+	}
+	return map[string][]byte{
+		"barrier":         ok,
+		"more fragments":  mod(func(b []byte) { b[6] |= 0x20 }),
+		"fragment offset": mod(func(b []byte) { b[7] = 1 }),
+		"other port":      mod(func(b []byte) { b[23] = 10 }),
+		"tcp":             mod(func(b []byte) { b[9] = 6 }),
+		"short nonce":     ok[:len(ok)-1],
+		"ihl 4":           mod(func(b []byte) { b[0] = 0x44 }),
+	}
+}
+
+func TestBarrierNonce(t *testing.T) {
+	for name, pkt := range barrierPackets(t) {
+		n, ok := barrierNonce(pkt)
+		if want := name == "barrier"; ok != want || ok && n != 0x0102030405060708 {
+			t.Errorf("%s: barrierNonce = %#x, %v", name, n, ok)
+		}
+	}
 }

@@ -404,3 +404,75 @@ func BenchmarkStreamTCP(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "pkts/s")
 }
+
+// countingReader counts what a Reader takes from the connection.
+type countingReader struct {
+	r io.Reader
+	n int
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += n
+	return n, err
+}
+
+// endless is a peer that never stops sending 0x80: a byte that continues
+// a length, fills a payload, and is no frame type.
+type endless struct{}
+
+func (endless) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = 0x80
+	}
+	return len(p), nil
+}
+
+// FuzzRequest is the source's side of a handover: it reads one frame from
+// a peer and hands over only for a request. Whatever the peer sends, and
+// however much, reading that frame ends and takes at most one buffer from
+// the connection (a buffer and a frame header); a request it accepts has a VIP the agent can look up and
+// a claimer a member name can be, and is the very bytes the destination's
+// Writer sends for it.
+func FuzzRequest(f *testing.F) {
+	for _, fr := range sampleFrames() {
+		if fr.Type == FrameRequest {
+			f.Add(encode(f, fr))
+		}
+	}
+	f.Add(encode(f, sampleFrames()[3]))
+	f.Add([]byte{byte(FrameRequest), 14, 4, 100, 64, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0})
+	f.Add([]byte{byte(FrameRequest), 0xff, 0xff, 0x03})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		conn := &countingReader{r: io.MultiReader(bytes.NewReader(in), endless{})}
+		fr, err := NewReader(conn).Next()
+		// The read buffer, refilled once after the type and length.
+		if conn.n > MaxFramePayload+16+4 {
+			t.Fatalf("one frame read %d bytes from the connection", conn.n)
+		}
+		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("an endless peer gave %v, want ErrMalformed", err)
+			}
+			return
+		}
+		if fr.Type != FrameRequest {
+			return
+		}
+		req := fr.Request
+		if !req.VIP.IsValid() || req.VIP.Zone() != "" || len(req.Claimer) > MaxClaimer {
+			t.Fatalf("accepted request %+v", req)
+		}
+		var out bytes.Buffer
+		w := NewWriter(&out)
+		if err := w.Request(req); err != nil {
+			t.Fatalf("accepted request %+v does not encode: %v", req, err)
+		}
+		if err := w.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.HasPrefix(append(bytes.Clone(in), bytes.Repeat([]byte{0x80}, out.Len())...), out.Bytes()) {
+			t.Fatalf("request %+v encodes to %x, the peer sent %x", req, out.Bytes(), in)
+		}
+	})
+}

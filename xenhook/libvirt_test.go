@@ -12,7 +12,7 @@ import (
 	"testing"
 )
 
-func readXML(t *testing.T, name string) []byte {
+func readXML(t testing.TB, name string) []byte {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join("testdata", "libvirt", name))
 	if err != nil {

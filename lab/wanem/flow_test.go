@@ -1,6 +1,7 @@
 package wanem
 
 import (
+	"bytes"
 	"encoding/binary"
 	"testing"
 )
@@ -73,4 +74,69 @@ func BenchmarkFlowHash(b *testing.B) {
 	for b.Loop() {
 		flowHash(p)
 	}
+}
+
+// FuzzFlowHash feeds the emulator's flow hash arbitrary packets. What
+// changes from packet to packet of one flow, or hop to hop, never moves a
+// packet to another flow: IPv4's TOS, length, ID, TTL and checksum, IPv6's
+// traffic class, flow label, length and hop limit. Every fragment of an
+// IPv4 datagram hashes alike, whatever the bytes where a first fragment
+// has its ports.
+func FuzzFlowHash(f *testing.F) {
+	f.Add(udp4(1, 2, 1000, 2000, 1))
+	f.Add(udp6(1))
+	tcp := udp4(1, 2, 1000, 2000, 1)
+	tcp[0], tcp[9] = 0x46, protoTCP // one word of options
+	f.Add(tcp)
+	frag := udp6(1)
+	frag[40] = 44
+	f.Add(frag)
+	f.Add([]byte{0x45})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h := flowHash(b)
+		if flowHash(bytes.Clone(b)) != h {
+			t.Fatal("flowHash is not a function of the bytes")
+		}
+		// mutate flips bits of the bytes at idx; of byte 0 only the
+		// low nibble, not the version.
+		mutate := func(what string, idx ...int) {
+			c := bytes.Clone(b)
+			for _, i := range idx {
+				if i == 0 {
+					c[i] ^= 0x05
+				} else {
+					c[i] ^= 0xa5
+				}
+			}
+			if flowHash(c) != h {
+				t.Fatalf("changing the %s moves %x to another flow", what, b)
+			}
+		}
+		switch {
+		case len(b) >= 20 && b[0]>>4 == 4:
+			mutate("TOS", 1)
+			mutate("total length", 2, 3)
+			mutate("ID", 4, 5)
+			mutate("TTL", 8)
+			mutate("checksum", 10, 11)
+			ihl := int(b[0]&0x0f) * 4
+			if ihl < 20 || len(b) < ihl+4 {
+				return
+			}
+			frag := func(flags, off byte, ports uint16) uint64 {
+				c := bytes.Clone(b)
+				c[6], c[7] = flags, off
+				binary.BigEndian.PutUint16(c[ihl:], ports)
+				binary.BigEndian.PutUint16(c[ihl+2:], ^ports)
+				return flowHash(c)
+			}
+			if first, later := frag(0x20, 0, 1000), frag(0, 185, 7); first != later {
+				t.Fatalf("fragments of %x in two flows", b)
+			}
+		case len(b) >= 40 && b[0]>>4 == 6:
+			mutate("traffic class and flow label", 0, 1, 2, 3)
+			mutate("payload length", 4, 5)
+			mutate("hop limit", 7)
+		}
+	})
 }

@@ -114,9 +114,19 @@ func FuzzDecode(f *testing.F) {
 					}
 				}
 			case typeError:
-				parseErrno(m.Payload)
+				if name, err := parseErrno(m.Payload); err == nil {
+					again, err := encodeMessage(typeError, m.ReqID, nil, name)
+					if err != nil || !bytes.Equal(again[headerSize:], m.Payload) {
+						t.Fatalf("error %q does not encode back to %q", name, m.Payload)
+					}
+				}
 			case typeDirectory:
-				parseStrings(m.Payload)
+				if names, err := parseStrings(m.Payload); err == nil {
+					again, err := encodeMessage(typeDirectory, m.ReqID, nil, names...)
+					if err != nil || !bytes.Equal(again[headerSize:], m.Payload) {
+						t.Fatalf("directory %q does not encode back to %q", names, m.Payload)
+					}
+				}
 			default:
 				parseAck(m.Payload)
 			}
