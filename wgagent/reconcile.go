@@ -50,6 +50,7 @@ func (a *Agent) reconcile() {
 	a.metrics.ReconcileRun()
 
 	a.checkAllowlistLocked(problem)
+	a.conflictProblems(problem)
 	members := a.cluster.Members()
 	records := a.cluster.Table().Records()
 	a.reconcileOwnership(records)
@@ -125,7 +126,7 @@ func (a *Agent) reconcileOwnership(records []gossip.Record) {
 			// Not merged yet (cannot happen after Claim or Assert); keep it.
 			continue
 		}
-		if _, moving := a.ctls[vip]; moving && r.Owner != "" {
+		if c, moving := a.ctls[vip]; moving && r.Owner != "" && !a.lostTieLocked(c, r, at) {
 			// The VM moved: cache its packets until the new owner asks
 			// for them (or the cache's max age passes).
 			a.suspendLocked(vip, "claimed by "+r.Owner)
