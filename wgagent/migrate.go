@@ -72,6 +72,9 @@ type vipCtl struct {
 	// fencing: the VIP routes to the VM through fenceGateway while the
 	// last packets the cache device took are delivered (see fence).
 	fencing bool
+	// lostInRestart: restored from the data dir at start while its VM's
+	// interface had no carrier, so what it cached before is gone (faults.go).
+	lostInRestart bool
 }
 
 func (a *Agent) newQueue() *cache.Queue { return cache.NewQueue(a.cfg.CacheLimits, a.budget) }
@@ -596,8 +599,12 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 			conn, dialRTT = pc.conn, pc.dialRTT
 			pc = nil
 		} else if conn, dialRTT = a.connectHandover(c, from, stop); conn == nil {
+			a.noteCacheLost(c, from, stop, "no connection", nil)
 			return
 		}
+		// Long enough for a source that makes the request wait; the
+		// header shortens it (see handoverIdle).
+		conn = newIdleConn(conn, handoverWait+handoverIdle)
 		released := make(chan struct{})
 		go func(conn net.Conn) {
 			select {
@@ -632,7 +639,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 			req.Ticks = false
 			continue
 		}
-		a.log.Error("handover request", "vip", c.vip, "from", from, "err", err)
+		a.noteCacheLost(c, from, stop, "handover request", err)
 		return
 	}
 	o.ExpectTicks(req.Ticks)
@@ -641,6 +648,9 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 	o.Settle = max(a.cfg.CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
 	st, err := cache.ReceiveTicks(rd, stream,
 		func(h cache.Header) {
+			if ic, ok := conn.(*idleConn); ok && req.Ticks {
+				ic.setLimit(handoverIdle)
+			}
 			o.Tick(0) // the source's tick clock starts with the header
 			c.mu.Lock()
 			if len(h.MAC) == 6 {
@@ -661,7 +671,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 	c.flush = st
 	c.mu.Unlock()
 	if err != nil {
-		a.log.Warn("handover stream ended early", "vip", c.vip, "from", from, "err", err)
+		a.noteCacheLost(c, from, stop, "handover stream ended early", err)
 	}
 }
 
@@ -804,6 +814,10 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		if c == nil || !(attached || c.state == stateCaching) || (attached && req.Epoch <= at.Epoch) {
 			a.mu.Unlock()
 			return refuse("%s is not held here at an epoch below %d", req.VIP, req.Epoch)
+		}
+		if a.dropLostInRestartLocked(c, req) {
+			a.mu.Unlock()
+			return refuse("the cache of %s was lost when this agent restarted", req.VIP)
 		}
 		act, err := a.onLocked(c, evClaim, "claimed by "+req.Claimer)
 		if err != nil {

@@ -58,6 +58,7 @@ func (a *Agent) reconcile() {
 	a.rememberPeers(members)
 	if a.intercept != nil {
 		a.reconcileMigrationsLocked()
+		a.clearRestartLossLocked()
 		a.learnMACsLocked()
 		a.followXenDomainsLocked()
 	}
