@@ -9,7 +9,7 @@ FUZZTIME ?= 10s
 XEN_SCRIPT_DIR ?= /etc/xen/scripts
 LIBVIRT_HOOK_DIR ?= /etc/libvirt/hooks
 
-.PHONY: all build deps test unit lint vet fmt-check bench bench-migration demo fuzz install-xen install-libvirt clean
+.PHONY: all build deps test test-long unit lint vet fmt-check bench bench-migration demo fuzz install-xen install-libvirt clean
 
 all: build
 
@@ -35,6 +35,10 @@ fmt-check:
 test: deps lint
 	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /e2e)
 	$(GO) test -race -count=1 -timeout 30m ./e2e/
+
+# The opt-in long end-to-end tests (minutes each): 50 migrations in a row.
+test-long: deps
+	VMROAM_LONG=1 $(GO) test -count=1 -timeout 30m -run '^TestFaultManyMigrations$$' -v ./e2e/
 
 # Unit tests only (no namespaces needed).
 unit:
