@@ -75,6 +75,9 @@ type vipCtl struct {
 	// lostInRestart: restored from the data dir at start while its VM's
 	// interface had no carrier, so what it cached before is gone (faults.go).
 	lostInRestart bool
+	// undiverted: the linger is over; the VIP routes to its new owner
+	// while the stream takes the cache's last packets (endLinger).
+	undiverted bool
 }
 
 func (a *Agent) newQueue() *cache.Queue { return cache.NewQueue(a.cfg.CacheLimits, a.budget) }
@@ -863,7 +866,9 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	if req.Ticks {
 		tick = handoverTick
 	}
-	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.cfg.CacheLinger, tick, stop, nil)
+	lingerOver, streamDone := a.endLinger(c, stop)
+	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.cfg.CacheLinger+time.Second, tick, lingerOver, nil)
+	close(streamDone)
 	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", <-reconciled)
 	a.mu.Lock()
 	c.mu.Lock()

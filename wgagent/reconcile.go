@@ -335,7 +335,7 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 	for vip, c := range a.ctls {
 		c.mu.Lock()
 		switch {
-		case c.state == stateLocal:
+		case c.state == stateLocal || c.undiverted:
 		case c.fencing:
 			diverted[vip] = true
 			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: fenceGateway(vip), Metric: metricDivert})
