@@ -17,7 +17,7 @@ SYSCONFDIR ?= /etc
 # overrides (`systemctl edit vmroam`) go to /etc/systemd/system.
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all build deps test unit lint vet fmt-check fuzz-check bench bench-migration demo fuzz sim install install-xen install-libvirt clean
+.PHONY: all build deps test test-long unit lint vet fmt-check fuzz-check bench bench-migration demo fuzz sim install install-xen install-libvirt clean
 
 all: build
 
@@ -47,6 +47,10 @@ fmt-check:
 test: deps lint
 	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /e2e)
 	$(GO) test -race -count=1 -timeout 30m ./e2e/
+
+# The opt-in long end-to-end tests (minutes each): 50 migrations in a row.
+test-long: deps
+	VMROAM_LONG=1 $(GO) test -count=1 -timeout 30m -run '^TestFaultManyMigrations$$' -v ./e2e/
 
 # Unit tests only (no namespaces needed).
 unit:

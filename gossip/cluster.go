@@ -679,7 +679,7 @@ func (c *Cluster) RemoveNetwork(name string) (Network, bool) {
 
 func (c *Cluster) logConflict(vip netip.Addr) {
 	if cf, ok := c.table.conflict(vip); ok {
-		c.log.Warn("VIP claimed twice at one epoch", "vip", vip, "epoch", cf.Epoch, "owners", cf.Owners)
+		c.log.Error("VIP claimed twice at one epoch", "vip", vip, "epoch", cf.Epoch, "owners", cf.Owners)
 	}
 }
 

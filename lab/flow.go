@@ -28,6 +28,10 @@ type FlowResult struct {
 	Seconds    float64
 	// Intervals are bytes received per FlowInterval, for TCP stalls.
 	Intervals []float64
+	// LostIntervals are the UDP datagrams the receiver found missing in
+	// each FlowInterval (iperf3's count by sequence gaps), to tell when a
+	// loss happened.
+	LostIntervals []int
 }
 
 // FlowInterval is the receiver's reporting interval (iperf3 -i): the
@@ -135,6 +139,7 @@ func (f *Flow) Wait() (FlowResult, error) {
 		Intervals []struct {
 			Sum struct {
 				Bytes float64 `json:"bytes"`
+				Lost  int     `json:"lost_packets"`
 			} `json:"sum"`
 		} `json:"intervals"`
 		End struct {
@@ -163,6 +168,7 @@ func (f *Flow) Wait() (FlowResult, error) {
 	}
 	for _, iv := range out.Intervals {
 		res.Intervals = append(res.Intervals, iv.Sum.Bytes)
+		res.LostIntervals = append(res.LostIntervals, iv.Sum.Lost)
 	}
 	res.Bytes, res.Seconds = out.End.SumReceived.Bytes, out.End.SumReceived.Seconds
 	if res.Bytes == 0 {

@@ -260,7 +260,7 @@ func New(cfg Config) (*Agent, error) {
 	for _, at := range st.Attachments {
 		a.attached[at.VIP] = at
 		if at.Dev != "" {
-			a.localCtl(at.VIP, at.Dev)
+			a.restoreCtlLocked(at)
 		}
 		a.cluster.Assert(gossip.Record{VIP: at.VIP, Owner: cfg.Name, Epoch: at.Epoch})
 	}

@@ -72,6 +72,12 @@ type vipCtl struct {
 	// fencing: the VIP routes to the VM through fenceGateway while the
 	// last packets the cache device took are delivered (see fence).
 	fencing bool
+	// lostInRestart: restored from the data dir at start while its VM's
+	// interface had no carrier, so what it cached before is gone (faults.go).
+	lostInRestart bool
+	// undiverted: the linger is over; the VIP routes to its new owner
+	// while the stream takes the cache's last packets (endLinger).
+	undiverted bool
 }
 
 func (a *Agent) newQueue() *cache.Queue { return cache.NewQueue(a.live().CacheLimits, a.budget) }
@@ -596,8 +602,12 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 			conn, dialRTT = pc.conn, pc.dialRTT
 			pc = nil
 		} else if conn, dialRTT = a.connectHandover(c, from, stop); conn == nil {
+			a.noteCacheLost(c, from, stop, "no connection", nil)
 			return
 		}
+		// Long enough for a source that makes the request wait; the
+		// header shortens it (see handoverIdle).
+		conn = newIdleConn(conn, handoverWait+handoverIdle)
 		released := make(chan struct{})
 		go func(conn net.Conn) {
 			select {
@@ -635,7 +645,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 			req.Ticks = false
 			continue
 		}
-		a.log.Error("handover request", "vip", c.vip, "from", from, "err", err)
+		a.noteCacheLost(c, from, stop, "handover request", err)
 		return
 	}
 	o.ExpectTicks(req.Ticks)
@@ -644,6 +654,9 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 	o.Settle = max(a.live().CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
 	st, err := cache.ReceiveTicks(rd, stream,
 		func(h cache.Header) {
+			if ic, ok := conn.(*idleConn); ok && req.Ticks {
+				ic.setLimit(handoverIdle)
+			}
 			o.Tick(0) // the source's tick clock starts with the header
 			c.mu.Lock()
 			if len(h.MAC) == 6 {
@@ -664,7 +677,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 	c.flush = st
 	c.mu.Unlock()
 	if err != nil {
-		a.log.Warn("handover stream ended early", "vip", c.vip, "from", from, "err", err)
+		a.noteCacheLost(c, from, stop, "handover stream ended early", err)
 	}
 }
 
@@ -808,6 +821,10 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 			a.mu.Unlock()
 			return refuse("%s is not held here at an epoch below %d", req.VIP, req.Epoch)
 		}
+		if a.dropLostInRestartLocked(c, req) {
+			a.mu.Unlock()
+			return refuse("the cache of %s was lost when this agent restarted", req.VIP)
+		}
 		act, err := a.onLocked(c, evClaim, "claimed by "+req.Claimer)
 		if err != nil {
 			a.mu.Unlock()
@@ -852,7 +869,9 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	if req.Ticks {
 		tick = handoverTick
 	}
-	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.live().CacheLinger, tick, stop, nil)
+	lingerOver, streamDone := a.endLinger(c, stop)
+	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.live().CacheLinger+time.Second, tick, lingerOver, nil)
+	close(streamDone)
 	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", <-reconciled)
 	a.mu.Lock()
 	c.mu.Lock()

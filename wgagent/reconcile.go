@@ -50,6 +50,7 @@ func (a *Agent) reconcile() {
 	a.metrics.ReconcileRun()
 
 	a.checkAllowlistLocked(problem)
+	a.conflictProblems(problem)
 	members := a.cluster.Members()
 	records := a.cluster.Table().Records()
 	a.reconcileOwnership(records)
@@ -57,6 +58,7 @@ func (a *Agent) reconcile() {
 	a.rememberPeers(members)
 	if a.intercept != nil {
 		a.reconcileMigrationsLocked()
+		a.clearRestartLossLocked()
 		a.learnMACsLocked()
 		a.followXenDomainsLocked()
 	}
@@ -125,7 +127,7 @@ func (a *Agent) reconcileOwnership(records []gossip.Record) {
 			// Not merged yet (cannot happen after Claim or Assert); keep it.
 			continue
 		}
-		if _, moving := a.ctls[vip]; moving && r.Owner != "" {
+		if c, moving := a.ctls[vip]; moving && r.Owner != "" && !a.lostTieLocked(c, r, at) {
 			// The VM moved: cache its packets until the new owner asks
 			// for them (or the cache's max age passes).
 			a.suspendLocked(vip, "claimed by "+r.Owner)
@@ -340,7 +342,7 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 	for vip, c := range a.ctls {
 		c.mu.Lock()
 		switch {
-		case c.state == stateLocal:
+		case c.state == stateLocal || c.undiverted:
 		case c.fencing:
 			diverted[vip] = true
 			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: fenceGateway(vip), Metric: metricDivert})

@@ -151,6 +151,8 @@ func printMigrations(w io.Writer, ms []control.Migration) {
 			state = "aborted"
 		case m.TimedOut:
 			state = "timed out"
+		case m.CacheLost:
+			state = "cache lost"
 		default:
 			state = "done"
 		}

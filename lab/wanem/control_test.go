@@ -30,7 +30,14 @@ func TestControl(t *testing.T) {
 		d.in <- udp4(1, 2, 1, 2, uint64(i))
 		<-d.out
 	}
-	st, err := ControlStats(ctx, sock)
+	// The writer counts a packet just after writing it: poll.
+	var st Stats
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		st, err = ControlStats(ctx, sock)
+		if err != nil || st.Sent == 10 || time.Now().After(deadline) {
+			break
+		}
+	}
 	if err != nil || st.Received != 10 || st.Sent != 10 {
 		t.Fatalf("ControlStats: %v %v", st, err)
 	}

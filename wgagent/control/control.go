@@ -174,10 +174,14 @@ type Migration struct {
 	// packets of the same flow had been delivered (reordered).
 	Late uint64 `json:"late"`
 	// Lost counts packets the other side reported dropped.
-	Lost     uint64            `json:"lost"`
-	Dropped  map[string]uint64 `json:"dropped"` // by reason, on this host
-	Aborted  bool              `json:"aborted,omitempty"`
-	TimedOut bool              `json:"timed_out,omitempty"`
+	Lost uint64 `json:"lost"`
+	// CacheLost (destination) says the old host's cache did not come
+	// whole: its agent died, refused, or was cut off before the end of the
+	// stream. How many packets it held is unknown here; they are lost.
+	CacheLost bool              `json:"cache_lost,omitempty"`
+	Dropped   map[string]uint64 `json:"dropped"` // by reason, on this host
+	Aborted   bool              `json:"aborted,omitempty"`
+	TimedOut  bool              `json:"timed_out,omitempty"`
 
 	// Timeline is this host's packets of the migration per millisecond;
 	// only the answer for one migration (Client.Migration) carries it,

@@ -59,6 +59,31 @@ func (c *callRecorder) Allocate(_ context.Context, network, dev string) (VIP, er
 	return VIP{Dev: dev}, nil
 }
 
+func (c *callRecorder) Prepare(_ context.Context, vip netip.Addr) (VIP, error) {
+	c.record("prepare", vip)
+	return VIP{}, nil
+}
+
+func (c *callRecorder) Keys(context.Context) (Keys, error) {
+	c.record("keys")
+	return Keys{}, nil
+}
+
+func (c *callRecorder) ChangeKeys(_ context.Context, op string, key []byte, force bool) (Keys, error) {
+	c.record("change keys", op, key, force)
+	return Keys{}, nil
+}
+
+func (c *callRecorder) Migrations(context.Context) ([]Migration, error) {
+	c.record("migrations")
+	return nil, nil
+}
+
+func (c *callRecorder) Migration(_ context.Context, id string) (Migration, error) {
+	c.record("migration", id)
+	return Migration{}, nil
+}
+
 // reencodes reports whether v survives encoding as the client sends it
 // and decoding as the server reads it.
 func reencodes[T comparable](t *testing.T, v T) {
