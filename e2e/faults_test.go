@@ -468,9 +468,10 @@ func lastSource(t testing.TB, l *lab.Lab, h *lab.Host, vip netip.Addr) (control.
 // TestFaultPartitionDuringFlush cuts the underlay between the source and
 // the destination as the handover starts (the request and the flush of
 // a second of cached traffic under way) and heals it 2 s later, while
-// 12,500 datagrams a second go to the VM. The flush must resume (TCP
-// carries it across the cut) or fall back (the destination gives the
-// source up and says its cache is lost); memory stays within the
+// 12,500 datagrams a second go to the VM. The flush must resume within
+// 12 s of the heal (TCP carries it across the cut; the cut may also catch
+// the connect, or WireGuard's handshake, retried every 5 s) or fall back
+// (the destination gives the source up and says its cache is lost); memory stays within the
 // configured caps (20,000 packets a queue), and every datagram lost is
 // one the agents counted.
 func TestFaultPartitionDuringFlush(t *testing.T) {
@@ -478,7 +479,10 @@ func TestFaultPartitionDuringFlush(t *testing.T) {
 	l, m, c := migrationLab(t, 3, args...)
 	h1, h2 := l.Hosts[0], l.Hosts[1]
 	drops0 := wgQueueDrops(l)
-	flow, err := l.StartUDPFlow(c, m, 12*time.Second, "20M", 200)
+	// Long enough that a flush resuming seconds after the heal (a lost
+	// WireGuard handshake is retried after 5 s) still ends before the
+	// stream does: iperf3 counts only what arrives before its end.
+	flow, err := l.StartUDPFlow(c, m, 20*time.Second, "20M", 200)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -527,6 +531,9 @@ func TestFaultPartitionDuringFlush(t *testing.T) {
 		t.Logf("the flush fell back: the destination gave the source up")
 	} else {
 		t.Logf("the flush resumed after the heal")
+		if mig.FirstDelivery == nil || mig.FirstDelivery.Sub(healed) > 12*time.Second {
+			t.Errorf("the VM got its first packet at %s after the cut, more than 12 s after the heal", at(mig.FirstDelivery))
+		}
 		if uint64(res.Lost) > counted+tunQueue {
 			t.Errorf("%d datagrams lost; the agents counted %d dropped and WireGuard's TUN queues %d: some loss is not accounted for", res.Lost, counted, tunQueue)
 		}
@@ -537,8 +544,8 @@ func TestFaultPartitionDuringFlush(t *testing.T) {
 	if tunQueue > 0 {
 		t.Logf("NOTE: WireGuard's TUN queues dropped %d packets: wireguard-go was short of CPU (not vmroam)", tunQueue)
 	}
-	if res.Packets < 100000 {
-		t.Errorf("only %d datagrams: the stream did not run", res.Packets)
+	if res.Packets < 200000 {
+		t.Errorf("the receiver accounted for only %d datagrams of 250,000: the stream did not run, or ended while the VM's packets were still held", res.Packets)
 	}
 	for _, h := range []*lab.Host{h1, h2} {
 		peak := peakRSS(t, h)

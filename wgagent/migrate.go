@@ -686,7 +686,8 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 // stop closes; nil if it gave up.
 func (a *Agent) connectHandover(c *vipCtl, from string, stop chan struct{}) (net.Conn, time.Duration) {
 	deadline := time.Now().Add(a.live().CacheLimits.MaxAge)
-	for {
+	var warned time.Time // held packets wait: say why, every few seconds
+	for attempt := 1; ; attempt++ {
 		// Short attempts: a lost SYN is retried by a new dial sooner than
 		// by TCP's own 1 s backoff.
 		conn, rtt, err := a.dialHandover(context.Background(), from, 300*time.Millisecond)
@@ -702,7 +703,13 @@ func (a *Agent) connectHandover(c *vipCtl, from string, stop chan struct{}) (net
 			a.log.Warn("old owner is not alive: delivering what is held without its cache", "vip", c.vip, "from", from)
 			return nil, 0
 		}
-		a.log.Debug("handover: connect", "vip", c.vip, "from", from, "err", err)
+		if waited := time.Since(c.started); waited > time.Second && time.Since(warned) > 3*time.Second {
+			warned = time.Now()
+			a.log.Warn("handover: cannot connect to the old host yet; its VM's packets are held here", "vip", c.vip, "from", from,
+				"waited", waited.Round(time.Millisecond), "attempts", attempt, "err", err)
+		} else {
+			a.log.Debug("handover: connect", "vip", c.vip, "from", from, "err", err)
+		}
 		if time.Now().After(deadline) {
 			a.log.Error("handover: old owner unreachable; its cache is lost", "vip", c.vip, "from", from, "err", err)
 			return nil, 0
