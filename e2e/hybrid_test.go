@@ -87,7 +87,7 @@ func TestHybridPaths(t *testing.T) {
 		mig := waitMigrated(t, l, step.to, b.VIP4())
 		pathTo(b, step.path)
 		t.Logf("to %s (%s): %d datagrams, %d lost, %d out of order; flushed %d, forwarded %d, held %d, late %d", step.to.Name, step.path, res.Packets, res.Lost, res.OutOfOrder, mig.Flushed, mig.Forwarded, mig.Held, mig.Late)
-		if lost := lostBeyondQueues(t, res.Lost, queueDropsSince(l, queues)); res.Packets < 40000 || lost != 0 {
+		if lost := lostBeyondQueues(t, res.Lost, tunDropsSince(l, queues)); res.Packets < 40000 || lost != 0 {
 			t.Errorf("move to %s: %d datagrams, %d lost: want 0 lost", step.to.Name, res.Packets, lost)
 		}
 		if mig.Late != 0 {

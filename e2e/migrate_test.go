@@ -150,7 +150,7 @@ func TestMigrationUDPNoLoss(t *testing.T) {
 				t.Logf("VM m's counters:\n%s", out)
 			}
 			t.Logf("iperf3: %d datagrams, %d lost, %d out of order; migration %+v", res.Packets, res.Lost, res.OutOfOrder, mig)
-			lost := lostBeyondQueues(t, res.Lost, queueDropsSince(l, queues))
+			lost := lostBeyondQueues(t, res.Lost, tunDropsSince(l, queues))
 			if res.Packets < 50000 {
 				t.Errorf("only %d datagrams: the stream did not run", res.Packets)
 			}
@@ -221,7 +221,7 @@ func TestMigrationBackAndForthAndTCP(t *testing.T) {
 		// log each hand-back. Seen: 0 in most runs, 62 over ten moves in
 		// one CI run. Nothing may be lost; reordering is bounded at about
 		// a fence queue per move, and reported.
-		if lost := lostBeyondQueues(t, res.Lost, queueDropsSince(l, queues)); lost != 0 || res.OutOfOrder > 150 {
+		if lost := lostBeyondQueues(t, res.Lost, tunDropsSince(l, queues)); lost != 0 || res.OutOfOrder > 150 {
 			t.Errorf("%d lost and %d out of order over 10 moves: want 0 lost, and no more reordering than the hand-back race explains", lost, res.OutOfOrder)
 		}
 		if res.OutOfOrder > 0 {
@@ -370,7 +370,7 @@ func TestMigrationAttachBeforeSuspend(t *testing.T) {
 	}
 	// Once the cause of an occasional loss here was found (cold WireGuard
 	// tunnels; now warmed), this order must lose nothing either.
-	if lost := lostBeyondQueues(t, res.Lost, queueDropsSince(l, queues)); lost != 0 {
+	if lost := lostBeyondQueues(t, res.Lost, tunDropsSince(l, queues)); lost != 0 {
 		t.Errorf("%d of %d datagrams lost", lost, res.Packets)
 	}
 	if o := vipOwner(status(t, l, h1), vipM); o != "h2" {

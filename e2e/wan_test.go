@@ -139,16 +139,6 @@ func wgQueueDrops(l *lab.Lab) map[string]uint64 {
 	return out
 }
 
-// queueDropsSince is what every host's WireGuard TUN queue dropped since
-// before (wgQueueDrops).
-func queueDropsSince(l *lab.Lab, before map[string]uint64) uint64 {
-	var n uint64
-	for k, v := range wgQueueDrops(l) {
-		n += v - before[k]
-	}
-	return n
-}
-
 // lostBeyondQueues is what a flow lost beyond what the WireGuard TUN
 // queues dropped meanwhile (wireguard-go short of CPU on this machine: see
 // wanAccount); it says so when they dropped any.
