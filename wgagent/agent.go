@@ -103,6 +103,13 @@ type Agent struct {
 	waiting map[net.Conn]bool
 	closing bool
 
+	// VIPs attached when announced, waiting for their VM; see
+	// announced.go. awaitMu guards awaited and awaitClosed.
+	awaitMu     sync.Mutex
+	awaited     map[netip.Addr]*awaitedVIP
+	awaitClosed bool
+	awaitWG     sync.WaitGroup
+
 	// configProblems are mistakes in the config found after start (a
 	// network that clashes); status shows them until a restart or a
 	// reload that declares the networks again.
@@ -409,6 +416,7 @@ func (a *Agent) teardown() {
 		a.ctl.Close()
 		a.ctl = nil
 	}
+	a.closeAwaiting() // a claim needs the cluster
 	if a.cluster != nil {
 		if err := a.cluster.Leave(3 * time.Second); err != nil {
 			a.log.Warn("leaving the cluster", "err", err)

@@ -96,6 +96,9 @@ func (b backend) Detach(_ context.Context, vip netip.Addr) (control.VIP, error) 
 	if a.dropPrepared(vip) {
 		a.log.Info("detached before arriving: the prepared handover connection is closed", "vip", vip)
 	}
+	if a.stopAwaiting(vip) {
+		a.log.Info("detached before the VM announced itself here: not claiming", "vip", vip)
+	}
 	a.mu.Lock()
 	_, ok := a.attached[vip]
 	if ok && a.ctls[vip] != nil {
@@ -183,6 +186,11 @@ func (a *Agent) vipLocked(r gossip.Record) control.VIP {
 		v.State = "released"
 	default:
 		v.State = "remote"
+	}
+	if !v.Local {
+		if dev, ok := a.awaitingOn(r.VIP); ok {
+			v.State, v.Dev = stateAwaiting, dev
+		}
 	}
 	return v
 }

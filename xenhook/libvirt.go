@@ -59,6 +59,9 @@ type Action struct {
 	// Dev is the VM's interface: set for "attach", and for "prepare" when
 	// known.
 	Dev string
+	// WhenAnnounced asks an "attach" to claim only once the VM announces
+	// itself on Dev, if another host runs it (control.WhenAnnounced).
+	WhenAnnounced bool
 }
 
 // vipNamespace is the XML namespace of vmroam's element in a domain's
@@ -302,7 +305,9 @@ func ifaceName(i domainInterface) string {
 //   - "prepare begin" and "start begin" (a start, or a migration's
 //     destination before QEMU runs): "prepare" for each VIP;
 //   - "started begin" (QEMU runs; on a migration's destination, paused,
-//     waiting for the VM's state): "attach" for each VIP on its dev;
+//     waiting for the VM's state): "attach" for each VIP on its dev, when
+//     the VM announces itself (WhenAnnounced): the memory copy is still
+//     to come, and the VM runs at its old host until its end;
 //   - "release end" (the VM is gone from this host, migrated or stopped):
 //     "detach" for each VIP.
 //
@@ -336,7 +341,7 @@ func LibvirtActions(ev LibvirtEvent) ([]Action, error) {
 		switch verb {
 		case "attach":
 			if v.Dev != "" {
-				actions = append(actions, Action{Verb: verb, VIP: v.VIP, Dev: v.Dev})
+				actions = append(actions, Action{Verb: verb, VIP: v.VIP, Dev: v.Dev, WhenAnnounced: true})
 				continue
 			}
 			why := "no interface named in vmroam's metadata"

@@ -92,7 +92,7 @@ func FuzzDomainVIPs(f *testing.F) {
 		var withDev []Action
 		for _, v := range vips {
 			if v.Dev != "" {
-				withDev = append(withDev, Action{Verb: "attach", VIP: v.VIP, Dev: v.Dev})
+				withDev = append(withDev, Action{Verb: "attach", VIP: v.VIP, Dev: v.Dev, WhenAnnounced: true})
 			}
 		}
 		acts, err := LibvirtActions(LibvirtEvent{Op: "started", SubOp: "begin", XML: domainXML})

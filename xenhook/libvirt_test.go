@@ -138,7 +138,9 @@ func TestDomainVIPsErrors(t *testing.T) {
 }
 
 func act(verb, vip, dev string) Action {
-	return Action{Verb: verb, VIP: netip.MustParseAddr(vip), Dev: dev}
+	// libvirt's only attach comes before the memory copy: it always
+	// waits for the VM to announce itself.
+	return Action{Verb: verb, VIP: netip.MustParseAddr(vip), Dev: dev, WhenAnnounced: verb == "attach"}
 }
 
 func TestLibvirtActions(t *testing.T) {

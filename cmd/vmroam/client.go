@@ -211,10 +211,11 @@ func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	defer cancel()
 	switch sub {
 	case "attach":
-		fs := newFlagSet("vip attach", "vip attach VIP --dev IFACE [--socket PATH]", stdout, stderr)
+		fs := newFlagSet("vip attach", "vip attach VIP --dev IFACE [--when now|announced] [--socket PATH]", stdout, stderr)
 		var socket string
 		socketFlag(fs, &socket)
 		dev := fs.String("dev", "", "the VM's `interface` on this host (required)")
+		when := fs.String("when", control.WhenNow, "`now`, or announced: while another host runs the VM, claim its VIP only once the VM announces itself on IFACE (RARP or gratuitous ARP after an incoming migration; libvirt's hook uses it)")
 		vip, err := oneVIP(fs, args)
 		if err != nil {
 			return err
@@ -222,9 +223,21 @@ func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		if *dev == "" {
 			return usagef("vip attach: --dev IFACE is required")
 		}
-		v, err := client(socket).Attach(ctx, vip, *dev)
+		var v control.VIP
+		switch *when {
+		case control.WhenNow:
+			v, err = client(socket).Attach(ctx, vip, *dev)
+		case control.WhenAnnounced:
+			v, err = client(socket).AttachWhenAnnounced(ctx, vip, *dev)
+		default:
+			return usagef("vip attach: --when %q: want now or announced", *when)
+		}
 		if err != nil {
 			return clientErr(err)
+		}
+		if v.State == "awaiting" {
+			fmt.Fprintf(stdout, "%s will be attached on %s when the VM announces itself there; %s runs it until then\n", v.VIP, v.Dev, v.Owner)
+			return nil
 		}
 		fmt.Fprintf(stdout, "%s attached on %s (epoch %d)\n", v.VIP, v.Dev, v.Epoch)
 		return nil

@@ -116,9 +116,17 @@ func runHookLibvirt(ctx context.Context, args []string, stdout, stderr io.Writer
 			}
 			h.infof("prepare %s: ready (owner %s)", v.VIP, orDash(v.Owner))
 		case "attach":
-			v, err := c.Attach(ctx, a.VIP, a.Dev)
+			attach, when := c.Attach, ""
+			if a.WhenAnnounced {
+				attach, when = c.AttachWhenAnnounced, " --when announced"
+			}
+			v, err := attach(ctx, a.VIP, a.Dev)
 			if err != nil {
-				h.errorf("vip attach %s --dev %s: %v; the VM runs, but vmroam does not route %s to it", a.VIP, a.Dev, err, a.VIP)
+				h.errorf("vip attach %s --dev %s%s: %v; the VM runs, but vmroam does not route %s to it", a.VIP, a.Dev, when, err, a.VIP)
+				continue
+			}
+			if v.State == "awaiting" {
+				h.infof("%s attached on %s when the VM announces itself (%s runs it until then)", v.VIP, v.Dev, orDash(v.Owner))
 				continue
 			}
 			h.infof("%s attached on %s (epoch %d)", v.VIP, v.Dev, v.Epoch)

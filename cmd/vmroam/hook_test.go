@@ -53,6 +53,14 @@ func (b *recordingBackend) Attach(_ context.Context, vip netip.Addr, dev string)
 	return control.VIP{VIP: vip.String(), Dev: dev, Epoch: 4, Local: true, State: "local"}, nil
 }
 
+func (b *recordingBackend) AttachWhenAnnounced(_ context.Context, vip netip.Addr, dev string) (control.VIP, error) {
+	b.record("attach-when-announced %s %s", vip, dev)
+	if b.refuse[vip] {
+		return control.VIP{}, errRefused
+	}
+	return control.VIP{VIP: vip.String(), Dev: dev, Owner: "h1", Epoch: 4, State: "awaiting"}, nil
+}
+
 func (b *recordingBackend) Detach(_ context.Context, vip netip.Addr) (control.VIP, error) {
 	b.record("detach %s", vip)
 	if b.refuse[vip] {
@@ -182,8 +190,8 @@ func TestHookLibvirt(t *testing.T) {
 		{"destination: start", live, []string{"web1", "start", "begin", "-"},
 			[]string{"prepare 100.64.1.5", "prepare fd00:64::5", "prepare 100.64.1.7", "prepare 100.64.1.8"}, []string{"ready"}, false},
 		{"destination: started", live, []string{"web1", "started", "begin", "-"},
-			[]string{"attach 100.64.1.5 vnet3", "attach fd00:64::5 vnet3", "attach 100.64.1.7 vnet4", "attach 100.64.1.8 vnet4"},
-			[]string{"domain web1, started begin: 100.64.1.5 attached on vnet3 (epoch 4)"}, false},
+			[]string{"attach-when-announced 100.64.1.5 vnet3", "attach-when-announced fd00:64::5 vnet3", "attach-when-announced 100.64.1.7 vnet4", "attach-when-announced 100.64.1.8 vnet4"},
+			[]string{"domain web1, started begin: 100.64.1.5 attached on vnet3 when the VM announces itself (h1 runs it until then)"}, false},
 		{"source: stopped", live, []string{"web1", "stopped", "end", "-"}, nil, nil, false},
 		{"source: release", live, []string{"web1", "release", "end", "migrated"},
 			[]string{"detach 100.64.1.5", "detach fd00:64::5", "detach 100.64.1.7", "detach 100.64.1.8"},
@@ -199,7 +207,7 @@ func TestHookLibvirt(t *testing.T) {
   <interface type='bridge'><mac address='52:54:00:00:00:01'/><target dev='vnet1'/><alias name='ua-net0'/></interface>
   <interface type='bridge'><mac address='52:54:00:00:00:02'/><target dev='vnet2'/></interface>
 </devices></domain>`), []string{"db1", "started", "begin", "-"},
-			[]string{"attach 100.64.9.2 vnet1"},
+			[]string{"attach-when-announced 100.64.9.2 vnet1"},
 			[]string{"vmroam hook: ERROR domain db1, started begin: not attached, the interface is unknown: VIP 100.64.9.1: no interface named"}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -254,11 +262,11 @@ func TestHookLibvirtAgentTrouble(t *testing.T) {
 		b := &recordingBackend{refuse: map[netip.Addr]bool{netip.MustParseAddr("fd00:64::5"): true}}
 		fakeAgent(t, b)
 		code, _, stderr, syslog := hookCLI(t, live, "web1", "started", "begin", "-")
-		want := []string{"attach 100.64.1.5 vnet3", "attach fd00:64::5 vnet3", "attach 100.64.1.7 vnet4", "attach 100.64.1.8 vnet4"}
+		want := []string{"attach-when-announced 100.64.1.5 vnet3", "attach-when-announced fd00:64::5 vnet3", "attach-when-announced 100.64.1.7 vnet4", "attach-when-announced 100.64.1.8 vnet4"}
 		if got := b.Calls(); code != 0 || !slices.Equal(got, want) {
 			t.Errorf("exit %d, calls %q: want every VIP tried, %q", code, got, want)
 		}
-		if len(syslog) != 1 || !strings.Contains(syslog[0], "vip attach fd00:64::5 --dev vnet3: ") || !strings.Contains(syslog[0], "refused by the test") {
+		if len(syslog) != 1 || !strings.Contains(syslog[0], "vip attach fd00:64::5 --dev vnet3 --when announced: ") || !strings.Contains(syslog[0], "refused by the test") {
 			t.Errorf("syslog %q; stderr:\n%s", syslog, stderr)
 		}
 	})

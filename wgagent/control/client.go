@@ -64,6 +64,14 @@ func (c *Client) Attach(ctx context.Context, vip netip.Addr, dev string) (VIP, e
 	return v, err
 }
 
+// AttachWhenAnnounced asks the agent to own vip behind dev once the VM
+// announces itself there (see WhenAnnounced).
+func (c *Client) AttachWhenAnnounced(ctx context.Context, vip netip.Addr, dev string) (VIP, error) {
+	var v VIP
+	err := c.do(ctx, http.MethodPost, "/v1/vips", AttachRequest{VIP: vip, Dev: dev, When: WhenAnnounced}, &v)
+	return v, err
+}
+
 // Detach asks the agent to release vip.
 func (c *Client) Detach(ctx context.Context, vip netip.Addr) (VIP, error) {
 	var v VIP

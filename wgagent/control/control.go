@@ -102,8 +102,9 @@ type VIP struct {
 	Local bool   `json:"local"`
 	Dev   string `json:"dev,omitempty"` // the VM's interface, for local VIPs
 	// State is local, remote, released, or during a migration caching
-	// (old host, VM suspended), forwarding (old host, after the flush) or
-	// holding (new host, before delivery).
+	// (old host, VM suspended), forwarding (old host, after the flush),
+	// awaiting (new host, attached WhenAnnounced, the VM not yet heard
+	// from) or holding (new host, before delivery).
 	State string `json:"state"`
 }
 
@@ -130,7 +131,22 @@ type Gossip struct {
 type AttachRequest struct {
 	VIP netip.Addr `json:"vip"`
 	Dev string     `json:"dev"`
+	// When is WhenNow ("" too) or WhenAnnounced.
+	When string `json:"when,omitempty"`
 }
+
+// When an attach takes effect (AttachRequest.When).
+const (
+	// WhenNow claims the VIP at once.
+	WhenNow = "now"
+	// WhenAnnounced waits, while another live host owns the VIP, until
+	// the VM announces itself on its interface here (gratuitous ARP,
+	// RARP, unsolicited neighbour advertisement), then claims. For a
+	// hypervisor whose only hook on the destination comes before the
+	// memory copy (libvirt's "started"): the VM still runs at the old
+	// host for the whole copy, and its traffic must stay there.
+	WhenAnnounced = "announced"
+)
 
 // errorBody is what the server sends with a non-2xx status.
 type errorBody struct {

@@ -18,6 +18,7 @@ import (
 
 type fakeBackend struct {
 	attached   map[netip.Addr]string
+	awaiting   map[netip.Addr]string
 	networks   map[string]netip.Prefix
 	migrations []Migration
 }
@@ -36,6 +37,14 @@ func (f *fakeBackend) Attach(_ context.Context, vip netip.Addr, dev string) (VIP
 	}
 	f.attached[vip] = dev
 	return VIP{VIP: vip.String(), Dev: dev, Local: true}, nil
+}
+
+func (f *fakeBackend) AttachWhenAnnounced(_ context.Context, vip netip.Addr, dev string) (VIP, error) {
+	if dev == "" {
+		return VIP{}, fmt.Errorf("%w: --dev is required", ErrBadRequest)
+	}
+	f.awaiting[vip] = dev
+	return VIP{VIP: vip.String(), Dev: dev, State: "awaiting"}, nil
 }
 
 func (f *fakeBackend) Detach(_ context.Context, vip netip.Addr) (VIP, error) {
@@ -243,7 +252,8 @@ func TestNetworks(t *testing.T) {
 func TestRoundTrip(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "ctl.sock")
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	srv, err := Listen(path, &fakeBackend{attached: map[netip.Addr]string{}}, log)
+	fb := &fakeBackend{attached: map[netip.Addr]string{}, awaiting: map[netip.Addr]string{}}
+	srv, err := Listen(path, fb, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,6 +286,16 @@ func TestRoundTrip(t *testing.T) {
 	_, err = c.Attach(ctx, vip, "")
 	if !errors.Is(err, ErrBadRequest) || err.Error() != "bad request: --dev is required" {
 		t.Fatalf("attach without dev: %v", err)
+	}
+	vip2 := netip.MustParseAddr("100.100.10.2")
+	if v, err := c.AttachWhenAnnounced(ctx, vip2, "vif2"); err != nil || v.State != "awaiting" || fb.awaiting[vip2] != "vif2" || fb.attached[vip2] != "" {
+		t.Fatalf("attach when announced: %+v %v; backend awaiting %v attached %v", v, err, fb.awaiting, fb.attached)
+	}
+	// An unknown "when" is the client's mistake, not the agent's.
+	var out VIP
+	err = c.do(ctx, http.MethodPost, "/v1/vips", AttachRequest{VIP: vip2, Dev: "vif2", When: "later"}, &out)
+	if !errors.Is(err, ErrBadRequest) || !strings.Contains(err.Error(), `when "later"`) {
+		t.Fatalf("attach when later: %v", err)
 	}
 	if v, err := c.Suspend(ctx, vip); err != nil || v.State != "caching" {
 		t.Fatalf("suspend: %+v %v", v, err)

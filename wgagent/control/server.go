@@ -23,6 +23,10 @@ import (
 type Backend interface {
 	Status(ctx context.Context) (Status, error)
 	Attach(ctx context.Context, vip netip.Addr, dev string) (VIP, error)
+	// AttachWhenAnnounced attaches vip behind dev once the VM announces
+	// itself there, if another live host owns it (see WhenAnnounced);
+	// otherwise at once, as Attach. It does not wait for the VM.
+	AttachWhenAnnounced(ctx context.Context, vip netip.Addr, dev string) (VIP, error)
 	Detach(ctx context.Context, vip netip.Addr) (VIP, error)
 	Suspend(ctx context.Context, vip netip.Addr) (VIP, error)
 	Abort(ctx context.Context, vip netip.Addr) (VIP, error)
@@ -165,7 +169,18 @@ func handler(b Backend) http.Handler {
 			reply(w, nil, err)
 			return
 		}
-		v, err := b.Attach(r.Context(), req.VIP, req.Dev)
+		var (
+			v   VIP
+			err error
+		)
+		switch req.When {
+		case "", WhenNow:
+			v, err = b.Attach(r.Context(), req.VIP, req.Dev)
+		case WhenAnnounced:
+			v, err = b.AttachWhenAnnounced(r.Context(), req.VIP, req.Dev)
+		default:
+			err = fmt.Errorf("%w: when %q: want %s or %s", ErrBadRequest, req.When, WhenNow, WhenAnnounced)
+		}
 		reply(w, v, err)
 	})
 	for path, op := range map[string]func(context.Context, netip.Addr) (VIP, error){

@@ -29,6 +29,11 @@ func (c *callRecorder) Attach(_ context.Context, vip netip.Addr, dev string) (VI
 	return VIP{VIP: vip.String(), Dev: dev}, nil
 }
 
+func (c *callRecorder) AttachWhenAnnounced(_ context.Context, vip netip.Addr, dev string) (VIP, error) {
+	c.record("attach", AttachRequest{VIP: vip, Dev: dev, When: WhenAnnounced})
+	return VIP{VIP: vip.String(), Dev: dev}, nil
+}
+
 func (c *callRecorder) Detach(_ context.Context, vip netip.Addr) (VIP, error) {
 	c.record("detach", vip)
 	return VIP{VIP: vip.String()}, nil

@@ -434,6 +434,9 @@ func (f fakeAgent) Status(context.Context) (control.Status, error) { return f.st
 func (fakeAgent) Attach(context.Context, netip.Addr, string) (control.VIP, error) {
 	return control.VIP{}, errors.ErrUnsupported
 }
+func (fakeAgent) AttachWhenAnnounced(context.Context, netip.Addr, string) (control.VIP, error) {
+	return control.VIP{}, errors.ErrUnsupported
+}
 func (fakeAgent) Detach(context.Context, netip.Addr) (control.VIP, error) {
 	return control.VIP{}, errors.ErrUnsupported
 }

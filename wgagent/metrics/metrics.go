@@ -93,7 +93,7 @@ type Source interface {
 // them, so that a query or an alert finds the series.
 var (
 	peerStates = []string{"alive", "suspect", "dead", "left"}
-	vipStates  = []string{"local", "reserved", "remote", "released", "caching", "forwarding", "holding"}
+	vipStates  = []string{"local", "reserved", "remote", "released", "awaiting", "caching", "forwarding", "holding"}
 )
 
 // HandoverBuckets are the handover histogram's upper bounds: 0.5 ms

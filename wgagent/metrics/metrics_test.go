@@ -82,6 +82,7 @@ vmroam_peer_transmit_bytes_total{peer="h2"} 2000
 vmroam_peer_transmit_bytes_total{peer="h3"} 0
 # HELP vmroam_vips VIPs of the location table, by state as ` + "`vmroam status`" + ` shows them.
 # TYPE vmroam_vips gauge
+vmroam_vips{state="awaiting"} 0
 vmroam_vips{state="caching"} 1
 vmroam_vips{state="forwarding"} 0
 vmroam_vips{state="holding"} 0
