@@ -146,11 +146,18 @@ var ErrRefused = errors.New("handover refused")
 // SendQueue does not write (a second header or end marker, a close before
 // the end marker).
 func Receive(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End), progress func(FlushStats)) (FlushStats, error) {
-	return ReceiveTicks(r, q, onHeader, onEnd, nil, progress)
+	var check func(Header) error
+	if onHeader != nil {
+		check = func(h Header) error { onHeader(h); return nil }
+	}
+	return ReceiveTicks(r, q, check, onEnd, nil, progress)
 }
 
-// ReceiveTicks is Receive that also passes each FrameTick's time to onTick.
-func ReceiveTicks(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End), onTick func(time.Duration), progress func(FlushStats)) (FlushStats, error) {
+// ReceiveTicks is Receive that also passes each FrameTick's time to onTick,
+// and lets onHeader refuse the stream: an error from it ends the receive
+// before any packet is pushed (a header for another VIP or epoch than the
+// request's must not reach the VM).
+func ReceiveTicks(r io.Reader, q *Queue, onHeader func(Header) error, onEnd func(End), onTick func(time.Duration), progress func(FlushStats)) (FlushStats, error) {
 	var st FlushStats
 	rd := NewReader(r)
 	f, err := rd.Next()
@@ -170,7 +177,9 @@ func ReceiveTicks(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End),
 	}
 	st.FlushStart = time.Now()
 	if onHeader != nil {
-		onHeader(f.Header)
+		if err := onHeader(f.Header); err != nil {
+			return st, fmt.Errorf("handover: header: %w", err)
+		}
 	}
 	ended := false
 	for {

@@ -370,6 +370,15 @@ func TestReceiveRejects(t *testing.T) {
 			t.Errorf("%s: onEnd called %d times", name, ends)
 		}
 	}
+	// A header the caller refuses (another VIP or epoch than asked for)
+	// ends the receive before a packet reaches the queue.
+	q := NewQueue(DefaultLimits(), nil)
+	refused := errors.New("epoch 2, asked for 3")
+	_, err := ReceiveTicks(bytes.NewReader(encode(t, hdr, pkt, end, pkt, closing)), q,
+		func(Header) error { return refused }, nil, nil, nil)
+	if !errors.Is(err, refused) || q.Len() != 0 {
+		t.Errorf("a refused header: %v with %d packets queued, want the refusal and none", err, q.Len())
+	}
 }
 
 // FuzzReceive is the destination's side of a handover fed arbitrary bytes

@@ -653,7 +653,13 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 	// request wait (see handoverWait); the connect's is one too.
 	o.Settle = max(a.live().CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
 	st, err := cache.ReceiveTicks(rd, stream,
-		func(h cache.Header) {
+		func(h cache.Header) error {
+			if h.VIP != req.VIP || h.Epoch != req.Epoch {
+				// A source that answers another request than ours:
+				// its packets are not this VM's.
+				return fmt.Errorf("%w: the old host sent %s at epoch %d for a request of %s at epoch %d",
+					cache.ErrMalformed, h.VIP, h.Epoch, req.VIP, req.Epoch)
+			}
 			if ic, ok := conn.(*idleConn); ok && req.Ticks {
 				ic.setLimit(handoverIdle)
 			}
@@ -664,6 +670,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 			}
 			c.rec.FlushStart = timePtr(time.Now())
 			c.mu.Unlock()
+			return nil
 		},
 		func(e cache.End) {
 			c.mu.Lock()
