@@ -248,7 +248,8 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	c.state = stateHolding
 	c.stream, c.queue = stream, direct
 	c.stop = make(chan struct{})
-	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.live().CacheSettle, Write: c.writer(), Timeline: c.tl}
+	write, closeWriter := c.writer()
+	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.live().CacheSettle, Write: write, Timeline: c.tl}
 	c.orderer = o
 	if c.tl != nil {
 		into := cache.SeriesReceived
@@ -279,6 +280,7 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	a.bg.Add(2)
 	go func() {
 		defer a.bg.Done()
+		defer closeWriter() // only Run writes
 		if err := o.Run(stop); err != nil {
 			a.log.Error("delivering cached packets", "vip", c.vip, "err", err)
 		}
@@ -317,7 +319,7 @@ func (a *Agent) watchAnnouncements(c *vipCtl, o *cache.Orderer, stop chan struct
 		}
 		c.mu.Unlock()
 		if first {
-			a.log.Debug("arriving VM announced itself", "vip", c.vip, "dev", dev, "kind", an.Kind, "mac", an.MAC, "ip", an.IP)
+			a.log.Debug("arriving VM announced itself", "vip", c.vip, "dev", dev, "kind", an.Kind, "mac", an.MAC.String(), "ip", an.IP)
 		}
 		o.SetCarrier(true)
 	})
@@ -327,9 +329,16 @@ func (a *Agent) watchAnnouncements(c *vipCtl, o *cache.Orderer, stop chan struct
 }
 
 // writer returns the delivery function, opening the packet socket on first
-// use: by then the VM's interface is up and its MAC known or resolvable.
-func (c *vipCtl) writer() func([]byte) error {
+// use (by then the VM's interface is up and its MAC known or resolvable),
+// and the function that closes the socket, to call once no write can come.
+func (c *vipCtl) writer() (write func([]byte) error, closeWriter func()) {
 	var d *cache.Deliverer
+	closeWriter = func() {
+		if d != nil {
+			d.Close()
+			d = nil
+		}
+	}
 	return func(pkt []byte) error {
 		if d == nil {
 			c.mu.Lock()
@@ -354,7 +363,7 @@ func (c *vipCtl) writer() func([]byte) error {
 			}
 		}
 		return d.Write(pkt)
-	}
+	}, closeWriter
 }
 
 // watchDelivery waits until the orderer drained what the migration brought,
