@@ -17,7 +17,7 @@ SYSCONFDIR ?= /etc
 # overrides (`systemctl edit vmroam`) go to /etc/systemd/system.
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all build deps test test-long unit lint vet fmt-check fuzz-check bench bench-migration demo fuzz sim install install-xen install-libvirt clean
+.PHONY: all build deps test test-long soak unit lint vet fmt-check fuzz-check bench bench-migration demo fuzz sim install install-xen install-libvirt clean
 
 all: build
 
@@ -51,6 +51,13 @@ test: deps lint
 # The opt-in long end-to-end tests (minutes each): 50 migrations in a row.
 test-long: deps
 	VMROAM_LONG=1 $(GO) test -count=1 -timeout 30m -run '^TestFaultManyMigrations$$' -v ./e2e/
+
+# Migrations around three hosts under traffic for SOAK (10m by default), agents
+# built with the race detector; then no goroutine, fd, heap, route, rule or
+# namespace may have grown.
+SOAK ?= 10m
+soak: deps
+	VMROAM_SOAK=$(SOAK) $(GO) test -race -count=1 -timeout 60m -run '^TestSoak$$' -v ./e2e/
 
 # Unit tests only (no namespaces needed).
 unit:

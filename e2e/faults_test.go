@@ -664,6 +664,66 @@ func awaitMigrated(l *lab.Lab, to *lab.Host, vip netip.Addr, after time.Time, de
 	}
 }
 
+// lossSnapshot counts what a run can lose outside vmroam on this loaded
+// machine: wireguard-go short of CPU drops packets in its TUN queues
+// (tx_dropped) and lets its UDP socket overflow (the hosts' UDP receive
+// buffer drops); iperf3 short of CPU lets the VM's overflow. It also
+// counts what the agents logged as reaching an old host's cache after its
+// straggler stream closed: lost by vmroam (seen before endLinger, at every
+// move away from the client's own host).
+type lossSnapshot struct {
+	lingerEnd  uint64
+	tun        map[string]uint64
+	hostRcvbuf uint64
+	vmRcvbuf   uint64
+}
+
+func takeLossSnapshot(t testing.TB, l *lab.Lab, vms ...*lab.VM) lossSnapshot {
+	t.Helper()
+	s := lossSnapshot{tun: wgQueueDrops(l), lingerEnd: afterStreamLoss(t, l)}
+	for _, h := range l.Hosts {
+		s.hostRcvbuf += udpRcvbufErrors(t, l, h.NS)
+	}
+	for _, vm := range vms {
+		s.vmRcvbuf += udpRcvbufErrors(t, l, vm.NS)
+	}
+	return s
+}
+
+// checkMoves checks the flows of moves migrations since before: nothing
+// lost that the machine's own drops do not explain, nothing left behind
+// in an old host's cache, no more reordering than the hand-back race.
+func checkMoves(t testing.TB, l *lab.Lab, what string, res lab.FlowResult, moves int, before lossSnapshot, vms ...*lab.VM) {
+	t.Helper()
+	now := takeLossSnapshot(t, l, vms...)
+	tun := tunDropsSince(l, before.tun)
+	hostRcvbuf, vmRcvbuf := now.hostRcvbuf-before.hostRcvbuf, now.vmRcvbuf-before.vmRcvbuf
+	lingerEnd := now.lingerEnd - before.lingerEnd
+	outside := tun + hostRcvbuf + vmRcvbuf
+	t.Logf("%s: %d datagrams, %d lost, %d out of order; WireGuard TUN queue drops %d, hosts' UDP receive buffer drops %d, VMs' %d; left in the old host's cache after its stream closed %d",
+		what, res.Packets, res.Lost, res.OutOfOrder, tun, hostRcvbuf, vmRcvbuf, lingerEnd)
+	if lingerEnd > 0 {
+		t.Errorf("%s: %d datagrams reached an old host's cache after its straggler stream closed: lost", what, lingerEnd)
+	}
+	switch lost := uint64(res.Lost); {
+	case lost > outside:
+		t.Errorf("%s: %d datagrams lost, %d more than WireGuard's TUN queues and the UDP receive buffers dropped (%d); want none",
+			what, lost, lost-outside, outside)
+	case lost > 0:
+		t.Logf("NOTE: %d datagrams lost, no more than WireGuard's TUN queues and the UDP receive buffers dropped: the machine was short of CPU (load %s), not a migration loss",
+			lost, loadAverage())
+	}
+	// The known hand-back race (see TestMigrationBackAndForthAndTCP)
+	// may reorder a few per move: reported, bounded.
+	if res.OutOfOrder > 0 {
+		t.Logf("KNOWN GAP: %d out of order at the hand-back over %d moves", res.OutOfOrder, moves)
+	}
+	if res.OutOfOrder > 15*moves {
+		t.Errorf("%s: %d out of order over %d moves: more than the hand-back race explains", what, res.OutOfOrder, moves)
+		logHandBacks(t, l)
+	}
+}
+
 // moveLoop moves vm n times along hosts (the next one each time) while
 // UDP flows from c, each flow ending before the next starts; it checks
 // each move's cache counters and returns the flows' totals.
@@ -741,67 +801,14 @@ func TestFaultManyMigrations(t *testing.T) {
 		t.Skip("long: set VMROAM_LONG=1 or name it in -run")
 	}
 	l, m, c := migrationLab(t, 3)
-	// snapshot counts what a run can lose outside vmroam on this loaded
-	// machine: wireguard-go short of CPU drops packets in its TUN queues
-	// (tx_dropped) and lets its UDP socket overflow (the hosts' UDP
-	// receive buffer drops); iperf3 short of CPU lets the VM's overflow.
-	// It also counts what the agents logged as reaching an old host's
-	// cache after its straggler stream closed: lost by vmroam (seen before
-	// endLinger, at every move away from the client's own host).
-	type snapshot struct {
-		lingerEnd  uint64
-		tun        map[string]uint64
-		hostRcvbuf uint64
-		vmRcvbuf   uint64
-	}
-	snap := func(vms ...*lab.VM) snapshot {
-		s := snapshot{tun: wgQueueDrops(l), lingerEnd: afterStreamLoss(t, l)}
-		for _, h := range l.Hosts {
-			s.hostRcvbuf += udpRcvbufErrors(t, l, h.NS)
-		}
-		for _, vm := range vms {
-			s.vmRcvbuf += udpRcvbufErrors(t, l, vm.NS)
-		}
-		return s
-	}
-	check := func(t *testing.T, what string, res lab.FlowResult, moves int, before snapshot, vms ...*lab.VM) {
-		now := snap(vms...)
-		tun := tunDropsSince(l, before.tun)
-		hostRcvbuf, vmRcvbuf := now.hostRcvbuf-before.hostRcvbuf, now.vmRcvbuf-before.vmRcvbuf
-		lingerEnd := now.lingerEnd - before.lingerEnd
-		outside := tun + hostRcvbuf + vmRcvbuf
-		t.Logf("%s: %d datagrams, %d lost, %d out of order; WireGuard TUN queue drops %d, hosts' UDP receive buffer drops %d, VMs' %d; left in the old host's cache after its stream closed %d",
-			what, res.Packets, res.Lost, res.OutOfOrder, tun, hostRcvbuf, vmRcvbuf, lingerEnd)
-		if lingerEnd > 0 {
-			t.Errorf("%s: %d datagrams reached an old host's cache after its straggler stream closed: lost", what, lingerEnd)
-		}
-		switch lost := uint64(res.Lost); {
-		case lost > outside:
-			t.Errorf("%s: %d datagrams lost, %d more than WireGuard's TUN queues and the UDP receive buffers dropped (%d); want none",
-				what, lost, lost-outside, outside)
-		case lost > 0:
-			t.Logf("NOTE: %d datagrams lost, no more than WireGuard's TUN queues and the UDP receive buffers dropped: the machine was short of CPU (load %s), not a migration loss",
-				lost, loadAverage())
-		}
-		// The known hand-back race (see TestMigrationBackAndForthAndTCP)
-		// may reorder a few per move: reported, bounded.
-		if res.OutOfOrder > 0 {
-			t.Logf("KNOWN GAP: %d out of order at the hand-back over %d moves", res.OutOfOrder, moves)
-		}
-		if res.OutOfOrder > 15*moves {
-			t.Errorf("%s: %d out of order over %d moves: more than the hand-back race explains", what, res.OutOfOrder, moves)
-			logHandBacks(t, l)
-		}
-	}
-
 	t.Run("50 moves between three hosts", func(t *testing.T) {
-		start, before := time.Now(), snap(m)
+		start, before := time.Now(), takeLossSnapshot(t, l, m)
 		res, moves, err := moveLoop(l, c, m, vipM, l.Hosts, 50, "20M", t.Logf)
 		if err != nil {
 			t.Fatalf("after %d moves: %v", moves, err)
 		}
 		t.Logf("%d moves in %v", moves, time.Since(start).Round(time.Second))
-		check(t, "50 moves", res, moves, before, m)
+		checkMoves(t, l, "50 moves", res, moves, before, m)
 	})
 
 	t.Run("two VMs moving at once", func(t *testing.T) {
@@ -824,7 +831,7 @@ func TestFaultManyMigrations(t *testing.T) {
 			moves int
 			err   error
 		}
-		before := snap(m, m2)
+		before := takeLossSnapshot(t, l, m, m2)
 		results := make(chan result, 2)
 		for _, p := range []struct {
 			vm  *lab.VM
@@ -848,6 +855,6 @@ func TestFaultManyMigrations(t *testing.T) {
 			total.OutOfOrder += r.res.OutOfOrder
 			moves += r.moves
 		}
-		check(t, "two VMs, 10 moves each", total, moves, before, m, m2)
+		checkMoves(t, l, "two VMs, 10 moves each", total, moves, before, m, m2)
 	})
 }
