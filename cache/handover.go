@@ -28,13 +28,19 @@ type FlushStats struct {
 // from the interceptor meanwhile. progress, if not nil, is called after
 // each batch with the stats so far.
 func SendQueue(conn io.Writer, q *Queue, hdr Header, linger time.Duration, stop <-chan struct{}, progress func(FlushStats)) (FlushStats, error) {
-	return SendQueueTicks(conn, q, hdr, linger, 0, stop, progress)
+	return SendQueueTicks(conn, q, hdr, linger, 0, nil, stop, progress)
 }
 
 // SendQueueTicks is SendQueue that also writes a FrameTick right after the
 // end marker and every tick while it lingers (tick 0: none), for a
 // destination that asked (Request.Ticks; see Orderer.Tick).
-func SendQueueTicks(conn io.Writer, q *Queue, hdr Header, linger, tick time.Duration, stop <-chan struct{}, progress func(FlushStats)) (FlushStats, error) {
+//
+// If flushUntil is not nil, the flush also takes what reaches q until
+// flushUntil is closed, and only then writes the end marker: the source
+// streams at once while it moves the VIP's route away from its cache, and
+// the end marker still says that nothing sent to the VIP before the move
+// is left behind it.
+func SendQueueTicks(conn io.Writer, q *Queue, hdr Header, linger, tick time.Duration, flushUntil, stop <-chan struct{}, progress func(FlushStats)) (FlushStats, error) {
 	var st FlushStats
 	w := NewWriter(conn)
 	backlog := q.Len()
@@ -67,6 +73,24 @@ func SendQueueTicks(conn io.Writer, q *Queue, hdr Header, linger, tick time.Dura
 	}
 	if _, err := send(backlog); err != nil {
 		return st, err
+	}
+	if flushUntil != nil {
+	wait:
+		for {
+			select {
+			case <-q.Notify():
+				if _, err := send(q.Len()); err != nil {
+					return st, err
+				}
+			case <-flushUntil:
+				break wait
+			case <-stop:
+				break wait
+			}
+		}
+		if _, err := send(q.Len()); err != nil {
+			return st, err
+		}
 	}
 	dropped := uint64(0)
 	for _, n := range q.Stats().Dropped {

@@ -106,7 +106,7 @@ func TestSendQueueTicks(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		_, sendErr = SendQueueTicks(a, src, Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, 100*time.Millisecond, 5*time.Millisecond, nil, nil)
+		_, sendErr = SendQueueTicks(a, src, Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, 100*time.Millisecond, 5*time.Millisecond, nil, nil, nil)
 	}()
 	dst := NewQueue(DefaultLimits(), nil)
 	var ticks []time.Duration
@@ -133,6 +133,62 @@ func TestSendQueueTicks(t *testing.T) {
 	}
 	if atTick[len(atTick)-1] != 2 {
 		t.Fatalf("the last tick came with %d packets in, want the straggler ahead of it too (2)", atTick[len(atTick)-1])
+	}
+}
+
+// TestSendQueueFlushUntil: while flushUntil is open, what reaches the
+// queue is flushed, before the end marker; after it closes, a packet is a
+// straggler.
+func TestSendQueueFlushUntil(t *testing.T) {
+	src := NewQueue(DefaultLimits(), nil)
+	src.Push(udpFrom(t, 1, 0), time.Now())
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	routed, stop := make(chan struct{}), make(chan struct{})
+	var (
+		sent    FlushStats
+		sendErr error
+		wg      sync.WaitGroup
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		sent, sendErr = SendQueueTicks(a, src, Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, time.Minute, 0, routed, stop, nil)
+	}()
+	dst := NewQueue(DefaultLimits(), nil)
+	var end End
+	ended := make(chan struct{})
+	_, err := ReceiveTicks(b, dst, func(Header) error {
+		// The header is out before the route moved; two more packets
+		// come in meanwhile, then the move ends.
+		go func() {
+			src.Push(udpFrom(t, 1, 1), time.Now())
+			src.Push(udpFrom(t, 1, 2), time.Now())
+			for src.Len() > 0 {
+				time.Sleep(time.Millisecond)
+			}
+			close(routed)
+		}()
+		return nil
+	}, func(e End) {
+		end = e
+		close(ended)
+		go func() {
+			src.Push(udpFrom(t, 1, 3), time.Now())
+			for src.Len() > 0 {
+				time.Sleep(time.Millisecond)
+			}
+			close(stop)
+		}()
+	}, nil, nil)
+	wg.Wait()
+	if err != nil || sendErr != nil {
+		t.Fatalf("receive %v, send %v", err, sendErr)
+	}
+	if end.Packets != 3 || sent.Flushed != 3 || sent.Forwarded != 1 || dst.Len() != 4 {
+		t.Fatalf("end marker after %d packets, flushed %d, forwarded %d, received %d: want 3 before the end marker, 1 after, 4 in all",
+			end.Packets, sent.Flushed, sent.Forwarded, dst.Len())
 	}
 }
 

@@ -128,7 +128,7 @@ func (a *Agent) awaitAnnouncement(ctx context.Context, vip netip.Addr, w *awaite
 	if !mine || heard.Kind == "" {
 		return
 	}
-	a.log.Info("the VM announced itself: claiming its VIP", "vip", vip, "dev", w.dev, "kind", heard.Kind, "mac", heard.MAC,
+	a.log.Info("the VM announced itself: claiming its VIP", "vip", vip, "dev", w.dev, "kind", heard.Kind, "mac", heard.MAC.String(),
 		"waited", time.Since(w.since).Round(time.Millisecond))
 	if _, err := (backend{a}).Attach(context.Background(), vip, w.dev); err != nil {
 		a.log.Error("attaching the VIP of a VM that announced itself: its traffic still goes to its old host",

@@ -875,22 +875,33 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	a.dirty = true
 	a.cluster.Assert(gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
 	a.mu.Unlock()
-	// Move the VIP to the new owner's peer before streaming: our own
-	// senders then go straight there. Doing it while streaming (to spare
-	// the new host the reconcile's milliseconds) reordered 29-32 packets
-	// in every third hybrid move: packets already on the old path
-	// overtook the stream.
+	// Move the VIP to the new owner's peer while the flush starts: the
+	// reconcile takes milliseconds (a tenth of a handover across a WAN)
+	// that the new host need not wait for. The end marker waits for it:
+	// what our own senders sent before the move is in the cache and
+	// flushed ahead of the marker, what they send after it goes straight
+	// to the new host, newer than all of it. (An end marker ahead of the
+	// move reordered 29-32 packets in every third hybrid move: packets
+	// still on the old path overtook the stream.)
 	t0 := time.Now()
-	a.reconcile()
-	reconciled := time.Since(t0)
-	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "mac", mac, "after", time.Since(asked))
+	routed := make(chan struct{})
+	var reconciled time.Duration
+	a.bg.Add(1)
+	go func() {
+		defer a.bg.Done()
+		a.reconcile()
+		reconciled = time.Since(t0)
+		close(routed)
+	}()
+	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "mac", mac.String(), "after", time.Since(asked))
 	var tick time.Duration
 	if req.Ticks {
 		tick = handoverTick
 	}
 	lingerOver, streamDone := a.endLinger(c, stop)
-	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.live().CacheLinger+time.Second, tick, lingerOver, nil)
+	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.live().CacheLinger+time.Second, tick, routed, lingerOver, nil)
 	close(streamDone)
+	<-routed
 	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", reconciled)
 	a.mu.Lock()
 	c.mu.Lock()
