@@ -671,11 +671,14 @@ func awaitMigrated(l *lab.Lab, to *lab.Host, vip netip.Addr, after time.Time, de
 // counts what the agents logged as reaching an old host's cache after its
 // straggler stream closed: lost by vmroam (seen before endLinger, at every
 // move away from the client's own host).
+// In a WAN lab it also counts what the WAN emulator dropped for want of
+// room (not its deliberate loss).
 type lossSnapshot struct {
 	lingerEnd  uint64
 	tun        map[string]uint64
 	hostRcvbuf uint64
 	vmRcvbuf   uint64
+	wanDropped uint64
 }
 
 func takeLossSnapshot(t testing.TB, l *lab.Lab, vms ...*lab.VM) lossSnapshot {
@@ -687,7 +690,17 @@ func takeLossSnapshot(t testing.TB, l *lab.Lab, vms ...*lab.VM) lossSnapshot {
 	for _, vm := range vms {
 		s.vmRcvbuf += udpRcvbufErrors(t, l, vm.NS)
 	}
+	if st, err := l.WANStats(); err == nil {
+		s.wanDropped = st.Dropped
+	}
 	return s
+}
+
+// machineDrops is what the machine dropped between two snapshots, outside
+// vmroam: the WireGuard TUN queues, the UDP receive buffers of the hosts
+// and of vms, the WAN emulator's queue.
+func machineDrops(l *lab.Lab, before, now lossSnapshot) (tun, rcvbuf, wan uint64) {
+	return tunDropsSince(l, before.tun), now.hostRcvbuf - before.hostRcvbuf + now.vmRcvbuf - before.vmRcvbuf, now.wanDropped - before.wanDropped
 }
 
 // checkMoves checks the flows of moves migrations since before: nothing
@@ -696,21 +709,21 @@ func takeLossSnapshot(t testing.TB, l *lab.Lab, vms ...*lab.VM) lossSnapshot {
 func checkMoves(t testing.TB, l *lab.Lab, what string, res lab.FlowResult, moves int, before lossSnapshot, vms ...*lab.VM) {
 	t.Helper()
 	now := takeLossSnapshot(t, l, vms...)
-	tun := tunDropsSince(l, before.tun)
+	tun, rcvbuf, wan := machineDrops(l, before, now)
 	hostRcvbuf, vmRcvbuf := now.hostRcvbuf-before.hostRcvbuf, now.vmRcvbuf-before.vmRcvbuf
 	lingerEnd := now.lingerEnd - before.lingerEnd
-	outside := tun + hostRcvbuf + vmRcvbuf
-	t.Logf("%s: %d datagrams, %d lost, %d out of order; WireGuard TUN queue drops %d, hosts' UDP receive buffer drops %d, VMs' %d; left in the old host's cache after its stream closed %d",
-		what, res.Packets, res.Lost, res.OutOfOrder, tun, hostRcvbuf, vmRcvbuf, lingerEnd)
+	outside := tun + rcvbuf + wan
+	t.Logf("%s: %d datagrams, %d lost, %d out of order; WireGuard TUN queue drops %d, hosts' UDP receive buffer drops %d, VMs' %d, WAN emulator's %d; left in the old host's cache after its stream closed %d",
+		what, res.Packets, res.Lost, res.OutOfOrder, tun, hostRcvbuf, vmRcvbuf, wan, lingerEnd)
 	if lingerEnd > 0 {
 		t.Errorf("%s: %d datagrams reached an old host's cache after its straggler stream closed: lost", what, lingerEnd)
 	}
 	switch lost := uint64(res.Lost); {
 	case lost > outside:
-		t.Errorf("%s: %d datagrams lost, %d more than WireGuard's TUN queues and the UDP receive buffers dropped (%d); want none",
+		t.Errorf("%s: %d datagrams lost, %d more than WireGuard's TUN queues, the UDP receive buffers and the WAN emulator dropped (%d); want none",
 			what, lost, lost-outside, outside)
 	case lost > 0:
-		t.Logf("NOTE: %d datagrams lost, no more than WireGuard's TUN queues and the UDP receive buffers dropped: the machine was short of CPU (load %s), not a migration loss",
+		t.Logf("NOTE: %d datagrams lost, no more than WireGuard's TUN queues, the UDP receive buffers and the WAN emulator dropped: the machine was short of CPU (load %s), not a migration loss",
 			lost, loadAverage())
 	}
 	// The known hand-back race (see TestMigrationBackAndForthAndTCP)
