@@ -215,7 +215,7 @@ func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		var socket string
 		socketFlag(fs, &socket)
 		dev := fs.String("dev", "", "the VM's `interface` on this host (required)")
-		when := fs.String("when", control.WhenNow, "`now`, or announced: while another host runs the VM, claim its VIP only once the VM announces itself on IFACE (RARP or gratuitous ARP after an incoming migration; libvirt's hook uses it)")
+		when := fs.String("when", control.WhenNow, "`when` to claim the VIP: now, or announced: while another host runs the VM, only once the VM announces itself on IFACE (RARP or gratuitous ARP after an incoming migration; libvirt's hook uses it)")
 		vip, err := oneVIP(fs, args)
 		if err != nil {
 			return err
