@@ -121,6 +121,13 @@ func TestSoak(t *testing.T) {
 		dur = d
 	}
 	nsBefore := labNamespaces(t)
+	// Registered before the lab's own cleanup, so it runs after the lab
+	// is closed.
+	t.Cleanup(func() {
+		if extra := slices.DeleteFunc(labNamespaces(t), func(ns string) bool { return slices.Contains(nsBefore, ns) }); len(extra) > 0 {
+			t.Errorf("namespaces left after the lab closed: %v", extra)
+		}
+	})
 	l := newLab(t, 3) // the race detector's build
 	for _, h := range l.Hosts {
 		if _, err := l.StartAgent(h, "--metrics-addr", metricsAddr); err != nil {
@@ -210,9 +217,18 @@ func TestSoak(t *testing.T) {
 	for _, h := range l.Hosts {
 		t.Logf("%s at the end: %v", h.Name, end[h.Name])
 	}
-	l.Close()
-	if extra := slices.DeleteFunc(labNamespaces(t), func(ns string) bool { return slices.Contains(nsBefore, ns) }); len(extra) > 0 {
-		t.Errorf("namespaces left after the lab closed: %v", extra)
+	if t.Failed() {
+		// Ten minutes of logs: what the agents warned of, with the
+		// hand-backs that delivered late.
+		for _, h := range l.Hosts {
+			var lines []string
+			for _, line := range strings.Split(agentLog(t, h), "\n") {
+				if strings.Contains(line, "level=WARN") || strings.Contains(line, "level=ERROR") {
+					lines = append(lines, line)
+				}
+			}
+			t.Logf("---- %s: %d warnings and errors ----\n%s", h.Name, len(lines), strings.Join(lines, "\n"))
+		}
 	}
 }
 
