@@ -435,8 +435,11 @@ func TestLibvirtReleaseAfterFailedIncoming(t *testing.T) {
 // RARP; here a guest's gratuitous ARP). No hook marks the source's pause:
 // the old interface just goes, and the old host's standby route keeps
 // what comes after for the claim. Then the source's "release" detaches.
+// The agents deliver on announcements only (--activation announce, as for
+// taps that have carrier before the VM runs): the announcement that made
+// the claim must also start the delivery.
 func TestLibvirtMigration(t *testing.T) {
-	l, m, c := migrationLab(t, 3)
+	l, m, c := migrationLab(t, 3, "--activation", "announce")
 	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
 	queues := wgQueueDrops(l)
 	newVif, err := l.PrepareIncoming(m, h2)
@@ -521,6 +524,9 @@ func TestLibvirtMigration(t *testing.T) {
 	}
 	if mig.Flushed+mig.Forwarded == 0 {
 		t.Errorf("h1 handed over nothing: what reached it after the VM left was not kept")
+	}
+	if mig.Activation != "garp" {
+		t.Errorf("activation %q, want garp: the announcement that made the claim", mig.Activation)
 	}
 	// What the kernel had handed to the old interface when it went is
 	// lost (DESIGN.md: 0 to 2 packets); everything after is the cache's.

@@ -133,6 +133,28 @@ func (a *Agent) awaitAnnouncement(ctx context.Context, vip netip.Addr, w *awaite
 	if _, err := (backend{a}).Attach(context.Background(), vip, w.dev); err != nil {
 		a.log.Error("attaching the VIP of a VM that announced itself: its traffic still goes to its old host",
 			"vip", vip, "dev", w.dev, "owner", w.owner, "err", err)
+		return
+	}
+	// The announcement that made the claim is the arrival's activation
+	// too: the delivery's own watch opened after it and would wait for
+	// another (with --activation announce, maybe forever).
+	a.mu.Lock()
+	c := a.ctls[vip]
+	a.mu.Unlock()
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	o := c.orderer
+	if c.state == stateHolding && c.rec.Activation == "" {
+		c.rec.Activation = heard.Kind
+	}
+	if len(c.mac) != 6 {
+		c.mac = heard.MAC
+	}
+	c.mu.Unlock()
+	if o != nil {
+		o.SetCarrier(true)
 	}
 }
 
