@@ -42,13 +42,7 @@ const awaitRetry = 100 * time.Millisecond
 func (b backend) AttachWhenAnnounced(ctx context.Context, vip netip.Addr, dev string) (control.VIP, error) {
 	a := b.a
 	vip = vip.Unmap()
-	if err := a.checkVIP(vip); err != nil {
-		return control.VIP{}, err
-	}
-	if dev == "" {
-		return control.VIP{}, badRequest("--dev is required: the interface behind which the VM with %s runs", vip)
-	}
-	if err := a.checkDev(dev); err != nil {
+	if err := a.checkAttach(vip, dev); err != nil {
 		return control.VIP{}, err
 	}
 	a.mu.Lock()
@@ -146,15 +140,9 @@ func (a *Agent) awaitAnnouncement(ctx context.Context, vip netip.Addr, w *awaite
 	}
 	c.mu.Lock()
 	o := c.orderer
-	if c.state == stateHolding && c.rec.Activation == "" {
-		c.rec.Activation = heard.Kind
-	}
-	if len(c.mac) != 6 {
-		c.mac = heard.MAC
-	}
 	c.mu.Unlock()
 	if o != nil {
-		o.SetCarrier(true)
+		c.activate(o, heard)
 	}
 }
 

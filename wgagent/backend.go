@@ -25,13 +25,7 @@ func badRequest(format string, args ...any) error {
 func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.VIP, error) {
 	a := b.a
 	vip = vip.Unmap()
-	if err := a.checkVIP(vip); err != nil {
-		return control.VIP{}, err
-	}
-	if dev == "" {
-		return control.VIP{}, badRequest("--dev is required: the interface behind which the VM with %s runs", vip)
-	}
-	if err := a.checkDev(dev); err != nil {
+	if err := a.checkAttach(vip, dev); err != nil {
 		return control.VIP{}, err
 	}
 	a.mu.Lock()
@@ -124,6 +118,18 @@ func (b backend) Detach(_ context.Context, vip netip.Addr) (control.VIP, error) 
 		a.reconcile()
 	}
 	return a.vipStatus(vip), nil
+}
+
+// checkAttach refuses what cannot be attached: a VIP checkVIP refuses, no
+// interface, or one checkDev refuses.
+func (a *Agent) checkAttach(vip netip.Addr, dev string) error {
+	if err := a.checkVIP(vip); err != nil {
+		return err
+	}
+	if dev == "" {
+		return badRequest("--dev is required: the interface behind which the VM with %s runs", vip)
+	}
+	return a.checkDev(dev)
 }
 
 // checkDev refuses an interface that cannot be a VM's.

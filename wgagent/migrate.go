@@ -309,23 +309,30 @@ func (a *Agent) watchAnnouncements(c *vipCtl, o *cache.Orderer, stop chan struct
 	dev := c.dev
 	c.mu.Unlock()
 	err := xenhook.WatchAnnouncements(ctx, dev, func(an xenhook.Announcement) {
-		c.mu.Lock()
-		if len(c.mac) != 6 {
-			c.mac = an.MAC
-		}
-		first := c.rec.Activation == "" && o.Stats().CarrierUp.IsZero()
-		if first {
-			c.rec.Activation = an.Kind
-		}
-		c.mu.Unlock()
-		if first {
+		if c.activate(o, an) {
 			a.log.Debug("arriving VM announced itself", "vip", c.vip, "dev", dev, "kind", an.Kind, "mac", an.MAC.String(), "ip", an.IP)
 		}
-		o.SetCarrier(true)
 	})
 	if err != nil {
 		a.log.Debug("watching for the VM's announcements", "vip", c.vip, "dev", dev, "err", err)
 	}
+}
+
+// activate opens o's gate for an arriving VM that announced itself with
+// an, learning its MAC if unknown; it says whether an is the arrival's
+// activation (the first sign that the VM runs).
+func (c *vipCtl) activate(o *cache.Orderer, an xenhook.Announcement) (first bool) {
+	c.mu.Lock()
+	if len(c.mac) != 6 {
+		c.mac = an.MAC
+	}
+	first = c.rec.Activation == "" && o.Stats().CarrierUp.IsZero()
+	if first {
+		c.rec.Activation = an.Kind
+	}
+	c.mu.Unlock()
+	o.SetCarrier(true)
+	return first
 }
 
 // writer returns the delivery function, opening the packet socket on first

@@ -59,16 +59,18 @@ func (c *Client) Status(ctx context.Context) (Status, error) {
 
 // Attach asks the agent to own vip behind dev.
 func (c *Client) Attach(ctx context.Context, vip netip.Addr, dev string) (VIP, error) {
-	var v VIP
-	err := c.do(ctx, http.MethodPost, "/v1/vips", AttachRequest{VIP: vip, Dev: dev}, &v)
-	return v, err
+	return c.attach(ctx, AttachRequest{VIP: vip, Dev: dev})
 }
 
 // AttachWhenAnnounced asks the agent to own vip behind dev once the VM
 // announces itself there (see WhenAnnounced).
 func (c *Client) AttachWhenAnnounced(ctx context.Context, vip netip.Addr, dev string) (VIP, error) {
+	return c.attach(ctx, AttachRequest{VIP: vip, Dev: dev, When: WhenAnnounced})
+}
+
+func (c *Client) attach(ctx context.Context, req AttachRequest) (VIP, error) {
 	var v VIP
-	err := c.do(ctx, http.MethodPost, "/v1/vips", AttachRequest{VIP: vip, Dev: dev, When: WhenAnnounced}, &v)
+	err := c.do(ctx, http.MethodPost, "/v1/vips", req, &v)
 	return v, err
 }
 
