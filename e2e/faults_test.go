@@ -726,9 +726,9 @@ func neighUnresolvedDiscards(path string) (n uint64) {
 
 // machineDrops is what the machine dropped between two snapshots, outside
 // vmroam: the WireGuard TUN queues, the UDP receive buffers of the hosts
-// and of vms, the WAN emulator's queue.
-func machineDrops(l *lab.Lab, before, now lossSnapshot) (tun, rcvbuf, wan uint64) {
-	return tunDropsSince(l, before.tun), now.hostRcvbuf - before.hostRcvbuf + now.vmRcvbuf - before.vmRcvbuf, now.wanDropped - before.wanDropped
+// and of the VMs, the WAN emulator's queue.
+func machineDrops(l *lab.Lab, before, now lossSnapshot) (tun, hostRcvbuf, vmRcvbuf, wan uint64) {
+	return tunDropsSince(l, before.tun), now.hostRcvbuf - before.hostRcvbuf, now.vmRcvbuf - before.vmRcvbuf, now.wanDropped - before.wanDropped
 }
 
 // checkMoves checks the flows of moves migrations since before: nothing
@@ -737,10 +737,9 @@ func machineDrops(l *lab.Lab, before, now lossSnapshot) (tun, rcvbuf, wan uint64
 func checkMoves(t testing.TB, l *lab.Lab, what string, res lab.FlowResult, moves int, before lossSnapshot, vms ...*lab.VM) {
 	t.Helper()
 	now := takeLossSnapshot(t, l, vms...)
-	tun, rcvbuf, wan := machineDrops(l, before, now)
-	hostRcvbuf, vmRcvbuf := now.hostRcvbuf-before.hostRcvbuf, now.vmRcvbuf-before.vmRcvbuf
+	tun, hostRcvbuf, vmRcvbuf, wan := machineDrops(l, before, now)
 	lingerEnd := now.lingerEnd - before.lingerEnd
-	outside := tun + rcvbuf + wan
+	outside := tun + hostRcvbuf + vmRcvbuf + wan
 	t.Logf("%s: %d datagrams, %d lost, %d out of order; WireGuard TUN queue drops %d, hosts' UDP receive buffer drops %d, VMs' %d, WAN emulator's %d; left in the old host's cache after its stream closed %d; dropped from the kernel's unresolved-neighbour queues (a fence's) %d",
 		what, res.Packets, res.Lost, res.OutOfOrder, tun, hostRcvbuf, vmRcvbuf, wan, lingerEnd, now.unresolved-before.unresolved)
 	if lingerEnd > 0 {
