@@ -138,16 +138,16 @@ func (f *Flow) Wait() (FlowResult, error) {
 		Error     string `json:"error"`
 		Intervals []struct {
 			Sum struct {
-				Bytes float64 `json:"bytes"`
-				Lost  int     `json:"lost_packets"`
+				Bytes float64    `json:"bytes"`
+				Lost  iperfCount `json:"lost_packets"`
 			} `json:"sum"`
 		} `json:"intervals"`
 		End struct {
 			Streams []struct {
 				UDP *struct {
-					Packets    int `json:"packets"`
-					Lost       int `json:"lost_packets"`
-					OutOfOrder int `json:"out_of_order"`
+					Packets    iperfCount `json:"packets"`
+					Lost       iperfCount `json:"lost_packets"`
+					OutOfOrder iperfCount `json:"out_of_order"`
 				} `json:"udp"`
 			} `json:"streams"`
 			SumReceived struct {
@@ -168,7 +168,7 @@ func (f *Flow) Wait() (FlowResult, error) {
 	}
 	for _, iv := range out.Intervals {
 		res.Intervals = append(res.Intervals, iv.Sum.Bytes)
-		res.LostIntervals = append(res.LostIntervals, iv.Sum.Lost)
+		res.LostIntervals = append(res.LostIntervals, int(iv.Sum.Lost))
 	}
 	res.Bytes, res.Seconds = out.End.SumReceived.Bytes, out.End.SumReceived.Seconds
 	if res.Bytes == 0 {
@@ -176,10 +176,29 @@ func (f *Flow) Wait() (FlowResult, error) {
 	}
 	for _, s := range out.End.Streams {
 		if s.UDP != nil {
-			res.Packets += s.UDP.Packets
-			res.Lost += s.UDP.Lost
-			res.OutOfOrder += s.UDP.OutOfOrder
+			res.Packets += int(s.UDP.Packets)
+			res.Lost += int(s.UDP.Lost)
+			res.OutOfOrder += int(s.UDP.OutOfOrder)
 		}
 	}
 	return res, nil
+}
+
+// iperfCount is a count in iperf3's JSON. iperf3 prints a negative count
+// as its unsigned 64-bit pattern: an interval's lost_packets goes below 0
+// when a datagram counted lost there arrives late, out of order.
+type iperfCount int64
+
+func (c *iperfCount) UnmarshalJSON(b []byte) error {
+	s := string(b)
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+		*c = iperfCount(n)
+		return nil
+	}
+	u, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		return fmt.Errorf("lab: iperf3 count %s: %w", s, err)
+	}
+	*c = iperfCount(int64(u))
+	return nil
 }
