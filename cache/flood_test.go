@@ -54,7 +54,7 @@ func TestFloodWithinCaps(t *testing.T) {
 			perQueue = 2 << 20
 			global   = 3 << 20
 			size     = 1400 // UDP payload; 1428 bytes with the headers
-			sends    = 15000
+			burst    = 2000
 		)
 		budget := NewBudget(global)
 		vips := []netip.Addr{netip.MustParseAddr("100.64.9.1"), netip.MustParseAddr("100.64.9.2")}
@@ -104,20 +104,31 @@ func TestFloodWithinCaps(t *testing.T) {
 		// One VIP after the other: the first fills its own queue (and
 		// drops at max-bytes), the second the rest of the budget (and
 		// drops at the global cap).
+		// The device's queue overflows while the reader catches up (more
+		// so under the race detector on a busy machine), so each VIP is
+		// sent bursts until its queue took five times the global budget,
+		// not a fixed count.
 		payload := make([]byte, size)
 		var sent uint64
-		for _, vip := range vips {
+		for i, vip := range vips {
 			conn, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: vip.AsSlice(), Port: 5000})
 			if err != nil {
 				t.Fatal(err)
 			}
-			for range sends {
-				if _, err := conn.Write(payload); err == nil {
-					sent++
+			deadline := time.Now().Add(60 * time.Second)
+			for sinks[i].taken.Load()*size < 5*global {
+				if time.Now().After(deadline) {
+					t.Fatalf("after 60 s the cache device had read only %d packets for %s", sinks[i].taken.Load(), vip)
 				}
+				for range burst {
+					if _, err := conn.Write(payload); err == nil {
+						sent++
+					}
+				}
+				waitQuiet(t, sinks, 20*time.Millisecond)
 			}
 			conn.Close()
-			waitQuiet(t, sinks)
+			waitQuiet(t, sinks, 300*time.Millisecond)
 		}
 		close(stop)
 		wg.Wait()
@@ -134,7 +145,6 @@ func TestFloodWithinCaps(t *testing.T) {
 		}
 		t.Logf("sent %d packets (%d MiB), the cache device read %d; worst queue %d bytes, worst budget %d bytes; heap grew %d bytes",
 			sent, sent*size>>20, taken, worstQueue.Load(), worstBudget.Load(), grown)
-		// The device's queue may overflow while the reader catches up.
 		if taken*size < 10*global {
 			t.Fatalf("only %d of %d packets reached the queues: no flood", taken, sent)
 		}
@@ -173,9 +183,9 @@ func TestFloodWithinCaps(t *testing.T) {
 }
 
 // waitQuiet waits until the interceptor has read everything the kernel
-// queued: no sink takes a packet for 300 ms. (A barrier packet could be
+// queued: no sink takes a packet for quiet. (A barrier packet could be
 // dropped by the device's full queue behind the flood.)
-func waitQuiet(t *testing.T, sinks []*queueSink) {
+func waitQuiet(t *testing.T, sinks []*queueSink, quiet time.Duration) {
 	t.Helper()
 	total := func() (n uint64) {
 		for _, s := range sinks {
@@ -184,7 +194,7 @@ func waitQuiet(t *testing.T, sinks []*queueSink) {
 		return n
 	}
 	last, since := total(), time.Now()
-	for deadline := time.Now().Add(30 * time.Second); time.Since(since) < 300*time.Millisecond; {
+	for deadline := time.Now().Add(30 * time.Second); time.Since(since) < quiet; {
 		if time.Now().After(deadline) {
 			t.Fatal("the cache device kept reading for 30 s")
 		}
