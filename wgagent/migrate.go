@@ -533,7 +533,15 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet 
 		}
 	}
 	waited = time.Since(start)
-	if err := netlink.NeighSet(neigh(gw, netlink.NUD_PERMANENT)); err != nil {
+	// Resolving the gateway sends the kernel's queue, one packet at a time
+	// with the neighbour unlocked in between, while packets from other
+	// CPUs already pass: one arriving meanwhile overtakes the queue's
+	// tail. With embedded wireguard-go nothing arrives from the tunnel
+	// while the tunnel's writes are held.
+	release, _ := a.dev.HoldWrites()
+	err = netlink.NeighSet(neigh(gw, netlink.NUD_PERMANENT))
+	release()
+	if err != nil {
 		a.log.Warn("fence: resolving the fence gateway", "vip", c.vip, "err", err)
 	}
 	// The VIP's own neighbour entry, for after the fence route goes.

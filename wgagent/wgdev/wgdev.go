@@ -74,6 +74,7 @@ type Device struct {
 
 	// userspace only
 	wg       *device.Device
+	hold     *holdTUN
 	uapi     net.Listener
 	uapiDone chan struct{}
 
@@ -166,7 +167,8 @@ func (d *Device) openUserspace(cfg Config) error {
 		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
 		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
 	}
-	d.wg = device.NewDevice(tdev, conn.NewDefaultBind(), logger)
+	d.hold = &holdTUN{Device: tdev}
+	d.wg = device.NewDevice(d.hold, conn.NewDefaultBind(), logger)
 	uapi, err := ipc.UAPIListen(cfg.Name, uapiFile)
 	if err != nil {
 		d.wg.Close()
