@@ -685,6 +685,64 @@ type lossSnapshot struct {
 	// hand-back is one): vmroam's loss, but named. The neighbour tables
 	// are the kernel's, shared by all namespaces.
 	unresolved uint64
+	// links are the drop counters (rx, tx) of every interface of the
+	// hosts and the VMs, by "namespace/link/direction": not excused, but
+	// a loss they show is named.
+	links map[string]uint64
+}
+
+// linkDrops reads the rx and tx drop counters of every link in the lab's
+// host and VM namespaces.
+func linkDrops(l *lab.Lab, vms []*lab.VM) map[string]uint64 {
+	out := map[string]uint64{}
+	var nss []string
+	for _, h := range l.Hosts {
+		nss = append(nss, h.NS)
+	}
+	for _, vm := range vms {
+		nss = append(nss, vm.NS)
+	}
+	for _, ns := range nss {
+		b, err := l.Exec(ns, "ip", "-j", "-s", "link", "show")
+		if err != nil {
+			continue
+		}
+		var links []struct {
+			Name  string `json:"ifname"`
+			Stats struct {
+				RX struct {
+					Dropped uint64 `json:"dropped"`
+				} `json:"rx"`
+				TX struct {
+					Dropped uint64 `json:"dropped"`
+				} `json:"tx"`
+			} `json:"stats64"`
+		}
+		if json.Unmarshal(b, &links) != nil {
+			continue
+		}
+		for _, ln := range links {
+			out[ns+"/"+ln.Name+"/rx"] = ln.Stats.RX.Dropped
+			out[ns+"/"+ln.Name+"/tx"] = ln.Stats.TX.Dropped
+		}
+	}
+	return out
+}
+
+// linkDropsSince names the counters that grew since before (a link made
+// anew since counts from 0).
+func linkDropsSince(before, now map[string]uint64) []string {
+	var grew []string
+	for k, v := range now {
+		switch b := before[k]; {
+		case v < b:
+			grew = append(grew, fmt.Sprintf("%s +%d (recreated)", k, v))
+		case v > b:
+			grew = append(grew, fmt.Sprintf("%s +%d", k, v-b))
+		}
+	}
+	slices.Sort(grew)
+	return grew
 }
 
 func takeLossSnapshot(t testing.TB, l *lab.Lab, vms ...*lab.VM) lossSnapshot {
@@ -700,6 +758,7 @@ func takeLossSnapshot(t testing.TB, l *lab.Lab, vms ...*lab.VM) lossSnapshot {
 		s.wanDropped = st.Dropped
 	}
 	s.unresolved = neighUnresolvedDiscards("/proc/net/stat/arp_cache") + neighUnresolvedDiscards("/proc/net/stat/ndisc_cache")
+	s.links = linkDrops(l, vms)
 	return s
 }
 
@@ -742,6 +801,9 @@ func checkMoves(t testing.TB, l *lab.Lab, what string, res lab.FlowResult, moves
 	outside := tun + hostRcvbuf + vmRcvbuf + wan
 	t.Logf("%s: %d datagrams, %d lost, %d out of order; WireGuard TUN queue drops %d, hosts' UDP receive buffer drops %d, VMs' %d, WAN emulator's %d; left in the old host's cache after its stream closed %d; dropped from the kernel's unresolved-neighbour queues (a fence's) %d",
 		what, res.Packets, res.Lost, res.OutOfOrder, tun, hostRcvbuf, vmRcvbuf, wan, lingerEnd, now.unresolved-before.unresolved)
+	if grew := linkDropsSince(before.links, now.links); len(grew) > 0 {
+		t.Logf("%s: interfaces that dropped meanwhile: %s", what, strings.Join(grew, ", "))
+	}
 	if lingerEnd > 0 {
 		t.Errorf("%s: %d datagrams reached an old host's cache after its straggler stream closed: lost", what, lingerEnd)
 	}
@@ -757,10 +819,10 @@ func checkMoves(t testing.TB, l *lab.Lab, what string, res lab.FlowResult, moves
 	// may reorder a few per move: reported, bounded.
 	if res.OutOfOrder > 0 {
 		t.Logf("KNOWN GAP: %d out of order at the hand-back over %d moves", res.OutOfOrder, moves)
+		logHandBacks(t, l)
 	}
 	if res.OutOfOrder > 15*moves {
 		t.Errorf("%s: %d out of order over %d moves: more than the hand-back race explains", what, res.OutOfOrder, moves)
-		logHandBacks(t, l)
 	}
 }
 
