@@ -81,6 +81,8 @@ type Agent struct {
 	history  []control.Migration
 	// timelines of the last control.MaxTimelines migrations in history.
 	timelines []keptTimeline
+	// Prefixes on a peer that should not have them (allowedIPsGrace).
+	unwanted graceTimer
 
 	// vmroam's nftables table; nil when Config.Filter is off.
 	filter        *filter.Table

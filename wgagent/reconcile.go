@@ -240,6 +240,48 @@ func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, prob
 // by adding it to the new peer, which WireGuard does atomically; only a
 // prefix that must leave a peer without going elsewhere needs the peer's
 // whole list replaced.
+// allowedIPsGrace is how long a prefix no peer wants stays on the peer
+// that had it. Packets the kernel routed into the tunnel before a VIP's
+// route changed (it arrived here) may still wait in the TUN device's queue
+// for wireguard-go, which drops, uncounted, any packet no peer's allowed
+// IPs match: seen as 12 datagrams lost when a VM arrived on its client's
+// host while wireguard-go was behind. Kept, they reach the old host, which
+// forwards them as stragglers. At least a reconcile interval passes before
+// the removal.
+const allowedIPsGrace = time.Second
+
+// graceTimer says when prefixes found unwanted have been so for
+// allowedIPsGrace. A prefix not asked about between two sweeps is
+// forgotten: it is wanted again, or gone.
+type graceTimer struct {
+	since map[netip.Prefix]time.Time
+	asked map[netip.Prefix]bool
+}
+
+// due notes that q is unwanted at now and says whether it has been since
+// allowedIPsGrace.
+func (g *graceTimer) due(q netip.Prefix, now time.Time) bool {
+	if g.since == nil {
+		g.since, g.asked = map[netip.Prefix]time.Time{}, map[netip.Prefix]bool{}
+	}
+	g.asked[q] = true
+	first, ok := g.since[q]
+	if !ok {
+		g.since[q], first = now, now
+	}
+	return now.Sub(first) >= allowedIPsGrace
+}
+
+// sweep forgets the prefixes due was not asked about since the last sweep.
+func (g *graceTimer) sweep() {
+	for q := range g.since {
+		if !g.asked[q] {
+			delete(g.since, q)
+		}
+	}
+	clear(g.asked)
+}
+
 func (a *Agent) applyPeers(want []wantPeer) error {
 	dev, err := a.dev.State()
 	if err != nil {
@@ -306,9 +348,13 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 			return err
 		}
 	}
-	// Second pass: prefixes still on a peer that should not have them;
-	// and a warm-up for every peer without a session yet.
+	// Second pass: prefixes still on a peer that should not have them
+	// (a prefix another peer wants left this one when that peer took
+	// it), once they have been unwanted for allowedIPsGrace; and a
+	// warm-up for every peer without a session yet.
 	var errs []error
+	now := time.Now()
+	defer a.unwanted.sweep()
 	for _, p := range dev.Peers {
 		w, ok := wanted[p.PublicKey]
 		if !ok {
@@ -323,7 +369,10 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 		}
 		var remove []netip.Prefix
 		for q := range prefixSet(p.AllowedIPs) {
-			if !want[q] {
+			if want[q] {
+				continue
+			}
+			if a.unwanted.due(q, now) {
 				remove = append(remove, q)
 			}
 		}
