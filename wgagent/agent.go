@@ -319,24 +319,26 @@ func (a *Agent) Run(ctx context.Context) error {
 		go a.runXenstore(xctx, a.xenPath)
 	}
 
-	a.reconcile()
+	a.reconcileWith(true)
 	close(a.ready)
 	interval := a.live().ReconcileInterval
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
+		verify := false
 		select {
 		case <-ctx.Done():
 			a.log.Info("shutting down")
 			return nil
 		case <-a.trigger:
 		case <-tick.C:
+			verify = true
 		}
 		if iv := a.live().ReconcileInterval; iv != interval { // reloaded
 			interval = iv
 			tick.Reset(iv)
 		}
-		a.reconcile()
+		a.reconcileWith(verify)
 	}
 }
 

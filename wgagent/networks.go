@@ -176,15 +176,18 @@ func (a *Agent) wantRuleset() filter.Ruleset {
 }
 
 // reconcileFilter rewrites vmroam's nftables table when the networks
-// changed, and repairs it when someone else changed or deleted it. a.mu
-// held.
-func (a *Agent) reconcileFilter(problem func(string, ...any)) {
+// changed, and, when verify is set, repairs it if someone else changed or
+// deleted it. a.mu held.
+func (a *Agent) reconcileFilter(verify bool, problem func(string, ...any)) {
 	if a.filter == nil {
 		return
 	}
 	want := a.wantRuleset()
 	same := a.filterApplied != nil && slices.Equal(a.filterApplied.Networks, want.Networks) &&
 		a.filterApplied.TunnelDev == want.TunnelDev && a.filterApplied.TunnelMTU == want.TunnelMTU
+	if same && !verify {
+		return
+	}
 	if same {
 		ok, err := a.filter.Check()
 		if err == nil && ok {
