@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -22,11 +23,11 @@ type Deliverer struct {
 	mac     net.HardwareAddr
 }
 
-// NewDeliverer opens a packet socket on dev that sends to mac.
-func NewDeliverer(dev string, mac net.HardwareAddr) (*Deliverer, error) {
-	if len(mac) != 6 {
-		return nil, fmt.Errorf("deliver on %s: VM MAC %q is not an Ethernet address", dev, mac)
-	}
+// NewDeliverer opens a packet socket on dev. Opening takes from a few
+// hundred microseconds to milliseconds on a busy host, so an arrival opens
+// it before the first packet; the VM's MAC, often learnt later (from the
+// handover's header or the VM's announcement), is set with SetMAC.
+func NewDeliverer(dev string) (*Deliverer, error) {
 	link, err := netlink.LinkByName(dev)
 	if err != nil {
 		return nil, fmt.Errorf("deliver on %s: %w", dev, err)
@@ -38,7 +39,16 @@ func NewDeliverer(dev string, mac net.HardwareAddr) (*Deliverer, error) {
 	}
 	// A large send buffer absorbs the burst of a flush.
 	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 8<<20)
-	return &Deliverer{fd: fd, ifindex: link.Attrs().Index, mac: mac}, nil
+	return &Deliverer{fd: fd, ifindex: link.Attrs().Index}, nil
+}
+
+// SetMAC sets the VM's MAC, where Write sends.
+func (d *Deliverer) SetMAC(mac net.HardwareAddr) error {
+	if len(mac) != 6 {
+		return fmt.Errorf("deliver: VM MAC %q is not an Ethernet address", mac)
+	}
+	d.mac = slices.Clone(mac)
+	return nil
 }
 
 // Write sends one IP packet (IPv4 or IPv6) to the VM. When the interface's
@@ -46,6 +56,9 @@ func NewDeliverer(dev string, mac net.HardwareAddr) (*Deliverer, error) {
 func (d *Deliverer) Write(pkt []byte) error {
 	if len(pkt) == 0 {
 		return errors.New("deliver: empty packet")
+	}
+	if d.mac == nil {
+		return errors.New("deliver: no VM MAC set")
 	}
 	proto := uint16(unix.ETH_P_IP)
 	if pkt[0]>>4 == 6 {

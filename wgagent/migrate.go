@@ -248,7 +248,7 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	c.state = stateHolding
 	c.stream, c.queue = stream, direct
 	c.stop = make(chan struct{})
-	write, closeWriter := c.writer()
+	write, prepareWriter, closeWriter := c.writer()
 	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.live().CacheSettle, Write: write, Timeline: c.tl}
 	c.orderer = o
 	if c.tl != nil {
@@ -281,6 +281,7 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	go func() {
 		defer a.bg.Done()
 		defer closeWriter() // only Run writes
+		prepareWriter()
 		if err := o.Run(stop); err != nil {
 			a.log.Error("delivering cached packets", "vip", c.vip, "err", err)
 		}
@@ -335,42 +336,73 @@ func (c *vipCtl) activate(o *cache.Orderer, an xenhook.Announcement) (first bool
 	return first
 }
 
-// writer returns the delivery function, opening the packet socket on first
-// use (by then the VM's interface is up and its MAC known or resolvable),
-// and the function that closes the socket, to call once no write can come.
-func (c *vipCtl) writer() (write func([]byte) error, closeWriter func()) {
+// writer returns the delivery function; prepare, which opens the packet
+// socket ahead of the first packet if the VM's interface is there (else
+// the first write opens it); and closeWriter, to call once no write can
+// come. All three are for the orderer's goroutine only.
+func (c *vipCtl) writer() (write func([]byte) error, prepare, closeWriter func()) {
 	var d *cache.Deliverer
+	var mac net.HardwareAddr // the VM's, once known
+	open := func() error {
+		if d != nil {
+			return nil
+		}
+		c.mu.Lock()
+		dev := c.dev
+		c.mu.Unlock()
+		var err error
+		if d, err = cache.NewDeliverer(dev); err == nil && mac != nil {
+			err = d.SetMAC(mac)
+		}
+		return err
+	}
 	closeWriter = func() {
 		if d != nil {
 			d.Close()
 			d = nil
 		}
 	}
-	return func(pkt []byte) error {
-		if d == nil {
+	prepare = func() { open() }
+	write = func(pkt []byte) error {
+		if err := open(); err != nil {
+			return err
+		}
+		if mac == nil {
 			c.mu.Lock()
-			dev, mac := c.dev, c.mac
+			dev, m := c.dev, c.mac
 			c.mu.Unlock()
-			if len(mac) != 6 {
-				if m, ok := cache.NeighborMAC(dev, c.vip); ok {
-					mac = m
-				} else if c.vip.Is4() {
-					m, err := cache.ResolveMAC(dev, c.vip, anycastGateway, time.Second)
-					if err != nil {
+			if len(m) != 6 {
+				learnt, ok := cache.NeighborMAC(dev, c.vip)
+				switch {
+				case ok:
+					m = learnt
+				case c.vip.Is4():
+					var err error
+					if m, err = cache.ResolveMAC(dev, c.vip, anycastGateway, time.Second); err != nil {
 						return err
 					}
-					mac = m
-				} else {
+				default:
 					return fmt.Errorf("no MAC known for %s on %s", c.vip, dev)
 				}
 			}
-			var err error
-			if d, err = cache.NewDeliverer(dev, mac); err != nil {
+			if err := d.SetMAC(m); err != nil {
 				return err
 			}
+			mac = m
 		}
-		return d.Write(pkt)
-	}, closeWriter
+		err := d.Write(pkt)
+		if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENODEV) {
+			// The interface was made anew since the socket opened (a
+			// vif that flapped): open on the new one.
+			closeWriter()
+			if err := open(); err != nil {
+				return err
+			}
+			err = d.Write(pkt)
+		}
+		return err
+	}
+	return write, prepare, closeWriter
 }
 
 // watchDelivery waits until the orderer drained what the migration brought,
