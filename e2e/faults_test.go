@@ -816,7 +816,8 @@ func checkMoves(t testing.TB, l *lab.Lab, what string, res lab.FlowResult, moves
 			lost, loadAverage())
 	}
 	// The known hand-back race (see TestMigrationBackAndForthAndTCP)
-	// may reorder a few per move: reported, bounded.
+	// may reorder a few per move onto the client's own host: reported,
+	// bounded.
 	if res.OutOfOrder > 0 {
 		t.Logf("KNOWN GAP: %d out of order at the hand-back over %d moves", res.OutOfOrder, moves)
 		logHandBacks(t, l)
