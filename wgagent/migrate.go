@@ -15,6 +15,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
@@ -744,6 +745,37 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 	}
 }
 
+// tunnelState describes this host's WireGuard peer for a member, for a log
+// line: when a handover cannot connect, whether the tunnel has a session
+// and moves bytes tells a tunnel problem from a listener's.
+func (a *Agent) tunnelState(member string) string {
+	var key wgtypes.Key
+	found := false
+	for _, m := range a.cluster.Members() {
+		if m.Name == member && m.MetaErr == nil {
+			key, found = wgtypes.Key(m.Meta.PublicKey), true
+		}
+	}
+	if !found {
+		return "no such member"
+	}
+	dev, err := a.dev.State()
+	if err != nil {
+		return err.Error()
+	}
+	for _, p := range dev.Peers {
+		if p.PublicKey != key {
+			continue
+		}
+		hs := "none"
+		if !p.LastHandshakeTime.IsZero() {
+			hs = time.Since(p.LastHandshakeTime).Round(time.Millisecond).String() + " ago"
+		}
+		return fmt.Sprintf("endpoint %v, last handshake %s, rx %d B, tx %d B, allowed %v", p.Endpoint, hs, p.ReceiveBytes, p.TransmitBytes, p.AllowedIPs)
+	}
+	return "no WireGuard peer"
+}
+
 // connectHandover connects to the old owner's handover port, retrying
 // until it answers, stops being alive, the cache's age limit passes or
 // stop closes; nil if it gave up.
@@ -769,7 +801,7 @@ func (a *Agent) connectHandover(c *vipCtl, from string, stop chan struct{}) (net
 		if waited := time.Since(c.started); waited > time.Second && time.Since(warned) > 3*time.Second {
 			warned = time.Now()
 			a.log.Warn("handover: cannot connect to the old host yet; its VM's packets are held here", "vip", c.vip, "from", from,
-				"waited", waited.Round(time.Millisecond), "attempts", attempt, "err", err)
+				"waited", waited.Round(time.Millisecond), "attempts", attempt, "err", err, "tunnel", a.tunnelState(from))
 		} else {
 			a.log.Debug("handover: connect", "vip", c.vip, "from", from, "err", err)
 		}
