@@ -246,6 +246,9 @@ func TestWANMigrationTCP(t *testing.T) {
 	// timeout backs off. Several seconds would mean it was.
 	if stall > downtime+2*time.Second {
 		t.Errorf("the receiver stalled %v; want well under %v", stall, downtime+2*time.Second)
+		if st, err := l.WANStats(); err == nil {
+			t.Logf("WAN emulator: %v", st) // a late underlay shows here
+		}
 	}
 }
 
