@@ -251,10 +251,10 @@ func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, prob
 // that had it. Packets the kernel routed into the tunnel before a VIP's
 // route changed (it arrived here) may still wait in the TUN device's queue
 // for wireguard-go, which drops, uncounted, any packet no peer's allowed
-// IPs match: seen as 12 datagrams lost when a VM arrived on its client's
-// host while wireguard-go was behind. Kept, they reach the old host, which
-// forwards them as stragglers. At least a reconcile interval passes before
-// the removal.
+// IPs match: the likely cause of 12 datagrams lost, no counter explaining
+// them, when a VM arrived on its client's host. Kept, they reach the old
+// host, which forwards them as stragglers. At least a reconcile interval
+// passes before the removal.
 const allowedIPsGrace = time.Second
 
 // graceTimer says when prefixes found unwanted have been so for
