@@ -243,10 +243,6 @@ func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, prob
 	return out
 }
 
-// applyPeers changes the device's peers to want. A VIP moves between peers
-// by adding it to the new peer, which WireGuard does atomically; only a
-// prefix that must leave a peer without going elsewhere needs the peer's
-// whole list replaced.
 // allowedIPsGrace is how long a prefix no peer wants stays on the peer
 // that had it. Packets the kernel routed into the tunnel before a VIP's
 // route changed (it arrived here) may still wait in the TUN device's queue
@@ -289,6 +285,10 @@ func (g *graceTimer) sweep() {
 	clear(g.asked)
 }
 
+// applyPeers changes the device's peers to want. A VIP moves between peers
+// by adding it to the new peer, which WireGuard does atomically; only a
+// prefix that must leave a peer without going elsewhere needs the peer's
+// whole list replaced.
 func (a *Agent) applyPeers(want []wantPeer) error {
 	dev, err := a.dev.State()
 	if err != nil {
