@@ -8,9 +8,9 @@ import (
 
 // holdTUN lets the agent stop wireguard-go from handing packets to the
 // kernel for a moment. The kernel forwards a packet written to a TUN device
-// within the write call, so once Hold returns every packet from the tunnel
-// is either out or queued where the kernel put it, and none arrives until
-// the release.
+// within the write call, so once HoldWrites returns every packet from the
+// tunnel is either out or queued where the kernel put it, and none arrives
+// until the release.
 type holdTUN struct {
 	tun.Device
 	mu sync.RWMutex
