@@ -749,16 +749,11 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, r gossip.Record, stream *c
 // line: when a handover cannot connect, whether the tunnel has a session
 // and moves bytes tells a tunnel problem from a listener's.
 func (a *Agent) tunnelState(member string) string {
-	var key wgtypes.Key
-	found := false
-	for _, m := range a.cluster.Members() {
-		if m.Name == member && m.MetaErr == nil {
-			key, found = wgtypes.Key(m.Meta.PublicKey), true
-		}
-	}
-	if !found {
+	m, ok := a.member(member)
+	if !ok || m.MetaErr != nil {
 		return "no such member"
 	}
+	key := wgtypes.Key(m.Meta.PublicKey)
 	dev, err := a.dev.State()
 	if err != nil {
 		return err.Error()
@@ -817,13 +812,21 @@ func (a *Agent) connectHandover(c *vipCtl, from string, stop chan struct{}) (net
 	}
 }
 
-func (a *Agent) memberOverlay(name string) (netip.Addr, bool) {
+// member returns the gossip member called name.
+func (a *Agent) member(name string) (gossip.Member, bool) {
 	for _, m := range a.cluster.Members() {
 		if m.Name == name {
-			return m.Meta.Address, m.MetaErr == nil && m.State == gossip.MemberAlive
+			return m, true
 		}
 	}
-	return netip.Addr{}, false
+	return gossip.Member{}, false
+}
+
+// memberOverlay returns the overlay address of the member called name, and
+// whether it is alive with readable metadata.
+func (a *Agent) memberOverlay(name string) (netip.Addr, bool) {
+	m, ok := a.member(name)
+	return m.Meta.Address, ok && m.MetaErr == nil && m.State == gossip.MemberAlive
 }
 
 // handoverWait bounds how long a claim waits for a delivery under way here.
