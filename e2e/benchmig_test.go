@@ -88,7 +88,7 @@ func BenchmarkMigration(b *testing.B) {
 							}
 							ps := p.Stop(2 * time.Second)
 							r.lost = append(r.lost, float64(res.Lost))
-							tun, hostRcvbuf, vmRcvbuf, wan := machineDrops(l, before, takeLossSnapshot(b, l, m))
+							tun, hostRcvbuf, vmRcvbuf, wan := machineDrops(before, takeLossSnapshot(b, l, m))
 							r.machine = append(r.machine, float64(tun+hostRcvbuf+vmRcvbuf+wan))
 							r.ooo = append(r.ooo, float64(res.OutOfOrder))
 							r.sent = append(r.sent, float64(res.Packets))

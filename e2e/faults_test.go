@@ -424,9 +424,15 @@ func TestFaultDestinationKilled(t *testing.T) {
 }
 
 // tunDropsSince sums the transmit drops of the hosts' WireGuard devices
-// since base (wgQueueDrops); a device made anew by a restart counts from 0.
-func tunDropsSince(l *lab.Lab, base map[string]uint64) (n uint64) {
-	for k, v := range wgQueueDrops(l) {
+// since base (wgQueueDrops).
+func tunDropsSince(l *lab.Lab, base map[string]uint64) uint64 {
+	return dropsSince(base, wgQueueDrops(l))
+}
+
+// dropsSince sums the growth of each counter from base to now; a device
+// made anew by a restart counts from 0.
+func dropsSince(base, now map[string]uint64) (n uint64) {
+	for k, v := range now {
 		if v >= base[k] {
 			n += v - base[k]
 		} else {
@@ -786,8 +792,8 @@ func neighUnresolvedDiscards(path string) (n uint64) {
 // machineDrops is what the machine dropped between two snapshots, outside
 // vmroam: the WireGuard TUN queues, the UDP receive buffers of the hosts
 // and of the VMs, the WAN emulator's queue.
-func machineDrops(l *lab.Lab, before, now lossSnapshot) (tun, hostRcvbuf, vmRcvbuf, wan uint64) {
-	return tunDropsSince(l, before.tun), now.hostRcvbuf - before.hostRcvbuf, now.vmRcvbuf - before.vmRcvbuf, now.wanDropped - before.wanDropped
+func machineDrops(before, now lossSnapshot) (tun, hostRcvbuf, vmRcvbuf, wan uint64) {
+	return dropsSince(before.tun, now.tun), now.hostRcvbuf - before.hostRcvbuf, now.vmRcvbuf - before.vmRcvbuf, now.wanDropped - before.wanDropped
 }
 
 // checkMoves checks the flows of moves migrations since before: nothing
@@ -796,7 +802,7 @@ func machineDrops(l *lab.Lab, before, now lossSnapshot) (tun, hostRcvbuf, vmRcvb
 func checkMoves(t testing.TB, l *lab.Lab, what string, res lab.FlowResult, moves int, before lossSnapshot, vms ...*lab.VM) {
 	t.Helper()
 	now := takeLossSnapshot(t, l, vms...)
-	tun, hostRcvbuf, vmRcvbuf, wan := machineDrops(l, before, now)
+	tun, hostRcvbuf, vmRcvbuf, wan := machineDrops(before, now)
 	lingerEnd := now.lingerEnd - before.lingerEnd
 	outside := tun + hostRcvbuf + vmRcvbuf + wan
 	t.Logf("%s: %d datagrams, %d lost, %d out of order; WireGuard TUN queue drops %d, hosts' UDP receive buffer drops %d, VMs' %d, WAN emulator's %d; left in the old host's cache after its stream closed %d; dropped from the kernel's unresolved-neighbour queues (a fence's) %d",

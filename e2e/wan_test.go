@@ -117,9 +117,7 @@ func (a *wanAccount) finish(t *testing.T) (underlay, tunQueue uint64) {
 		k := a.c.Host.Underlay.String() + ">" + h.Underlay.String()
 		underlay += st.LostByPath[k] - a.wan.LostByPath[k]
 	}
-	for k, n := range wgQueueDrops(a.l) {
-		tunQueue += n - a.drops[k]
-	}
+	tunQueue = tunDropsSince(a.l, a.drops)
 	t.Logf("WAN: %d packets in, %d out, %d dropped on purpose (%d on the flow's paths), %d for want of room; lateness p99 %v max %v; WireGuard TUN queue drops %d",
 		st.Received-a.wan.Received, st.Sent-a.wan.Sent, st.Lost-a.wan.Lost, underlay, st.Dropped-a.wan.Dropped, st.P99Lateness, st.MaxLateness, tunQueue)
 	return underlay, tunQueue

@@ -288,10 +288,7 @@ func TestXenMigration(t *testing.T) {
 	if res.Packets < 50000 {
 		t.Errorf("only %d datagrams: the stream did not run", res.Packets)
 	}
-	var tunQueue uint64
-	for k, n := range wgQueueDrops(l) {
-		tunQueue += n - queueDrops[k]
-	}
+	tunQueue := tunDropsSince(l, queueDrops)
 	t.Logf("the sender's WireGuard device dropped %d on transmit; all hosts' %d", wgDrops, tunQueue)
 	checkFlow(t, res, 0, tunQueue)
 	if mig.Flushed == 0 {
