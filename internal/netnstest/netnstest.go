@@ -16,7 +16,7 @@ import (
 // and switches the thread back afterwards. It skips the test when not root
 // or with -short. f must not start goroutines that use netlink: they would
 // run in the test's original namespace.
-func Run(t *testing.T, f func()) {
+func Run(t testing.TB, f func()) {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("network namespace test: skipped with -short")

@@ -1,7 +1,8 @@
 // Package wgdev opens this host's WireGuard interface, either in the kernel
 // through netlink or as embedded wireguard-go on a TUN device with its UAPI
-// socket, and configures it through wgctrl. Both give the same interface to
-// `wg show` and to the rest of the agent.
+// socket, and configures it (through wgctrl, or the embedded device's UAPI
+// directly). Both give the same interface to `wg show` and to the rest of
+// the agent.
 package wgdev
 
 import (
@@ -77,6 +78,10 @@ type Device struct {
 	hold     *holdTUN
 	uapi     net.Listener
 	uapiDone chan struct{}
+	// The public key of priv, computed once (State).
+	pubMu sync.Mutex
+	priv  wgtypes.Key
+	pub   wgtypes.Key
 
 	closeOnce sync.Once
 	closeErr  error
@@ -227,6 +232,23 @@ func (d *Device) Impl() Impl { return d.impl }
 
 // State reads the device's peers and counters.
 func (d *Device) State() (*wgtypes.Device, error) {
+	if d.impl == Userspace && d.wg != nil {
+		text, err := d.wg.IpcGet()
+		if err != nil {
+			return nil, fmt.Errorf("read WireGuard state of %s: %w", d.name, err)
+		}
+		dev, err := parseUAPI(d.name, text)
+		if err != nil {
+			return nil, err
+		}
+		d.pubMu.Lock()
+		if d.priv != dev.PrivateKey || d.pub == (wgtypes.Key{}) {
+			d.priv, d.pub = dev.PrivateKey, dev.PrivateKey.PublicKey()
+		}
+		dev.PublicKey = d.pub
+		d.pubMu.Unlock()
+		return dev, nil
+	}
 	dev, err := d.client.Device(d.name)
 	if err != nil {
 		return nil, fmt.Errorf("read WireGuard state of %s: %w", d.name, err)
@@ -236,6 +258,16 @@ func (d *Device) State() (*wgtypes.Device, error) {
 
 // Configure applies a change to the device.
 func (d *Device) Configure(c wgtypes.Config) error {
+	if d.impl == Userspace && d.wg != nil {
+		set, err := formatUAPISet(c)
+		if err == nil {
+			err = d.wg.IpcSet(set)
+		}
+		if err != nil {
+			return fmt.Errorf("configure WireGuard %s: %w", d.name, err)
+		}
+		return nil
+	}
 	if err := d.client.ConfigureDevice(d.name, c); err != nil {
 		return fmt.Errorf("configure WireGuard %s: %w", d.name, err)
 	}
