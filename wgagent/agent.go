@@ -94,6 +94,10 @@ type Agent struct {
 	xenFollowed map[int]bool
 	xenPath     string
 
+	// saveMu serializes writing the state file (persist); it is never
+	// taken with a.mu held.
+	saveMu sync.Mutex
+
 	// Handover connections opened by Prepare, by VIP; see prepare.go.
 	prepMu   sync.Mutex
 	prepared map[netip.Addr]*preparedConn
@@ -464,9 +468,7 @@ func (a *Agent) teardown() {
 		}
 		a.dev = nil
 	}
-	a.mu.Lock()
-	a.saveLocked()
-	a.mu.Unlock()
+	a.persist()
 }
 
 // kick asks the reconcile loop for a run without blocking.
@@ -497,19 +499,31 @@ func joinList(cfg, persisted []string, self netip.Addr, port int) []string {
 	return out
 }
 
-func (a *Agent) saveLocked() {
+// persist saves the state if it changed. The file is written and synced
+// outside a.mu (a sync took up to 40 ms on a busy host, and a handover
+// request waits for a.mu), but under saveMu, so that when persist returns
+// whatever changed before it was called is on disk: the next caller waits
+// for a save under way, then finds nothing left to save.
+func (a *Agent) persist() {
+	a.saveMu.Lock()
+	defer a.saveMu.Unlock()
+	a.mu.Lock()
 	if !a.dirty {
+		a.mu.Unlock()
 		return
 	}
 	st := persisted{Peers: slices.Clone(a.peers)}
 	for _, at := range a.attached {
 		st.Attachments = append(st.Attachments, at)
 	}
+	a.dirty = false
+	a.mu.Unlock()
 	if err := saveState(a.cfg.DataDir, st); err != nil {
 		a.log.Error("saving state", "err", err)
-		return
+		a.mu.Lock()
+		a.dirty = true // the next reconcile tries again
+		a.mu.Unlock()
 	}
-	a.dirty = false
 }
 
 // warnSysctls says loudly when the host will not forward VM traffic.

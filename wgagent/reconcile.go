@@ -35,6 +35,7 @@ func (a *Agent) reconcile() { a.reconcileWith(false) }
 // a migration runs several reconciles at both ends while the handover's
 // packets need the CPU). The periodic reconcile verifies.
 func (a *Agent) reconcileWith(verify bool) {
+	defer a.persist()
 	start := time.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -97,7 +98,6 @@ func (a *Agent) reconcileWith(verify bool) {
 	}
 	a.reconcileFilter(verify, func(format string, args ...any) { failed("nftables", format, args...) })
 	problems = append(problems, a.configProblems...)
-	a.saveLocked()
 
 	if !slices.Equal(problems, a.problems) {
 		for _, p := range problems {
