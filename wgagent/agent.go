@@ -77,8 +77,11 @@ type Agent struct {
 	peers    []string // gossip addresses seen, persisted
 	problems []string // from the last reconcile
 	dirty    bool     // persisted state changed since the last save
-	ctls     map[netip.Addr]*vipCtl
-	history  []control.Migration
+	// reconciledFrom is when the last reconcile took a.mu: a reconcile
+	// asked for before then has nothing left to do (reconcileWith).
+	reconciledFrom time.Time
+	ctls           map[netip.Addr]*vipCtl
+	history        []control.Migration
 	// timelines of the last control.MaxTimelines migrations in history.
 	timelines []keptTimeline
 	// Prefixes on a peer that should not have them (allowedIPsGrace).
