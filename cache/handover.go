@@ -260,19 +260,33 @@ func ReceiveTicks(r io.Reader, q *Queue, onHeader func(Header) error, onEnd func
 // time until the first byte of the answer is readable, measured with a
 // small read-ahead; the returned reader replays what was read.
 func RequestHandover(conn net.Conn, req Request) (io.Reader, time.Duration, error) {
-	w := NewWriter(conn)
-	start := time.Now()
-	if err := w.Request(req); err != nil {
+	sent := time.Now()
+	if err := SendRequest(conn, req); err != nil {
 		return nil, 0, err
 	}
-	if err := w.Flush(); err != nil {
-		return nil, 0, fmt.Errorf("handover: send request: %w", err)
+	return AwaitAnswer(conn, sent)
+}
+
+// SendRequest writes the request that opens a handover.
+func SendRequest(conn io.Writer, req Request) error {
+	w := NewWriter(conn)
+	if err := w.Request(req); err != nil {
+		return err
 	}
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("handover: send request: %w", err)
+	}
+	return nil
+}
+
+// AwaitAnswer waits for the first byte of the answer to a request sent at
+// sent, and returns a reader of the answer and the round trip since sent.
+func AwaitAnswer(conn io.Reader, sent time.Time) (io.Reader, time.Duration, error) {
 	first := make([]byte, 1)
 	if _, err := io.ReadFull(conn, first); err != nil {
 		return nil, 0, fmt.Errorf("handover: no answer: %w", err)
 	}
-	return io.MultiReader(bytes.NewReader(first), conn), time.Since(start), nil
+	return io.MultiReader(bytes.NewReader(first), conn), time.Since(sent), nil
 }
 
 // Orderer delivers a destination's packets in the order that loses and

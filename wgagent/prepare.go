@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/wgagent/control"
 )
 
@@ -40,6 +41,24 @@ type preparedConn struct {
 	conn    net.Conn
 	dialRTT time.Duration
 	at      time.Time
+	// Set by ask.
+	asked  time.Time
+	askErr error
+}
+
+// askTimeout bounds the write of a request on a prepared connection. It
+// is a few dozen bytes on an idle connection: the kernel takes them at
+// once unless the connection is broken.
+const askTimeout = 100 * time.Millisecond
+
+// ask sends req on the prepared connection, with a.mu held: the claim's
+// request goes out before anything else the claim sets off competes for
+// the CPU. A failure is kept for fetchHandover, which connects anew.
+func (pc *preparedConn) ask(req cache.Request) {
+	pc.conn.SetWriteDeadline(time.Now().Add(askTimeout))
+	pc.asked = time.Now()
+	pc.askErr = cache.SendRequest(pc.conn, req)
+	pc.conn.SetWriteDeadline(time.Time{})
 }
 
 // Prepare connects to the current owner of a VIP about to arrive here.
