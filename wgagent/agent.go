@@ -326,7 +326,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		go a.runXenstore(xctx, a.xenPath)
 	}
 
-	a.reconcileWith(true)
+	a.reconcileWith(true, time.Now())
 	close(a.ready)
 	interval := a.live().ReconcileInterval
 	tick := time.NewTicker(interval)
@@ -345,7 +345,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			interval = iv
 			tick.Reset(iv)
 		}
-		a.reconcileWith(verify)
+		a.reconcileWith(verify, time.Now())
 	}
 }
 

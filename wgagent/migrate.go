@@ -979,14 +979,17 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	// flushed ahead of the marker, what they send after it goes straight
 	// to the new host, newer than all of it. (An end marker ahead of the
 	// move reordered 29-32 packets in every third hybrid move: packets
-	// still on the old path overtook the stream.)
+	// still on the old path overtook the stream.) The Assert kicked the
+	// reconcile loop, which may well take the lock before the goroutine
+	// below starts (1-7 ms later on a busy host): its run then does the
+	// move, and the goroutine's is skipped.
 	t0 := time.Now()
 	routed := make(chan struct{})
 	var reconciled time.Duration
 	a.bg.Add(1)
 	go func() {
 		defer a.bg.Done()
-		a.reconcile()
+		a.reconcileFor(t0)
 		reconciled = time.Since(t0)
 		close(routed)
 	}()

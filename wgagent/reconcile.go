@@ -27,7 +27,11 @@ type wantPeer struct {
 // reconcile brings ownership, WireGuard peers and routes to what gossip
 // says. It is idempotent; everything it cannot fix now is kept in
 // a.problems for status and retried on the next run.
-func (a *Agent) reconcile() { a.reconcileWith(false) }
+func (a *Agent) reconcile() { a.reconcileFor(time.Now()) }
+
+// reconcileFor is reconcile for a change made before asked: one that
+// began after asked has done it (see reconcileWith).
+func (a *Agent) reconcileFor(asked time.Time) { a.reconcileWith(false, asked) }
 
 // reconcileWith is reconcile; verify also reads back what only someone
 // else can have changed since the last run: the nftables table, whose dump
@@ -35,17 +39,18 @@ func (a *Agent) reconcile() { a.reconcileWith(false) }
 // a migration runs several reconciles at both ends while the handover's
 // packets need the CPU). The periodic reconcile verifies.
 //
-// A reconcile that began after this call, and ended while this one waited
-// for the lock, saw everything this one would: this one then only waits
-// for the state to be saved. At either end of a migration the claim's
-// gossip and the migration itself ask for a reconcile at the same moment,
-// while the handover's first packets need the CPU.
-func (a *Agent) reconcileWith(verify bool) {
+// A reconcile that began after asked (when the change to apply was made),
+// and ended while this one waited for the lock, saw everything this one
+// would: this one then only waits for the state to be saved. At either end
+// of a migration the claim's gossip and the migration itself ask for a
+// reconcile at the same moment, while the handover's first packets need
+// the CPU.
+func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 	defer a.persist()
 	start := time.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if !verify && a.reconciledFrom.After(start) {
+	if !verify && a.reconciledFrom.After(asked) {
 		return
 	}
 	a.reconciledFrom = time.Now()
