@@ -317,18 +317,61 @@ func TestWANHandover(t *testing.T) {
 	}
 }
 
+// TestPreparedConnectionReplaced: the old host's agent restarts between
+// the prepare and the claim, so the prepared connection is dead when the
+// claim sends its request on it. The new host must notice at once, connect
+// anew and get the cache: nothing lost, and the request on a fresh
+// connection, not a wait for the dead one's TCP timeout.
+func TestPreparedConnectionReplaced(t *testing.T) {
+	l, m, c := migrationLab(t, 3)
+	h1, h2 := l.Hosts[0], l.Hosts[1]
+	cli(t, l, h2, "migrate", "prepare", vipM.String())
+	if err := h1.Agent.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.StartAgent(h1); err != nil {
+		t.Fatal(err)
+	}
+	waitOwner(t, l, vipM, h1.Name, 30*time.Second)
+	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	ho, res := movePrepared(t, l, m, c, h2)
+	if res.Lost != 0 || res.OutOfOrder != 0 {
+		t.Errorf("%d lost, %d out of order; want none", res.Lost, res.OutOfOrder)
+	}
+	b, err := os.ReadFile(h2.Agent.LogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), "the prepared connection failed; connecting anew") {
+		t.Errorf("h2 did not replace the dead prepared connection (log has no \"connecting anew\")")
+	}
+	// A dead connection found by TCP_USER_TIMEOUT (2 s), not by the
+	// restart's FIN and RST, would show here.
+	if ho > time.Second {
+		t.Errorf("claim -> first delivery %v: the dead prepared connection was waited for", ho)
+	}
+}
+
 // preparedMove moves m to `to` as libvirt would with vmroam's hooks, under a
 // light UDP flow from c: `to` is told first (migrate prepare), the old host
 // caches, the VM runs at `to` before `to` claims it. It returns the time
 // from the claim to the first cached packet delivered, and the flow.
 func preparedMove(t testing.TB, l *lab.Lab, m, c *lab.VM, to *lab.Host) (time.Duration, lab.FlowResult) {
 	t.Helper()
+	cli(t, l, to, "migrate", "prepare", vipM.String())
+	return movePrepared(t, l, m, c, to)
+}
+
+// movePrepared is preparedMove once `to` has been told.
+func movePrepared(t testing.TB, l *lab.Lab, m, c *lab.VM, to *lab.Host) (time.Duration, lab.FlowResult) {
+	t.Helper()
 	from := m.Host
 	flow, err := l.StartUDPFlow(c, m, 3*time.Second, "2M", 200)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cli(t, l, to, "migrate", "prepare", vipM.String())
 	time.Sleep(time.Second)
 	cli(t, l, from, "migrate", "suspend", vipM.String())
 	if err := l.UnplugVM(m, to); err != nil {
