@@ -531,3 +531,67 @@ func TestLibvirtMigration(t *testing.T) {
 		t.Errorf("%d of %d datagrams lost; want at most the 2 a vanishing interface may take", lost, res.Packets)
 	}
 }
+
+// TestAwaitingSurvivesRestart: libvirt's "started" hook attaches when the
+// VM announces itself, and does not run again. An agent restarted during
+// the memory copy must go on waiting: the VM stays with its old host until
+// it announces itself here, and is then claimed here.
+func TestAwaitingSurvivesRestart(t *testing.T) {
+	args := []string{"--activation", "announce"}
+	l, m, c := migrationLab(t, 3, args...)
+	h1, h2 := l.Hosts[0], l.Hosts[1]
+	newVif, err := l.PrepareIncoming(m, h2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli(t, l, h2, "vip", "attach", vipM.String(), "--dev", newVif, "--when", "announced")
+	want := "awaiting on " + newVif
+	stateAt := func(h *lab.Host) string {
+		for _, v := range status(t, l, h).VIPs {
+			if v.VIP == vipM.String() {
+				return v.State + " on " + v.Dev
+			}
+		}
+		return "unknown"
+	}
+	if got := stateAt(h2); got != want {
+		t.Fatalf("h2 shows the VIP %q after the attach, want %q", got, want)
+	}
+	if err := h2.Agent.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.StartAgent(h2, args...); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "h2 waiting again after its restart", func() error {
+		if got := stateAt(h2); got != want {
+			return fmt.Errorf("h2 shows the VIP %q, want %q", got, want)
+		}
+		return nil
+	})
+	for _, h := range l.Hosts {
+		if o := vipOwner(status(t, l, h), vipM); o != "h1" {
+			t.Fatalf("%s names %q the owner before the VM announced itself at h2, want h1", h.Name, o)
+		}
+	}
+	if err := l.Ping(c, vipM, 3, 5*time.Second); err != nil {
+		t.Fatalf("the VM stopped answering at h1 while h2 waits: %v", err)
+	}
+	if err := l.CompleteIncoming(m, h2, newVif); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.AnnounceVM(m); err != nil {
+		t.Fatal(err)
+	}
+	waitOwner(t, l, vipM, "h2", 20*time.Second)
+	cli(t, l, h1, "vip", "detach", vipM.String())
+	if err := l.WaitPing(c, vipM, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "the VIP local at h2", func() error {
+		if got := stateAt(h2); got != "local on "+newVif {
+			return fmt.Errorf("h2 shows the VIP %q", got)
+		}
+		return nil
+	})
+}

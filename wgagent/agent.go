@@ -118,6 +118,11 @@ type Agent struct {
 	awaited     map[netip.Addr]*awaitedVIP
 	awaitClosed bool
 	awaitWG     sync.WaitGroup
+	// awaitKeep is what of awaited the state file keeps, by VIP (the
+	// interface); guarded by mu. Stopping cancels the waits, not this.
+	awaitKeep map[netip.Addr]string
+	// restoreOnce re-arms awaitKeep's waits once joined.
+	restoreOnce sync.Once
 
 	// configProblems are mistakes in the config found after start (a
 	// network that clashes); status shows them until a restart or a
@@ -205,6 +210,10 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.peers = st.Peers
+	a.awaitKeep = map[netip.Addr]string{}
+	for _, w := range st.Awaiting {
+		a.awaitKeep[w.VIP] = w.Dev
+	}
 	warnSysctls(a.log, cfg.Address.Addr().Is6())
 
 	a.dev, err = wgdev.Open(wgdev.Config{
@@ -382,6 +391,9 @@ func (a *Agent) joinLoop(ctx context.Context) {
 			joined = jctx.Err() == nil
 		}
 		if joined {
+			// Only now: the table is the cluster's, so a wait sees
+			// who runs its VM.
+			a.restoreOnce.Do(a.restoreAwaiting)
 			a.declareConfigured(cfg.Networks)
 			a.cluster.KeepJoined(jctx, list)
 		}
@@ -518,6 +530,9 @@ func (a *Agent) persist() {
 	st := persisted{Peers: slices.Clone(a.peers)}
 	for _, at := range a.attached {
 		st.Attachments = append(st.Attachments, at)
+	}
+	for vip, dev := range a.awaitKeep {
+		st.Awaiting = append(st.Awaiting, awaitingVIP{VIP: vip, Dev: dev})
 	}
 	a.dirty = false
 	a.mu.Unlock()

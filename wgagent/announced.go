@@ -3,6 +3,7 @@ package wgagent
 import (
 	"context"
 	"errors"
+	"maps"
 	"net/netip"
 	"time"
 
@@ -76,7 +77,16 @@ func (b backend) AttachWhenAnnounced(ctx context.Context, vip netip.Addr, dev st
 	a.awaited[vip] = w
 	a.awaitWG.Add(1)
 	a.awaitMu.Unlock()
+	// Kept before the wait starts, so that a claim forgets it after.
+	a.mu.Lock()
+	if a.awaitKeep == nil {
+		a.awaitKeep = map[netip.Addr]string{}
+	}
+	a.awaitKeep[vip] = dev
+	a.dirty = true
+	a.mu.Unlock()
 	go a.awaitAnnouncement(wctx, vip, w)
+	a.persist() // the hook that asked does not ask again after a restart
 	a.log.Info("VIP attached when the VM announces itself: its traffic stays with the VM's current host until then",
 		"vip", vip, "dev", dev, "owner", r.Owner)
 	return a.vipStatus(vip), nil
@@ -122,6 +132,7 @@ func (a *Agent) awaitAnnouncement(ctx context.Context, vip netip.Addr, w *awaite
 	if !mine || heard.Kind == "" {
 		return
 	}
+	a.forgetAwaiting(vip) // Attach saves the state
 	a.log.Info("the VM announced itself: claiming its VIP", "vip", vip, "dev", w.dev, "kind", heard.Kind, "mac", heard.MAC.String(),
 		"waited", time.Since(w.since).Round(time.Millisecond))
 	if _, err := (backend{a}).Attach(context.Background(), vip, w.dev); err != nil {
@@ -150,14 +161,50 @@ func (a *Agent) awaitAnnouncement(ctx context.Context, vip netip.Addr, w *awaite
 // there was one.
 func (a *Agent) stopAwaiting(vip netip.Addr) bool {
 	a.awaitMu.Lock()
-	defer a.awaitMu.Unlock()
 	w := a.awaited[vip]
-	if w == nil {
+	if w != nil {
+		w.cancel()
+		delete(a.awaited, vip)
+	}
+	a.awaitMu.Unlock()
+	if a.forgetAwaiting(vip) {
+		a.persist()
+	}
+	return w != nil
+}
+
+// forgetAwaiting takes vip out of the waits the state file keeps and says
+// whether it was there. a.mu must not be held.
+func (a *Agent) forgetAwaiting(vip netip.Addr) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok := a.awaitKeep[vip]; !ok {
 		return false
 	}
-	w.cancel()
-	delete(a.awaited, vip)
+	delete(a.awaitKeep, vip)
+	a.dirty = true
 	return true
+}
+
+// restoreAwaiting waits again, after a restart, for the VMs that were
+// awaited when the agent stopped, as if their hook asked again: a VM that
+// nobody else runs any more is attached at once.
+func (a *Agent) restoreAwaiting() {
+	a.mu.Lock()
+	keep := maps.Clone(a.awaitKeep)
+	a.mu.Unlock()
+	for vip, dev := range keep {
+		v, err := (backend{a}).AttachWhenAnnounced(context.Background(), vip, dev)
+		if err != nil {
+			a.log.Error("a VIP awaited its VM when the agent stopped: cannot wait again; attach it again",
+				"vip", vip, "dev", dev, "err", err)
+			if a.forgetAwaiting(vip) {
+				a.persist()
+			}
+			continue
+		}
+		a.log.Info("a VIP awaited its VM when the agent stopped: waiting again", "vip", vip, "dev", dev, "state", v.State)
+	}
 }
 
 // closeAwaiting cancels every wait and waits for the waits to end, so that

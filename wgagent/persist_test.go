@@ -88,3 +88,30 @@ func TestPersistFailureRetried(t *testing.T) {
 		t.Fatalf("after the retry the file has %d attachments, want 1", len(st.Attachments))
 	}
 }
+
+// TestPersistKeepsAwaiting: a wait for a VM's announcement is in the file
+// (the hook that asked does not ask again after a restart) until forgotten.
+func TestPersistKeepsAwaiting(t *testing.T) {
+	dir := t.TempDir()
+	a := persistAgent(dir)
+	vip := netip.MustParseAddr("100.64.0.9")
+	a.mu.Lock()
+	a.awaitKeep = map[netip.Addr]string{vip: "vnet3"}
+	a.dirty = true
+	a.mu.Unlock()
+	a.persist()
+	st, err := loadState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Awaiting) != 1 || st.Awaiting[0] != (awaitingVIP{VIP: vip, Dev: "vnet3"}) {
+		t.Fatalf("saved awaiting %+v, want %s on vnet3", st.Awaiting, vip)
+	}
+	if !a.forgetAwaiting(vip) {
+		t.Fatal("forgetAwaiting did not find the wait")
+	}
+	a.persist()
+	if st, _ = loadState(dir); len(st.Awaiting) != 0 {
+		t.Fatalf("saved awaiting %+v after forgetting it", st.Awaiting)
+	}
+}

@@ -36,6 +36,16 @@ type persisted struct {
 	// addition to --join, so a restart finds the cluster even when the
 	// configured join hosts are down.
 	Peers []string `json:"peers"`
+	// Awaiting are the VIPs attached "when announced" still waiting for
+	// their VM (announced.go): a restart goes on waiting, because the
+	// hook that asked will not run again.
+	Awaiting []awaitingVIP `json:"awaiting,omitempty"`
+}
+
+// awaitingVIP is a persisted attach "when announced".
+type awaitingVIP struct {
+	VIP netip.Addr `json:"vip"`
+	Dev string     `json:"dev"`
 }
 
 // loadOrCreateKey reads the WireGuard private key from the data dir, or
@@ -88,6 +98,7 @@ func loadState(dir string) (persisted, error) {
 
 func saveState(dir string, st persisted) error {
 	slices.SortFunc(st.Attachments, func(a, b attachment) int { return a.VIP.Compare(b.VIP) })
+	slices.SortFunc(st.Awaiting, func(a, b awaitingVIP) int { return a.VIP.Compare(b.VIP) })
 	slices.Sort(st.Peers)
 	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
