@@ -99,14 +99,62 @@ func NeighborMAC(dev string, ip netip.Addr) (net.HardwareAddr, bool) {
 		return nil, false
 	}
 	for _, n := range neighs {
-		if len(n.HardwareAddr) != 6 || n.State&(netlink.NUD_FAILED|netlink.NUD_INCOMPLETE) != 0 {
-			continue
-		}
-		if a, ok := netip.AddrFromSlice(n.IP); ok && a.Unmap() == ip {
+		if a, ok := usableNeighbor(n); ok && a == ip {
 			return n.HardwareAddr, true
 		}
 	}
 	return nil, false
+}
+
+// usableNeighbor returns n's address if n gives a MAC to deliver to.
+func usableNeighbor(n netlink.Neigh) (netip.Addr, bool) {
+	if len(n.HardwareAddr) != 6 || n.State&(netlink.NUD_FAILED|netlink.NUD_INCOMPLETE) != 0 {
+		return netip.Addr{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	return a.Unmap(), ok
+}
+
+// NeighborMACs is NeighborMAC for many interfaces at once: the MACs the
+// neighbour tables of devs know, by interface and address, from one dump
+// of the links and one of the neighbours, however many interfaces (each
+// netlink round trip is 50-60 µs, and a host may run dozens of VMs).
+func NeighborMACs(devs []string) (map[string]map[netip.Addr]net.HardwareAddr, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	want := map[string]bool{}
+	for _, d := range devs {
+		want[d] = true
+	}
+	names := map[int]string{}
+	for _, l := range links {
+		if want[l.Attrs().Name] {
+			names[l.Attrs().Index] = l.Attrs().Name
+		}
+	}
+	out := map[string]map[netip.Addr]net.HardwareAddr{}
+	if len(names) == 0 {
+		return out, nil
+	}
+	neighs, err := netlink.NeighList(0, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("list neighbours: %w", err)
+	}
+	for _, n := range neighs {
+		name, ok := names[n.LinkIndex]
+		if !ok {
+			continue
+		}
+		if a, ok := usableNeighbor(n); ok {
+			if out[name] == nil {
+				out[name] = map[netip.Addr]net.HardwareAddr{}
+			}
+			out[name][a] = n.HardwareAddr
+		}
+	}
+	return out, nil
 }
 
 // ResolveMAC asks the VM for its MAC with an ARP request from the anycast

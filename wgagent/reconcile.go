@@ -178,11 +178,22 @@ func (a *Agent) reconcileOwnership(records []gossip.Record) {
 // learnMACsLocked keeps each local VM's MAC from the neighbour table, for
 // the handover when the VM moves.
 func (a *Agent) learnMACsLocked() {
-	for vip, at := range a.attached {
-		if at.Dev == "" {
-			continue // reserved
+	var devs []string
+	for _, at := range a.attached {
+		if at.Dev != "" { // else reserved
+			devs = append(devs, at.Dev)
 		}
-		if m, ok := cache.NeighborMAC(at.Dev, vip); ok && m.String() != at.MAC.String() {
+	}
+	if len(devs) == 0 {
+		return
+	}
+	macs, err := cache.NeighborMACs(devs)
+	if err != nil {
+		a.log.Debug("learning the VMs' MACs", "err", err)
+		return
+	}
+	for vip, at := range a.attached {
+		if m, ok := macs[at.Dev][vip]; ok && m.String() != at.MAC.String() {
 			at.MAC = m
 			a.attached[vip] = at
 			a.dirty = true
