@@ -155,7 +155,7 @@ func TestMesh(t *testing.T) {
 		})
 	})
 
-	step("repairs deleted routes and peers", func(t *testing.T) {
+	step("repairs deleted routes, peers and its address", func(t *testing.T) {
 		if _, err := l.Exec(h1.NS, "ip", "route", "del", lab.OverlayPrefix.String(), "dev", h1.Iface); err != nil {
 			t.Fatal(err)
 		}
@@ -163,10 +163,17 @@ func TestMesh(t *testing.T) {
 		if _, err := l.Exec(h1.NS, "wg", "set", h1.Iface, "peer", k3, "remove"); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, 15*time.Second, "route and peer put back", func() error {
+		addr := netip.PrefixFrom(h1.Overlay.Addr(), 32).String()
+		if _, err := l.Exec(h1.NS, "ip", "addr", "del", addr, "dev", h1.Iface); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 15*time.Second, "route, peer and address put back", func() error {
 			out, err := l.Exec(h1.NS, "ip", "route", "show", lab.OverlayPrefix.String())
 			if err != nil || !strings.Contains(string(out), h1.Iface) {
 				return fmt.Errorf("route: %q %v", out, err)
+			}
+			if out, err := l.Exec(h1.NS, "ip", "-o", "addr", "show", "dev", h1.Iface); err != nil || !strings.Contains(string(out), addr) {
+				return fmt.Errorf("address %s: %q %v", addr, out, err)
 			}
 			if !slices.Contains(wgPeers(t, l, h1), k3) {
 				return fmt.Errorf("peer h3 missing")

@@ -77,6 +77,9 @@ type Agent struct {
 	peers    []string // gossip addresses seen, persisted
 	problems []string // from the last reconcile
 	dirty    bool     // persisted state changed since the last save
+	// addressOK says the overlay address was on the interface at the
+	// last reconcile that looked (ensureAddress).
+	addressOK bool
 	// reconciledFrom is when the last reconcile took a.mu: a reconcile
 	// asked for before then has nothing left to do (reconcileWith).
 	reconciledFrom time.Time

@@ -87,8 +87,12 @@ func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 	}
 
 	// The address first: a new peer's warm-up datagram is sent from it.
-	if err := a.ensureAddress(); err != nil {
-		failed("address", "address: %v", err)
+	// Once in place only someone else removes it: the periodic run looks.
+	if verify || !a.addressOK {
+		err := a.ensureAddress()
+		if a.addressOK = err == nil; err != nil {
+			failed("address", "address: %v", err)
+		}
 	}
 	// Routes before peers: a VIP that moves to a host reached over the
 	// LAN must leave the tunnel at once for the new host's LAN route; if
