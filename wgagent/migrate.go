@@ -624,6 +624,7 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 		a.log.Warn("holding route", "vip", vip, "err", err)
 	}
 	r := a.cluster.Claim(vip)
+	claimed := time.Now()
 	req := cache.Request{VIP: vip, Epoch: r.Epoch, Claimer: a.cfg.Name, Ticks: true}
 	pc := a.takePrepared(vip, old.Owner)
 	if pc != nil {
@@ -633,7 +634,7 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.started = time.Now()
+	c.started = claimed
 	c.source = false
 	c.rec = control.Migration{ID: a.migrationIDLocked(vip, old.Epoch), VIP: vip.String(), From: old.Owner, To: a.cfg.Name, Epoch: r.Epoch, Claim: timePtr(c.started), Role: metrics.RoleDestination}
 	a.metrics.MigrationStarted(metrics.RoleDestination)
