@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -483,13 +484,7 @@ func TestLibvirtMigration(t *testing.T) {
 				t.Fatalf("%s names %q the owner during the memory copy, want h1", h.Name, o)
 			}
 		}
-		var state string
-		for _, v := range status(t, l, h2).VIPs {
-			if v.VIP == vipM.String() {
-				state = v.State + " on " + v.Dev
-			}
-		}
-		if want := "awaiting on " + newVif; state != want {
+		if want, state := "awaiting on "+newVif, vipStateOn(t, l, h2, vipM); state != want {
 			t.Fatalf("h2 shows the VIP %q during the memory copy, want %q", state, want)
 		}
 		time.Sleep(200 * time.Millisecond)
@@ -546,14 +541,7 @@ func TestAwaitingSurvivesRestart(t *testing.T) {
 	}
 	cli(t, l, h2, "vip", "attach", vipM.String(), "--dev", newVif, "--when", "announced")
 	want := "awaiting on " + newVif
-	stateAt := func(h *lab.Host) string {
-		for _, v := range status(t, l, h).VIPs {
-			if v.VIP == vipM.String() {
-				return v.State + " on " + v.Dev
-			}
-		}
-		return "unknown"
-	}
+	stateAt := func(h *lab.Host) string { return vipStateOn(t, l, h, vipM) }
 	if got := stateAt(h2); got != want {
 		t.Fatalf("h2 shows the VIP %q after the attach, want %q", got, want)
 	}
@@ -594,4 +582,15 @@ func TestAwaitingSurvivesRestart(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// vipStateOn is how h's status shows vip: "STATE on DEV", "" if not at all.
+func vipStateOn(t testing.TB, l *lab.Lab, h *lab.Host, vip netip.Addr) string {
+	t.Helper()
+	for _, v := range status(t, l, h).VIPs {
+		if v.VIP == vip.String() {
+			return v.State + " on " + v.Dev
+		}
+	}
+	return ""
 }
