@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -55,8 +56,12 @@ type Watcher struct {
 	log  *slog.Logger
 	kick chan struct{} // Follow or Unfollow changed the set
 
-	mu     sync.Mutex
-	follow map[int]bool
+	mu sync.Mutex
+	// follow holds the followed domids, each with the number of the
+	// Follow that began its current following: an Unfollow and a Follow
+	// that reach Run together (one kick) still make it start afresh.
+	follow  map[int]uint64
+	follows uint64
 }
 
 // NewWatcher returns a watcher that uses c for its watches and reports to
@@ -65,7 +70,7 @@ func NewWatcher(c *xenstore.Client, h Handler, log *slog.Logger) *Watcher {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Watcher{c: c, h: h, log: log, kick: make(chan struct{}, 1), follow: make(map[int]bool)}
+	return &Watcher{c: c, h: h, log: log, kick: make(chan struct{}, 1), follow: make(map[int]uint64)}
 }
 
 // Follow starts watching domid (the agent calls it for every domain whose
@@ -78,8 +83,11 @@ func (w *Watcher) Follow(domid int) {
 		return
 	}
 	w.mu.Lock()
-	changed := !w.follow[domid]
-	w.follow[domid] = true
+	changed := w.follow[domid] == 0
+	if changed {
+		w.follows++
+		w.follow[domid] = w.follows
+	}
 	w.mu.Unlock()
 	if changed {
 		w.poke()
@@ -89,7 +97,7 @@ func (w *Watcher) Follow(domid int) {
 // Unfollow stops watching domid.
 func (w *Watcher) Unfollow(domid int) {
 	w.mu.Lock()
-	changed := w.follow[domid]
+	changed := w.follow[domid] != 0
 	delete(w.follow, domid)
 	w.mu.Unlock()
 	if changed {
@@ -104,7 +112,9 @@ func (w *Watcher) poke() {
 	}
 }
 
-func (w *Watcher) following(domid int) bool {
+// following returns the number of the Follow that domid is followed by,
+// 0 if it is not.
+func (w *Watcher) following(domid int) uint64 {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.follow[domid]
@@ -177,6 +187,7 @@ type watchKey struct{ path, token string }
 
 // domain is what a followed domain last looked like.
 type domain struct {
+	follow   uint64 // Watcher.follow's number for it
 	shutdown string // control/shutdown, "" when absent
 	name     string
 	// reported: Suspending was reported for the current migration attempt.
@@ -264,13 +275,10 @@ func (r *run) unwatchAll() {
 // of unfollowed ones.
 func (r *run) reconcile() error {
 	r.w.mu.Lock()
-	want := make(map[int]bool, len(r.w.follow))
-	for id := range r.w.follow {
-		want[id] = true
-	}
+	want := maps.Clone(r.w.follow)
 	r.w.mu.Unlock()
-	for id := range r.domains {
-		if want[id] {
+	for id, d := range r.domains {
+		if want[id] == d.follow {
 			continue
 		}
 		delete(r.domains, id)
@@ -282,11 +290,11 @@ func (r *run) reconcile() error {
 		}
 		r.w.log.Debug("xenhook: unfollowed domain", "domid", id)
 	}
-	for id := range want {
+	for id, n := range want {
 		if r.domains[id] != nil {
 			continue
 		}
-		r.domains[id] = &domain{}
+		r.domains[id] = &domain{follow: n}
 		// The registration events read the current values.
 		if err := r.watch(shutdownPath(id), tokShutdown+strconv.Itoa(id)); err != nil {
 			return err
@@ -527,8 +535,8 @@ func (r *run) checkIncoming(id int) error {
 
 func (r *run) checkShutdown(id int) error {
 	d := r.domains[id]
-	if d == nil || !r.w.following(id) {
-		return nil
+	if d == nil || r.w.following(id) != d.follow {
+		return nil // unfollowed, maybe followed anew: reconcile starts afresh
 	}
 	v, err := r.read(shutdownPath(id))
 	if err != nil {
@@ -544,8 +552,8 @@ func (r *run) checkShutdown(id int) error {
 
 func (r *run) checkName(id int) error {
 	d := r.domains[id]
-	if d == nil || !r.w.following(id) {
-		return nil
+	if d == nil || r.w.following(id) != d.follow {
+		return nil // unfollowed, maybe followed anew: reconcile starts afresh
 	}
 	name, err := r.read(namePath(id))
 	if err != nil {

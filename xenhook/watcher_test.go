@@ -254,6 +254,19 @@ func TestUnfollow(t *testing.T) {
 	e.rec.until(t, "suspending 5 vm1")
 }
 
+// TestRefollowAtOnce: an Unfollow and a Follow that reach Run as one (CI
+// saw it under load) still start afresh: the pending request is reported
+// again, as after any Follow.
+func TestRefollowAtOnce(t *testing.T) {
+	e := newEnv(t, 5)
+	e.start(t)
+	e.srv.Write("/local/domain/5/control/shutdown", "suspend")
+	e.rec.until(t, "suspending 5 vm1")
+	e.w.Unfollow(5)
+	e.w.Follow(5)
+	e.rec.until(t, "suspending 5 vm1")
+}
+
 func TestRunStopsAndLeavesNothing(t *testing.T) {
 	e := newEnv(t, 5)
 	// Settle the client's and server's goroutines before counting.
