@@ -2,6 +2,7 @@ package cache
 
 import (
 	"math"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -182,10 +183,12 @@ type Queue struct {
 	base    time.Time
 	hasBase bool
 
-	ring []entry // power-of-two ring buffer
-	head int     // index of the oldest entry
-	n    int     // entries queued
-	qb   int64   // packet bytes queued
+	ring  []entry // power-of-two ring buffer
+	head  int     // index of the oldest entry
+	n     int     // entries queued
+	taken uint64  // entries ever removed from the head: the oldest's sequence number
+	id    uint64
+	qb    int64 // packet bytes queued
 
 	slabs   []*slab // slabs holding queued packets, oldest first
 	woff    int     // write offset in the last slab
@@ -211,8 +214,21 @@ type Queue struct {
 
 // NewQueue returns an empty queue. b may be nil: no global cap.
 func NewQueue(l Limits, b *Budget) *Queue {
-	return &Queue{lim: l.withDefaults(), budget: b, notify: make(chan struct{}, 1)}
+	return &Queue{lim: l.withDefaults(), budget: b, notify: make(chan struct{}, 1), id: queueIDs.Add(1)}
 }
+
+// queueIDs numbers queues from a random start, so that a queue's ID is not
+// that of a queue of the same agent before a restart.
+var queueIDs = func() *atomic.Uint64 {
+	var v atomic.Uint64
+	v.Store(rand.Uint64() &^ (1 << 63))
+	return &v
+}()
+
+// ID names the queue among all queues of this process and, with high
+// probability, of its restarts: a peer that got copies of some of its
+// packets (CopyOut) names the queue and a sequence number to resume from.
+func (q *Queue) ID() uint64 { return q.id }
 
 // Record counts, from now on, every packet Push keeps in series pushed of
 // tl and every packet Pop returns in series popped (SeriesNone: not
@@ -376,6 +392,7 @@ func (q *Queue) take() []byte {
 	e := q.ring[q.head]
 	q.head = (q.head + 1) & (len(q.ring) - 1)
 	q.n--
+	q.taken++
 	n := int(e.n &^ newSlabBit)
 	if e.n&newSlabBit != 0 {
 		if q.entered {
@@ -483,6 +500,80 @@ func (q *Queue) Discard() int {
 	}
 	q.ring, q.head = nil, 0
 	return k
+}
+
+// Head returns the sequence number of the oldest queued packet: how many
+// packets ever left the queue's head, popped, skipped, expired or
+// discarded. The packet after it has Head()+1, and so on; a number stays
+// with its packet while the packet is queued.
+func (q *Queue) Head() uint64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.taken
+}
+
+// CopyOut copies queued packets, oldest first, from the one numbered from
+// on (or from the oldest, if that one has left), without removing them: at
+// most limit packets and, past the first, only while they fit in buf's
+// capacity. It returns the copies, in buf's array when they fit, and the
+// number of the packet after the last one copied. Producers and the
+// consumer may go on meanwhile: the copies are the caller's.
+func (q *Queue) CopyOut(from uint64, buf []byte, limit int) (pkts [][]byte, next uint64) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if from < q.taken {
+		from = q.taken
+	}
+	skip := from - q.taken
+	if skip >= uint64(q.n) {
+		return nil, from
+	}
+	// The slab of the head: slabs[0] once the reader has entered it, and a
+	// packet that opens a slab moves one on (see newSlabBit).
+	slab := -1
+	if q.entered {
+		slab = 0
+	}
+	buf = buf[:0]
+	next = from
+	for i := 0; i < q.n && len(pkts) < limit; i++ {
+		e := q.ring[(q.head+i)&(len(q.ring)-1)]
+		if e.n&newSlabBit != 0 {
+			slab++
+		}
+		if uint64(i) < skip {
+			continue
+		}
+		n := int(e.n &^ newSlabBit)
+		if len(pkts) > 0 && len(buf)+n > cap(buf) {
+			break
+		}
+		start := len(buf)
+		buf = append(buf, q.slabs[slab][e.off:int(e.off)+n]...)
+		pkts = append(pkts, buf[start:len(buf):len(buf)])
+		next++
+	}
+	return pkts, next
+}
+
+// Skip removes the packets numbered below to (see Head): a peer already
+// has them. They count as delivered, whatever their age. It returns how
+// many it removed and their bytes. Like Pop, it ends the validity of the
+// packet Pop last returned.
+func (q *Queue) Skip(to uint64, now time.Time) (n int, bytes uint64) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.unpin()
+	for q.n > 0 && q.taken < to {
+		p := q.take()
+		n++
+		bytes += uint64(len(p))
+		q.delivered++
+		q.deliveredBytes += uint64(len(p))
+		q.tl.Add(q.tlPop, now)
+	}
+	q.shrinkIfEmpty()
+	return n, bytes
 }
 
 // Len returns how many packets are queued.

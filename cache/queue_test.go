@@ -457,3 +457,73 @@ func BenchmarkQueuePushPop(b *testing.B) {
 }
 
 func sizeName(n int) string { return strconv.Itoa(n) + "B" }
+
+// TestQueueCopyOut: copies come out in order and intact across slabs, from
+// any number on, without leaving the queue; a number that has left starts
+// at the head; Skip then removes exactly what the copies covered.
+func TestQueueCopyOut(t *testing.T) {
+	q := NewQueue(Limits{}, nil)
+	const n = 600 // about 450 KB: three slabs
+	for i := range n {
+		q.Push(mkPacket(uint64(i), sizeOf(i)), t0)
+	}
+	buf := make([]byte, 0, 8<<10)
+	next := uint64(0)
+	for next < n {
+		pkts, nx := q.CopyOut(next, buf, 7)
+		if len(pkts) == 0 || len(pkts) > 7 || nx != next+uint64(len(pkts)) {
+			t.Fatalf("CopyOut(%d): %d packets, next %d", next, len(pkts), nx)
+		}
+		for i, p := range pkts {
+			checkPacket(t, p, next+uint64(i), sizeOf(int(next)+i))
+		}
+		next = nx
+	}
+	if pkts, nx := q.CopyOut(n, buf, 7); len(pkts) != 0 || nx != n {
+		t.Fatalf("CopyOut past the tail: %d packets, next %d", len(pkts), nx)
+	}
+	if q.Len() != n || q.Head() != 0 {
+		t.Fatalf("copies took packets: len %d, head %d", q.Len(), q.Head())
+	}
+	// Pop into the second slab, then copy from a number that has left.
+	for i := range 250 {
+		p, _, _ := q.Pop(t0)
+		checkPacket(t, p, uint64(i), sizeOf(i))
+	}
+	pkts, nx := q.CopyOut(10, buf, 3)
+	if nx != 253 || len(pkts) != 3 {
+		t.Fatalf("CopyOut(10) after 250 pops: %d packets, next %d", len(pkts), nx)
+	}
+	for i, p := range pkts {
+		checkPacket(t, p, uint64(250+i), sizeOf(250+i))
+	}
+	if k, _ := q.Skip(400, t0); k != 150 || q.Head() != 400 {
+		t.Fatalf("Skip(400): %d skipped, head %d", k, q.Head())
+	}
+	if k, _ := q.Skip(300, t0); k != 0 {
+		t.Fatalf("Skip below the head took %d", k)
+	}
+	p, _, _ := q.Pop(t0)
+	checkPacket(t, p, 400, sizeOf(400))
+	if s := q.Stats(); s.Delivered != 401 || s.DroppedTotal() != 0 {
+		t.Fatalf("stats %+v: skipped packets count as delivered", s)
+	}
+	// Copy while a producer pushes and the consumer pops.
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := n; i < n+2000; i++ {
+			q.Push(mkPacket(uint64(i), sizeOf(i)), t0)
+		}
+	}()
+	for next = q.Head(); next < n+2000; {
+		pkts, nx := q.CopyOut(next, buf, 64)
+		for i, p := range pkts {
+			checkPacket(t, p, nx-uint64(len(pkts))+uint64(i), sizeOf(int(nx)-len(pkts)+i))
+		}
+		next = nx
+		q.Pop(t0)
+	}
+	wg.Wait()
+}
