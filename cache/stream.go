@@ -42,6 +42,12 @@ const (
 	FrameClose   FrameType = 5 // no more packets: linger over
 	FrameRefuse  FrameType = 6 // the source refuses (reason)
 	FrameTick    FrameType = 7 // source -> destination after the end marker: the stream's clock (see Tick)
+	// A prepared connection (see Preview): the destination says which VIP
+	// it prepares for, and the source sends copies of that VIP's cache
+	// while it fills, before any request.
+	FramePrepare  FrameType = 8  // destination -> source, first on the connection
+	FrameOffer    FrameType = 9  // source -> destination: copies of the cache follow as FramePacket
+	FrameWithdraw FrameType = 10 // source -> destination: the copies since the offer are void
 )
 
 func (t FrameType) String() string {
@@ -60,6 +66,12 @@ func (t FrameType) String() string {
 		return "refuse"
 	case FrameTick:
 		return "tick"
+	case FramePrepare:
+		return "prepare"
+	case FrameOffer:
+		return "offer"
+	case FrameWithdraw:
+		return "withdraw"
 	}
 	return "type-" + strconv.Itoa(int(t))
 }
@@ -73,10 +85,40 @@ type Request struct {
 	// trailing flags byte, present only when a flag is set, so a request
 	// that asks for none is what an older agent sends and reads.
 	Ticks bool
+	// Resume, if its Cache is not 0, says the claimer holds the packets of
+	// that cache numbered below Seq, offered ahead (Offer); the source
+	// sends from there. A flag and 16 bytes after the flags byte.
+	Resume Resume
 }
 
-// requestTicks is Request.Ticks in the request's flags byte.
-const requestTicks = 1
+// Resume names a source's cache (Queue.ID) and a packet in it (Queue.Head).
+type Resume struct {
+	Cache uint64
+	Seq   uint64
+}
+
+// Request flags (the trailing flags byte).
+const (
+	requestTicks  = 1
+	requestResume = 2
+)
+
+// Prepare opens a prepared connection: the claimer will ask for VIP.
+type Prepare struct {
+	VIP     netip.Addr
+	Claimer string // <= MaxClaimer bytes
+}
+
+// Offer says that copies of the source's cache for VIP follow, from the
+// packet numbered Seq of cache Cache (not 0), while the source holds the
+// VIP at Epoch. MAC is as in Header.
+type Offer struct {
+	Cache uint64
+	Seq   uint64
+	VIP   netip.Addr
+	Epoch uint64
+	MAC   net.HardwareAddr
+}
 
 // Header opens a flush.
 type Header struct {
@@ -178,11 +220,59 @@ func (w *Writer) Request(r Request) error {
 	b = append(b, r.Claimer...)
 	// The flags byte only when a flag is set: one encoding per request,
 	// and an older source still reads a request that asks for nothing new.
+	var flags byte
 	if r.Ticks {
-		b = append(b, requestTicks)
+		flags |= requestTicks
+	}
+	if r.Resume.Cache != 0 {
+		flags |= requestResume
+	}
+	if flags != 0 {
+		b = append(b, flags)
+	}
+	if r.Resume.Cache != 0 {
+		b = binary.BigEndian.AppendUint64(b, r.Resume.Cache)
+		b = binary.BigEndian.AppendUint64(b, r.Resume.Seq)
 	}
 	return w.frame(FrameRequest, b)
 }
+
+// Prepare writes the frame that opens a prepared connection.
+func (w *Writer) Prepare(p Prepare) error {
+	if len(p.Claimer) > MaxClaimer {
+		return fmt.Errorf("cache: write prepare frame: claimer of %d bytes over %d: %w", len(p.Claimer), MaxClaimer, ErrFrameField)
+	}
+	b, err := appendAddr(w.scratch[:0], p.VIP, FramePrepare)
+	if err != nil {
+		return err
+	}
+	b = append(b, byte(len(p.Claimer)))
+	b = append(b, p.Claimer...)
+	return w.frame(FramePrepare, b)
+}
+
+// Offer writes the frame that the cache's copies follow.
+func (w *Writer) Offer(o Offer) error {
+	if o.Cache == 0 {
+		return fmt.Errorf("cache: write offer frame: cache 0: %w", ErrFrameField)
+	}
+	if len(o.MAC) != 0 && len(o.MAC) != 6 {
+		return fmt.Errorf("cache: write offer frame: MAC of %d bytes: %w", len(o.MAC), ErrFrameField)
+	}
+	b := binary.BigEndian.AppendUint64(w.scratch[:0], o.Cache)
+	b = binary.BigEndian.AppendUint64(b, o.Seq)
+	b, err := appendAddr(b, o.VIP, FrameOffer)
+	if err != nil {
+		return err
+	}
+	b = binary.BigEndian.AppendUint64(b, o.Epoch)
+	b = append(b, byte(len(o.MAC)))
+	b = append(b, o.MAC...)
+	return w.frame(FrameOffer, b)
+}
+
+// Withdraw writes the frame that voids the copies since the last offer.
+func (w *Writer) Withdraw() error { return w.frame(FrameWithdraw, nil) }
 
 // Header writes the flush header.
 func (w *Writer) Header(h Header) error {
@@ -245,6 +335,8 @@ func (w *Writer) Buffered() int { return w.bw.Buffered() }
 type Frame struct {
 	Type    FrameType
 	Request Request
+	Prepare Prepare
+	Offer   Offer
 	Header  Header
 	Packet  []byte
 	End     End
@@ -301,7 +393,7 @@ func (r *Reader) next() (Frame, error) {
 		return Frame{}, fmt.Errorf("cache: read frame type: %w", err)
 	}
 	t := FrameType(tb)
-	if t < FrameRequest || t > FrameTick {
+	if t < FrameRequest || t > FrameWithdraw {
 		return Frame{}, malformed("unknown frame type %d", tb)
 	}
 	n, err := r.length(t)
@@ -331,10 +423,14 @@ func (r *Reader) next() (Frame, error) {
 			Bytes:   binary.BigEndian.Uint64(p[8:]),
 			Dropped: binary.BigEndian.Uint64(p[16:]),
 		}
-	case FrameClose:
+	case FrameClose, FrameWithdraw:
 		if len(p) != 0 {
-			return Frame{}, malformed("close frame with %d payload bytes", len(p))
+			return Frame{}, malformed("%v frame with %d payload bytes", t, len(p))
 		}
+	case FramePrepare:
+		f.Prepare, err = decodePrepare(p)
+	case FrameOffer:
+		f.Offer, err = decodeOffer(p)
 	case FrameRefuse:
 		if len(p) > MaxReason {
 			return Frame{}, malformed("refuse reason of %d bytes over %d", len(p), MaxReason)
@@ -454,18 +550,74 @@ func decodeRequest(p []byte) (Request, error) {
 	}
 	r := Request{VIP: vip, Epoch: d.u64()}
 	r.Claimer = string(d.bytes(int(d.u8())))
-	if len(d.p) == 1 && !d.bad {
-		switch flags := d.u8(); flags {
-		case requestTicks:
-			r.Ticks = true
-		default:
+	if len(d.p) > 0 && !d.bad {
+		flags := d.u8()
+		if flags == 0 || flags&^(requestTicks|requestResume) != 0 {
 			return Request{}, malformed("request flags %#x", flags)
+		}
+		r.Ticks = flags&requestTicks != 0
+		if flags&requestResume != 0 {
+			r.Resume = Resume{Cache: d.u64(), Seq: d.u64()}
+			if r.Resume.Cache == 0 && !d.bad {
+				return Request{}, malformed("request resumes cache 0")
+			}
 		}
 	}
 	if err := d.done(FrameRequest); err != nil {
 		return Request{}, err
 	}
 	return r, nil
+}
+
+func decodePrepare(p []byte) (Prepare, error) {
+	d := decoder{p: p}
+	vip, err := d.addr(FramePrepare)
+	if err != nil {
+		return Prepare{}, err
+	}
+	r := Prepare{VIP: vip}
+	r.Claimer = string(d.bytes(int(d.u8())))
+	if err := d.done(FramePrepare); err != nil {
+		return Prepare{}, err
+	}
+	return r, nil
+}
+
+func decodeOffer(p []byte) (Offer, error) {
+	d := decoder{p: p}
+	o := Offer{Cache: d.u64(), Seq: d.u64()}
+	vip, err := d.addr(FrameOffer)
+	if err != nil {
+		return Offer{}, err
+	}
+	if o.Cache == 0 {
+		return Offer{}, malformed("offer of cache 0")
+	}
+	o.VIP, o.Epoch = vip, d.u64()
+	mac, err := d.mac(FrameOffer)
+	if err != nil {
+		return Offer{}, err
+	}
+	o.MAC = mac
+	if err := d.done(FrameOffer); err != nil {
+		return Offer{}, err
+	}
+	return o, nil
+}
+
+// mac reads a length byte (0 or 6) and the MAC, copied: a frame outlives
+// the read buffer.
+func (d *decoder) mac(t FrameType) (net.HardwareAddr, error) {
+	switch ml := d.u8(); ml {
+	case 0:
+	case 6:
+		return net.HardwareAddr(append([]byte(nil), d.bytes(6)...)), nil
+	default:
+		if !d.bad {
+			return nil, malformed("%v frame MAC of length %d", t, ml)
+		}
+	}
+	return nil, nil
 }
 
 func decodeHeader(p []byte) (Header, error) {
@@ -475,16 +627,11 @@ func decodeHeader(p []byte) (Header, error) {
 		return Header{}, err
 	}
 	h := Header{VIP: vip, Epoch: d.u64()}
-	switch ml := d.u8(); ml {
-	case 0:
-	case 6:
-		// A copy: the header outlives the read buffer.
-		h.MAC = net.HardwareAddr(append([]byte(nil), d.bytes(6)...))
-	default:
-		if !d.bad {
-			return Header{}, malformed("header frame MAC of length %d", ml)
-		}
+	mac, err := d.mac(FrameHeader)
+	if err != nil {
+		return Header{}, err
 	}
+	h.MAC = mac
 	h.Queued = d.u32()
 	h.QueuedBytes = d.u64()
 	if err := d.done(FrameHeader); err != nil {

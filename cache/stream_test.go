@@ -34,6 +34,13 @@ func sampleFrames() []Frame {
 		{Type: FrameRefuse, Refuse: Refuse{Reason: strings.Repeat("r", MaxReason)}},
 		{Type: FrameTick, Tick: 0},
 		{Type: FrameTick, Tick: 1500 * time.Millisecond},
+		{Type: FrameRequest, Request: Request{VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 7, Claimer: "host-2", Resume: Resume{Cache: 1 << 62, Seq: 300}}},
+		{Type: FrameRequest, Request: Request{VIP: netip.MustParseAddr("fd00::10"), Epoch: 7, Claimer: "host-2", Ticks: true, Resume: Resume{Cache: 1, Seq: 0}}},
+		{Type: FramePrepare, Prepare: Prepare{VIP: netip.MustParseAddr("100.64.0.10"), Claimer: "host-2"}},
+		{Type: FramePrepare, Prepare: Prepare{VIP: netip.MustParseAddr("fd00::10"), Claimer: strings.Repeat("c", MaxClaimer)}},
+		{Type: FrameOffer, Offer: Offer{Cache: 42, Seq: 1 << 33, VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 7, MAC: mac6}},
+		{Type: FrameOffer, Offer: Offer{Cache: 1, VIP: netip.MustParseAddr("fd00::10")}},
+		{Type: FrameWithdraw},
 	}
 }
 
@@ -53,6 +60,12 @@ func writeFrame(w *Writer, f Frame) error {
 		return w.Refuse(f.Refuse)
 	case FrameTick:
 		return w.Tick(f.Tick)
+	case FramePrepare:
+		return w.Prepare(f.Prepare)
+	case FrameOffer:
+		return w.Offer(f.Offer)
+	case FrameWithdraw:
+		return w.Withdraw()
 	}
 	return fmt.Errorf("no such frame type %d", f.Type)
 }
@@ -73,7 +86,9 @@ func encode(t testing.TB, frames ...Frame) []byte {
 }
 
 func sameFrame(a, b Frame) bool {
-	return a.Type == b.Type && a.Request == b.Request && a.End == b.End && a.Refuse == b.Refuse &&
+	return a.Type == b.Type && a.Request == b.Request && a.End == b.End && a.Refuse == b.Refuse && a.Prepare == b.Prepare &&
+		a.Offer.Cache == b.Offer.Cache && a.Offer.Seq == b.Offer.Seq && a.Offer.VIP == b.Offer.VIP &&
+		a.Offer.Epoch == b.Offer.Epoch && bytes.Equal(a.Offer.MAC, b.Offer.MAC) &&
 		a.Header.VIP == b.Header.VIP && a.Header.Epoch == b.Header.Epoch && bytes.Equal(a.Header.MAC, b.Header.MAC) &&
 		a.Header.Queued == b.Header.Queued && a.Header.QueuedBytes == b.Header.QueuedBytes &&
 		bytes.Equal(a.Packet, b.Packet) && (a.Type != FramePacket || a.Packet != nil) == (b.Type != FramePacket || b.Packet != nil)
@@ -220,14 +235,22 @@ func TestStreamMalformed(t *testing.T) {
 	}
 	cases := map[string][]byte{
 		"type 0":                 {0, 0},
-		"type 8":                 {8, 0},
+		"type 11":                {11, 0},
 		"type 255":               {255, 1, 0},
 		"request vip len 5":      frame(FrameRequest, []byte{5, 1, 2, 3, 4, 5}, epoch, []byte{0}),
 		"request no vip":         frame(FrameRequest),
 		"request short claimer":  frame(FrameRequest, vip4, epoch, []byte{3, 'a'}),
 		"request trailing":       frame(FrameRequest, vip4, epoch, []byte{0, 1, 9}),
 		"request flags 0":        frame(FrameRequest, vip4, epoch, []byte{0, 0}),
-		"request flags 2":        frame(FrameRequest, vip4, epoch, []byte{0, 2}),
+		"request resume cut":     frame(FrameRequest, vip4, epoch, []byte{0, 2}, make([]byte, 15)),
+		"request resume cache 0": frame(FrameRequest, vip4, epoch, []byte{0, 2}, make([]byte, 16)),
+		"request flags 4":        frame(FrameRequest, vip4, epoch, []byte{0, 4}),
+		"prepare trailing":       frame(FramePrepare, vip4, []byte{0, 1}),
+		"prepare short claimer":  frame(FramePrepare, vip4, []byte{2, 'a'}),
+		"offer cache 0":          frame(FrameOffer, make([]byte, 16), vip4, epoch, []byte{0}),
+		"offer mac len 1":        frame(FrameOffer, epoch, epoch, vip4, epoch, []byte{1, 1}),
+		"offer trailing":         frame(FrameOffer, epoch, epoch, vip4, epoch, []byte{0, 0}),
+		"withdraw with payload":  frame(FrameWithdraw, []byte{0}),
 		"tick short":             frame(FrameTick, make([]byte, 7)),
 		"tick out of range":      frame(FrameTick, []byte{0x80, 0, 0, 0, 0, 0, 0, 0}),
 		"header mac len 5":       frame(FrameHeader, vip4, epoch, []byte{5, 1, 2, 3, 4, 5}, make([]byte, 12)),
@@ -255,11 +278,14 @@ func TestStreamMalformed(t *testing.T) {
 func TestWriterRejects(t *testing.T) {
 	w := NewWriter(io.Discard)
 	for name, err := range map[string]error{
-		"no vip":       w.Request(Request{}),
-		"zone":         w.Request(Request{VIP: netip.MustParseAddr("fe80::1%eth0")}),
-		"long claimer": w.Request(Request{VIP: v4a, Claimer: strings.Repeat("x", MaxClaimer+1)}),
-		"mac 5":        w.Header(Header{VIP: v4a, MAC: mac6[:5]}),
-		"long reason":  w.Refuse(Refuse{Reason: strings.Repeat("x", MaxReason+1)}),
+		"no vip":         w.Request(Request{}),
+		"zone":           w.Request(Request{VIP: netip.MustParseAddr("fe80::1%eth0")}),
+		"long claimer":   w.Request(Request{VIP: v4a, Claimer: strings.Repeat("x", MaxClaimer+1)}),
+		"mac 5":          w.Header(Header{VIP: v4a, MAC: mac6[:5]}),
+		"offer mac 5":    w.Offer(Offer{Cache: 1, VIP: v4a, MAC: mac6[:5]}),
+		"offer cache 0":  w.Offer(Offer{VIP: v4a}),
+		"prepare no vip": w.Prepare(Prepare{Claimer: "h"}),
+		"long reason":    w.Refuse(Refuse{Reason: strings.Repeat("x", MaxReason+1)}),
 	} {
 		if !errors.Is(err, ErrFrameField) {
 			t.Errorf("%s: %v, want ErrFrameField", name, err)
