@@ -17,6 +17,7 @@ type FlushStats struct {
 	FlushEnd   time.Time // end marker sent or received
 	Flushed    uint64    // packets of the queue sent before the end marker
 	FlushedB   uint64
+	Ahead      uint64 // of Flushed: the destination had them before the header (Preview)
 	Forwarded  uint64 // stragglers sent after the end marker
 	ForwardedB uint64
 }
@@ -28,21 +29,27 @@ type FlushStats struct {
 // from the interceptor meanwhile. progress, if not nil, is called after
 // each batch with the stats so far.
 func SendQueue(conn io.Writer, q *Queue, hdr Header, linger time.Duration, stop <-chan struct{}, progress func(FlushStats)) (FlushStats, error) {
-	return SendQueueTicks(conn, q, hdr, linger, 0, nil, stop, progress)
+	return SendQueueTicks(conn, q, hdr, 0, linger, 0, nil, stop, progress)
 }
 
 // SendQueueTicks is SendQueue that also writes a FrameTick right after the
 // end marker and every tick while it lingers (tick 0: none), for a
 // destination that asked (Request.Ticks; see Orderer.Tick).
 //
+// It starts with the packet numbered from (Queue.Head): the destination
+// has those before it already, copies sent ahead (Preview). They count as
+// flushed.
+//
 // If flushUntil is not nil, the flush also takes what reaches q until
 // flushUntil is closed, and only then writes the end marker: the source
 // streams at once while it moves the VIP's route away from its cache, and
 // the end marker still says that nothing sent to the VIP before the move
 // is left behind it.
-func SendQueueTicks(conn io.Writer, q *Queue, hdr Header, linger, tick time.Duration, flushUntil, stop <-chan struct{}, progress func(FlushStats)) (FlushStats, error) {
+func SendQueueTicks(conn io.Writer, q *Queue, hdr Header, from uint64, linger, tick time.Duration, flushUntil, stop <-chan struct{}, progress func(FlushStats)) (FlushStats, error) {
 	var st FlushStats
 	w := NewWriter(conn)
+	ahead, aheadB := q.Skip(from, time.Now())
+	st.Ahead, st.Flushed, st.FlushedB = uint64(ahead), uint64(ahead), aheadB
 	backlog := q.Len()
 	hdr.Queued = uint32(backlog)
 	hdr.QueuedBytes = uint64(q.Stats().QueuedBytes)
@@ -182,7 +189,6 @@ func Receive(r io.Reader, q *Queue, onHeader func(Header), onEnd func(End), prog
 // before any packet is pushed (a header for another VIP or epoch than the
 // request's must not reach the VM).
 func ReceiveTicks(r io.Reader, q *Queue, onHeader func(Header) error, onEnd func(End), onTick func(time.Duration), progress func(FlushStats)) (FlushStats, error) {
-	var st FlushStats
 	rd := NewReader(r)
 	f, err := rd.Next()
 	if err != nil {
@@ -190,8 +196,15 @@ func ReceiveTicks(r io.Reader, q *Queue, onHeader func(Header) error, onEnd func
 			// The source owes a header or a refusal: it was cut.
 			err = io.ErrUnexpectedEOF
 		}
-		return st, fmt.Errorf("handover: read header: %w", err)
+		return FlushStats{}, fmt.Errorf("handover: read header: %w", err)
 	}
+	return ReceiveAfter(rd, f, q, onHeader, onEnd, onTick, progress)
+}
+
+// ReceiveAfter is ReceiveTicks once the answer's first frame f has been
+// read from rd (Preview.Await).
+func ReceiveAfter(rd *Reader, f Frame, q *Queue, onHeader func(Header) error, onEnd func(End), onTick func(time.Duration), progress func(FlushStats)) (FlushStats, error) {
+	var st FlushStats
 	switch f.Type {
 	case FrameHeader:
 	case FrameRefuse:

@@ -106,7 +106,7 @@ func TestSendQueueTicks(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		_, sendErr = SendQueueTicks(a, src, Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, 100*time.Millisecond, 5*time.Millisecond, nil, nil, nil)
+		_, sendErr = SendQueueTicks(a, src, Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, 0, 100*time.Millisecond, 5*time.Millisecond, nil, nil, nil)
 	}()
 	dst := NewQueue(DefaultLimits(), nil)
 	var ticks []time.Duration
@@ -154,7 +154,7 @@ func TestSendQueueFlushUntil(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		sent, sendErr = SendQueueTicks(a, src, Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, time.Minute, 0, routed, stop, nil)
+		sent, sendErr = SendQueueTicks(a, src, Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, 0, time.Minute, 0, routed, stop, nil)
 	}()
 	dst := NewQueue(DefaultLimits(), nil)
 	var end End

@@ -1000,7 +1000,7 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		tick = handoverTick
 	}
 	lingerOver, streamDone := a.endLinger(c, stop)
-	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, a.live().CacheLinger+time.Second, tick, routed, lingerOver, nil)
+	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, 0, a.live().CacheLinger+time.Second, tick, routed, lingerOver, nil)
 	close(streamDone)
 	<-routed
 	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", reconciled)
