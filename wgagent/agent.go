@@ -114,6 +114,9 @@ type Agent struct {
 	// when the agent stops; guarded by prepMu.
 	waiting map[net.Conn]bool
 	closing bool
+	// cachingBegan is closed, and forgotten, when a VIP starts caching:
+	// it wakes the offers of prepared connections (offer.go). a.mu.
+	cachingBegan chan struct{}
 
 	// VIPs attached when announced, waiting for their VM; see
 	// announced.go. awaitMu guards awaited and awaitClosed.

@@ -239,6 +239,7 @@ func (a *Agent) beginLocked(c *vipCtl, why string) {
 	} else if len(at.MAC) == 6 {
 		c.mac = at.MAC
 	}
+	a.signalCachingLocked()
 	a.log.Info("VM suspended: caching its packets", "vip", c.vip, "dev", c.dev, "why", why)
 }
 
@@ -627,23 +628,31 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 	claimed := time.Now()
 	req := cache.Request{VIP: vip, Epoch: r.Epoch, Claimer: a.cfg.Name, Ticks: true}
 	pc := a.takePrepared(vip, old.Owner)
+	var stream *cache.Queue
+	var offer cache.Offer
 	if pc != nil {
+		// The copies the old owner sent ahead are the stream's start.
+		stream, req.Resume, offer = pc.preview.Ask(vip, r.Epoch)
 		// Now, not in fetchHandover: on a busy host its goroutine waited
 		// 1-4 ms for a CPU, a tenth of the whole handover across a WAN.
 		pc.ask(req)
+	} else {
+		stream = a.newQueue()
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if len(offer.MAC) == 6 {
+		c.mac = offer.MAC
+	}
 	c.started = claimed
 	c.source = false
 	c.rec = control.Migration{ID: a.migrationIDLocked(vip, old.Epoch), VIP: vip.String(), From: old.Owner, To: a.cfg.Name, Epoch: r.Epoch, Claim: timePtr(c.started), Role: metrics.RoleDestination}
 	a.metrics.MigrationStarted(metrics.RoleDestination)
 	c.tl = tl
-	stream := a.newQueue()
 	// c.queue has held what arrived since the holding route went in.
 	a.startDeliveryLocked(c, stream, c.queue, false)
 	o, stop := c.orderer, c.stop
-	a.log.Info("VM arriving: holding its packets and asking the old host for its cache", "vip", vip, "from", old.Owner, "epoch", r.Epoch)
+	a.log.Info("VM arriving: holding its packets and asking the old host for its cache", "vip", vip, "from", old.Owner, "epoch", r.Epoch, "copies_here", stream.Len())
 	a.bg.Add(1)
 	go func() {
 		defer a.bg.Done()
@@ -659,8 +668,10 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *preparedConn, stream *cache.Queue, o *cache.Orderer, stop chan struct{}) {
 	defer o.Closed()
 	var conn net.Conn
-	var rd io.Reader
+	var rd *cache.Reader
+	var first cache.Frame // of the answer
 	var rtt, dialRTT time.Duration
+	var copies uint64 // sent ahead on the prepared connection
 	for {
 		asked := pc
 		prepared := pc != nil
@@ -673,7 +684,13 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 		}
 		// Long enough for a source that makes the request wait; the
 		// header shortens it (see handoverIdle).
-		conn = newIdleConn(conn, handoverWait+handoverIdle)
+		if ic, ok := conn.(*idleConn); ok {
+			// Prepared: its preview may be waiting in a read already.
+			ic.setLimit(handoverWait + handoverIdle)
+			ic.SetReadDeadline(time.Now().Add(handoverWait + handoverIdle))
+		} else {
+			conn = newIdleConn(conn, handoverWait+handoverIdle)
+		}
 		released := make(chan struct{})
 		go func(conn net.Conn) {
 			select {
@@ -685,11 +702,20 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 		var err error
 		switch {
 		case asked == nil:
-			rd, rtt, err = cache.RequestHandover(conn, req)
+			sent := time.Now()
+			if err = cache.SendRequest(conn, req); err == nil {
+				rd = cache.NewReader(conn)
+				if first, err = rd.Next(); err != nil {
+					err = fmt.Errorf("handover: no answer: %w", err)
+				}
+				rtt = time.Since(sent)
+			}
 		case asked.askErr != nil:
 			err = asked.askErr
 		default:
-			rd, rtt, err = cache.AwaitAnswer(conn, asked.asked)
+			var at time.Time
+			rd, first, at, err = asked.preview.Await()
+			rtt = at.Sub(asked.asked)
 		}
 		if err == nil {
 			defer func() {
@@ -697,7 +723,8 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 				conn.Close()
 			}()
 			if prepared {
-				a.log.Info("handover: requested on the prepared connection", "vip", c.vip, "from", from, "rtt", rtt)
+				copies = asked.preview.Copies()
+				a.log.Info("handover: requested on the prepared connection", "vip", c.vip, "from", from, "rtt", rtt, "copies_ahead", copies)
 			}
 			break
 		}
@@ -709,7 +736,11 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 		default:
 		}
 		if prepared {
-			a.log.Info("handover: the prepared connection failed; connecting anew", "vip", c.vip, "from", from, "err", err)
+			// What came ahead stays in the stream: ask from there, once
+			// the preview has taken all it will (the close ends it).
+			asked.preview.Await()
+			req.Resume = asked.preview.Resume()
+			a.log.Info("handover: the prepared connection failed; connecting anew", "vip", c.vip, "from", from, "err", err, "resume", req.Resume.Seq)
 			continue
 		}
 		if req.Ticks && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
@@ -725,7 +756,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 	// The answer's round trip is the path's, unless the source made the
 	// request wait (see handoverWait); the connect's is one too.
 	o.Settle = max(a.live().CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
-	st, err := cache.ReceiveTicks(rd, stream,
+	st, err := cache.ReceiveAfter(rd, first, stream,
 		func(h cache.Header) error {
 			if h.VIP != req.VIP || h.Epoch != req.Epoch {
 				// A source that answers another request than ours:
@@ -752,8 +783,10 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 			c.mu.Unlock()
 			o.Ended()
 		}, o.Tick, nil)
+	st.Flushed += copies
+	st.Ahead = copies
 	c.mu.Lock()
-	c.rec.Flushed, c.rec.Forwarded = st.Flushed, st.Forwarded
+	c.rec.Flushed, c.rec.Forwarded, c.rec.Ahead = st.Flushed, st.Forwarded, st.Ahead
 	c.flush = st
 	c.mu.Unlock()
 	if err != nil {
@@ -908,7 +941,8 @@ func (a *Agent) serveHandovers(ln net.Listener) {
 const handoverTick = 2 * time.Millisecond
 
 func (a *Agent) handleHandover(conn net.Conn) error {
-	f, err := a.readHandoverRequest(conn)
+	rd := cache.NewReader(conn)
+	f, err := a.readHandoverRequest(conn, rd)
 	if err != nil {
 		return err
 	}
@@ -919,17 +953,38 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		w.Flush()
 		return errors.New("refused: " + reason)
 	}
+	var copied cache.Resume // what the prepared connection carried ahead
+	if f.Type == cache.FramePrepare {
+		if err := a.checkClaimer(conn, f.Prepare.Claimer); err != nil {
+			return refuse("%v", err)
+		}
+		stop, done := make(chan struct{}), make(chan error, 1)
+		go func() {
+			var err error
+			copied, err = a.offerCache(conn, f.Prepare.VIP.Unmap(), stop)
+			if err != nil {
+				conn.Close() // ends the wait for the request below
+			}
+			done <- err
+		}()
+		f, err = a.readHandoverRequest(conn, rd)
+		close(stop)
+		if oerr := <-done; oerr != nil {
+			// The stream is out of step: the claimer connects anew,
+			// and asks from what it has.
+			return fmt.Errorf("copying the cache ahead: %w", oerr)
+		}
+		if err != nil {
+			return err
+		}
+	}
 	if f.Type != cache.FrameRequest {
 		return refuse("expected a request")
 	}
 	req := f.Request
 	a.log.Debug("handover request", "vip", req.VIP, "claimer", req.Claimer, "epoch", req.Epoch)
-	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
-	if addr, alive := a.memberOverlay(req.Claimer); !alive || addr != remote.Addr().Unmap() {
-		return refuse("%s is not the overlay address of a live member %q", remote.Addr(), req.Claimer)
-	}
-	if peer := a.handoverPeer(remote.Addr()); peer != req.Claimer {
-		return refuse("%s is the overlay address of peer %q, not of %q", remote.Addr(), peer, req.Claimer)
+	if err := a.checkClaimer(conn, req.Claimer); err != nil {
+		return refuse("%v", err)
 	}
 
 	var c *vipCtl
@@ -994,19 +1049,29 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		reconciled = time.Since(t0)
 		close(routed)
 	}()
-	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "mac", mac.String(), "after", time.Since(asked))
+	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "mac", mac.String(), "after", time.Since(asked), "copied_ahead", copied.Seq, "resume", req.Resume.Seq)
 	var tick time.Duration
 	if req.Ticks {
 		tick = handoverTick
 	}
 	lingerOver, streamDone := a.endLinger(c, stop)
-	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, 0, a.live().CacheLinger+time.Second, tick, routed, lingerOver, nil)
+	// The claimer has the packets it names (copies from a prepared
+	// connection that then failed), and this connection carried copies
+	// up to copied.
+	var from uint64
+	if req.Resume.Cache == q.ID() {
+		from = req.Resume.Seq
+	}
+	if copied.Cache == q.ID() {
+		from = max(from, copied.Seq)
+	}
+	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, from, a.live().CacheLinger+time.Second, tick, routed, lingerOver, nil)
 	close(streamDone)
 	<-routed
 	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", reconciled)
 	a.mu.Lock()
 	c.mu.Lock()
-	c.rec.Flushed, c.rec.Forwarded = st.Flushed, st.Forwarded
+	c.rec.Flushed, c.rec.Forwarded, c.rec.Ahead = st.Flushed, st.Forwarded, st.Ahead
 	c.flush = st
 	qs := q.Stats()
 	c.rec.Cached, c.rec.CachedBytes = qs.Packets, qs.Bytes
@@ -1035,13 +1100,28 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		}
 		a.intercept.Detach(req.VIP, c)
 	}
-	a.log.Info("handover done", "vip", req.VIP, "to", req.Claimer, "flushed", st.Flushed, "forwarded", st.Forwarded, "err", err)
+	a.log.Info("handover done", "vip", req.VIP, "to", req.Claimer, "flushed", st.Flushed, "ahead", st.Ahead, "forwarded", st.Forwarded, "err", err)
 	return err
 }
 
-// readHandoverRequest reads the request a peer's connection opens with. A
+// checkClaimer says why a handover connection cannot be from claimer, if
+// it cannot: it must come from the overlay address of that live member,
+// its WireGuard peer.
+func (a *Agent) checkClaimer(conn net.Conn, claimer string) error {
+	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
+	if addr, alive := a.memberOverlay(claimer); !alive || addr != remote.Addr().Unmap() {
+		return fmt.Errorf("%s is not the overlay address of a live member %q", remote.Addr(), claimer)
+	}
+	if peer := a.handoverPeer(remote.Addr()); peer != claimer {
+		return fmt.Errorf("%s is the overlay address of peer %q, not of %q", remote.Addr(), peer, claimer)
+	}
+	return nil
+}
+
+// readHandoverRequest reads the next frame from a peer's connection: its
+// request, or the prepare that comes first on a prepared connection. A
 // peer may connect long before it asks (Prepare).
-func (a *Agent) readHandoverRequest(conn net.Conn) (cache.Frame, error) {
+func (a *Agent) readHandoverRequest(conn net.Conn, rd *cache.Reader) (cache.Frame, error) {
 	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
 	from := remote.Addr().Unmap()
 	wait := 5 * time.Second
@@ -1070,7 +1150,7 @@ func (a *Agent) readHandoverRequest(conn net.Conn) (cache.Frame, error) {
 	a.waiting[conn] = true
 	a.prepMu.Unlock()
 	conn.SetReadDeadline(time.Now().Add(wait))
-	f, err := cache.NewReader(conn).Next()
+	f, err := rd.Next()
 	a.prepMu.Lock()
 	delete(a.waiting, conn)
 	a.prepMu.Unlock()

@@ -41,6 +41,9 @@ type preparedConn struct {
 	conn    net.Conn
 	dialRTT time.Duration
 	at      time.Time
+	// preview reads the copies of the cache the owner sends ahead, and
+	// then its answer.
+	preview *cache.Preview
 	// Set by ask.
 	asked  time.Time
 	askErr error
@@ -79,7 +82,7 @@ func (b backend) Prepare(ctx context.Context, vip netip.Addr) (control.VIP, erro
 	a.prepMu.Lock()
 	pc := a.prepared[vip]
 	a.prepMu.Unlock()
-	if pc != nil && pc.from == r.Owner {
+	if pc != nil && pc.from == r.Owner && !pc.preview.Ended() {
 		return a.vipStatus(vip), nil
 	}
 	conn, rtt, err := a.dialHandover(ctx, r.Owner, time.Second)
@@ -90,6 +93,14 @@ func (b backend) Prepare(ctx context.Context, vip netip.Addr) (control.VIP, erro
 	if err := setUserTimeout(conn, prepareUserTimeout); err != nil {
 		a.log.Debug("prepare: TCP_USER_TIMEOUT", "err", err)
 	}
+	// Say what for: the owner sends copies of the VIP's cache ahead.
+	conn.SetWriteDeadline(time.Now().Add(askTimeout))
+	w := cache.NewWriter(conn)
+	if err := errors.Join(w.Prepare(cache.Prepare{VIP: vip, Claimer: a.cfg.Name}), w.Flush()); err != nil {
+		conn.Close()
+		return control.VIP{}, fmt.Errorf("prepare %s: write to its host %s: %w", vip, r.Owner, err)
+	}
+	conn.SetWriteDeadline(time.Time{})
 	if now, _ := a.cluster.Table().Get(vip); now.Owner != r.Owner || now.Epoch != r.Epoch {
 		// Claimed while we dialed: Xen's vif hotplug hook (the claim)
 		// races the xenstore watch that prepares. Kept, the connection
@@ -105,7 +116,19 @@ func (b backend) Prepare(ctx context.Context, vip netip.Addr) (control.VIP, erro
 	if a.prepared == nil {
 		a.prepared = map[netip.Addr]*preparedConn{}
 	}
-	a.prepared[vip] = &preparedConn{from: r.Owner, conn: conn, dialRTT: rtt, at: time.Now()}
+	// The claim bounds reading (fetchHandover); until then expirePrepared
+	// closes it.
+	conn = newIdleConn(conn, prepareTTL+time.Minute)
+	pc = &preparedConn{from: r.Owner, conn: conn, dialRTT: rtt, at: time.Now(), preview: cache.NewPreview(conn, a.newQueue)}
+	a.prepared[vip] = pc
+	a.bg.Add(1)
+	go func() {
+		defer a.bg.Done()
+		pc.preview.Run()
+		if _, _, _, err := pc.preview.Await(); err != nil {
+			a.log.Debug("prepared connection ended", "vip", vip, "owner", pc.from, "err", err)
+		}
+	}()
 	a.prepMu.Unlock()
 	a.log.Info("prepared for an arriving VM: connected to its host", "vip", vip, "owner", r.Owner, "rtt", rtt)
 	return a.vipStatus(vip), nil

@@ -183,9 +183,13 @@ type Migration struct {
 	Cached      uint64 `json:"cached"`
 	CachedBytes uint64 `json:"cached_bytes"`
 	Flushed     uint64 `json:"flushed"`
-	Held        uint64 `json:"held"`
-	Forwarded   uint64 `json:"forwarded"`
-	Delivered   uint64 `json:"delivered"`
+	// Ahead (of Flushed) came before the claim: copies of the cache sent
+	// on the prepared connection while it filled (destination), or
+	// skipped in the flush because the new host had them (source).
+	Ahead     uint64 `json:"ahead,omitempty"`
+	Held      uint64 `json:"held"`
+	Forwarded uint64 `json:"forwarded"`
+	Delivered uint64 `json:"delivered"`
 	// Late counts packets from the old host that arrived after newer
 	// packets of the same flow had been delivered (reordered).
 	Late uint64 `json:"late"`
