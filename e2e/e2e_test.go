@@ -180,3 +180,25 @@ func logHandBacks(t testing.TB, l *lab.Lab) {
 		}
 	}
 }
+
+// logPaths logs how each host reaches vip now (its kernel route) and its
+// WireGuard peers (session, bytes, gossip state, VIPs): for a flow that
+// stopped arriving, it tells a route that never moved from a tunnel
+// without a session.
+func logPaths(t testing.TB, l *lab.Lab, vip netip.Addr) {
+	t.Helper()
+	for _, h := range l.Hosts {
+		out, err := l.Exec(h.NS, "ip", "route", "get", vip.String())
+		t.Logf("%s: route to %s: %s (%v)", h.Name, vip, strings.TrimSpace(string(out)), err)
+		if h.Agent == nil {
+			continue
+		}
+		for _, p := range status(t, l, h).Peers {
+			hs := "never"
+			if p.LastHandshake != nil {
+				hs = time.Since(*p.LastHandshake).Round(time.Millisecond).String() + " ago"
+			}
+			t.Logf("%s: peer %s %s, handshake %s, rx %d tx %d, VIPs %v", h.Name, p.Name, p.State, hs, p.RxBytes, p.TxBytes, p.VIPs)
+		}
+	}
+}

@@ -65,6 +65,7 @@ func TestXenstoreSuspend(t *testing.T) {
 	checkMoves(t, l, "xenstore suspend", res, 1, before, m, c)
 	if res.Packets < 50000 || res.OutOfOrder != 0 {
 		t.Errorf("%d datagrams, %d out of order: want >= 50000 and 0", res.Packets, res.OutOfOrder)
+		logPaths(t, l, vipM)
 	}
 	if mig.Flushed == 0 {
 		t.Errorf("nothing flushed: the cache was not used")
@@ -137,6 +138,7 @@ func TestActivationByAnnouncement(t *testing.T) {
 	checkMoves(t, l, "activation by announcement", res, 1, before, m, c)
 	if res.Packets < 50000 || res.OutOfOrder != 0 {
 		t.Errorf("%d datagrams, %d out of order: want >= 50000 and 0", res.Packets, res.OutOfOrder)
+		logPaths(t, l, vipM)
 	}
 	if mig.Activation != "garp" || after < 300*time.Millisecond {
 		t.Errorf("activation %q at %v (carrier at %v): want garp, after the announcement", mig.Activation, mig.CarrierUp, resumed)
