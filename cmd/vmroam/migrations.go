@@ -196,6 +196,10 @@ func printMigration(w io.Writer, m control.Migration) {
 	for _, n := range m.Dropped {
 		dropped += n
 	}
-	fmt.Fprintf(w, "  cached %d, flushed %d, forwarded %d, held %d, delivered %d, late %d, lost %d, dropped %d\n",
-		m.Cached, m.Flushed, m.Forwarded, m.Held, m.Delivered, m.Late, m.Lost, dropped)
+	ahead := ""
+	if m.Ahead > 0 {
+		ahead = fmt.Sprintf(" (%d of them ahead, on the prepared connection)", m.Ahead)
+	}
+	fmt.Fprintf(w, "  cached %d, flushed %d%s, forwarded %d, held %d, delivered %d, late %d, lost %d, dropped %d\n",
+		m.Cached, m.Flushed, ahead, m.Forwarded, m.Held, m.Delivered, m.Late, m.Lost, dropped)
 }

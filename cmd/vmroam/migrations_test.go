@@ -29,7 +29,7 @@ func twoSides() (src, dst control.Migration) {
 	src = control.Migration{
 		ID: "100.100.20.1@4", VIP: "100.100.20.1", From: "h1", To: "h2", Epoch: 5, Role: "source",
 		Suspend: at(0), Claim: at(12.5), FlushStart: at(13), FlushEnd: at(14.25), Done: at(2014),
-		Cached: 600, Flushed: 150, Forwarded: 450, Dropped: map[string]uint64{"max-age": 2},
+		Cached: 600, Flushed: 150, Ahead: 120, Forwarded: 450, Dropped: map[string]uint64{"max-age": 2},
 		Timeline: &control.Timeline{Start: *at(0), Series: []control.TimelineSeries{
 			{Name: control.SeriesCached, Counts: counts(50, 12)},
 			{Name: control.SeriesFlushed, First: 13, Counts: counts(37, 16)},
@@ -85,7 +85,7 @@ func TestMigrationsOne(t *testing.T) {
 	src, _ := twoSides()
 	fakeAgent(t, &recordingBackend{migrations: []control.Migration{src}})
 	code, stdout, _ := runCLI(t, "migrations", "100.100.20.1@4")
-	if code != 0 || !strings.Contains(stdout, "flush end") || !strings.Contains(stdout, "+14.25ms") || !strings.Contains(stdout, "cached 600") {
+	if code != 0 || !strings.Contains(stdout, "flush end") || !strings.Contains(stdout, "+14.25ms") || !strings.Contains(stdout, "cached 600, flushed 150 (120 of them ahead") {
 		t.Errorf("exit %d:\n%s", code, stdout)
 	}
 	code, stdout, _ = runCLI(t, "migrations", "--json", "100.100.20.1@4")
