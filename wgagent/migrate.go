@@ -1055,15 +1055,16 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		tick = handoverTick
 	}
 	lingerOver, streamDone := a.endLinger(c, stop)
-	// The claimer has the packets it names (copies from a prepared
-	// connection that then failed), and this connection carried copies
-	// up to copied.
+	// The claimer has the copies its request names; and, if it took
+	// this connection's copies (it names their cache: it drops the
+	// copies of an offer that does not match its claim), also those that
+	// were still on their way when it asked, up to copied.
 	var from uint64
 	if req.Resume.Cache == q.ID() {
 		from = req.Resume.Seq
-	}
-	if copied.Cache == q.ID() {
-		from = max(from, copied.Seq)
+		if copied.Cache == q.ID() {
+			from = max(from, copied.Seq)
+		}
 	}
 	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, from, a.live().CacheLinger+time.Second, tick, routed, lingerOver, nil)
 	close(streamDone)
