@@ -1,11 +1,9 @@
 package cache
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -269,17 +267,6 @@ func ReceiveAfter(rd *Reader, f Frame, q *Queue, onHeader func(Header) error, on
 	}
 }
 
-// RequestHandover sends the request on conn and returns the round-trip
-// time until the first byte of the answer is readable, measured with a
-// small read-ahead; the returned reader replays what was read.
-func RequestHandover(conn net.Conn, req Request) (io.Reader, time.Duration, error) {
-	sent := time.Now()
-	if err := SendRequest(conn, req); err != nil {
-		return nil, 0, err
-	}
-	return AwaitAnswer(conn, sent)
-}
-
 // SendRequest writes the request that opens a handover.
 func SendRequest(conn io.Writer, req Request) error {
 	w := NewWriter(conn)
@@ -290,16 +277,6 @@ func SendRequest(conn io.Writer, req Request) error {
 		return fmt.Errorf("handover: send request: %w", err)
 	}
 	return nil
-}
-
-// AwaitAnswer waits for the first byte of the answer to a request sent at
-// sent, and returns a reader of the answer and the round trip since sent.
-func AwaitAnswer(conn io.Reader, sent time.Time) (io.Reader, time.Duration, error) {
-	first := make([]byte, 1)
-	if _, err := io.ReadFull(conn, first); err != nil {
-		return nil, 0, fmt.Errorf("handover: no answer: %w", err)
-	}
-	return io.MultiReader(bytes.NewReader(first), conn), time.Since(sent), nil
 }
 
 // Orderer delivers a destination's packets in the order that loses and
