@@ -181,15 +181,25 @@ func logHandBacks(t testing.TB, l *lab.Lab) {
 	}
 }
 
-// logPaths logs how each host reaches vip now (its kernel route) and its
-// WireGuard peers (session, bytes, gossip state, VIPs): for a flow that
-// stopped arriving, it tells a route that never moved from a tunnel
-// without a session.
+// logPaths logs how each host reaches vip now (its kernel route and the
+// neighbour entries on the way) and its WireGuard peers (session, bytes,
+// gossip state, VIPs): for a flow that stopped arriving, it tells a route
+// that never moved from a tunnel without a session or a hand-back that
+// never resolved.
 func logPaths(t testing.TB, l *lab.Lab, vip netip.Addr) {
 	t.Helper()
 	for _, h := range l.Hosts {
 		out, err := l.Exec(h.NS, "ip", "route", "get", vip.String())
 		t.Logf("%s: route to %s: %s (%v)", h.Name, vip, strings.TrimSpace(string(out)), err)
+		// The VM's own and the hand-back's fence gateway entries: a
+		// fence left unresolved holds, then drops, what the kernel
+		// routes to the VM.
+		out, _ = l.Exec(h.NS, "ip", "neigh", "show", "nud", "all")
+		for _, line := range strings.Split(string(out), "\n") {
+			if strings.HasPrefix(line, vip.String()+" ") || strings.HasPrefix(line, "169.254.") {
+				t.Logf("%s: neighbour %s", h.Name, line)
+			}
+		}
 		if h.Agent == nil {
 			continue
 		}
