@@ -78,6 +78,10 @@ func wanMoveLabRTT(t testing.TB, rtt time.Duration, agentArgs ...string) (l *lab
 	t.Helper()
 	l = newWANLabRTT(t, 3, rtt, agentArgs...)
 	m, c = addPair(t, l, l.Hosts[0], "", l.Hosts[2])
+	// Converged, as a cluster is before a migration: a prepare right
+	// after the start timed out (1 s) in CI while a WireGuard handshake
+	// waited for wireguard-go's 5 s retry.
+	waitSessions(t, l)
 	return l, m, c
 }
 

@@ -30,6 +30,7 @@ func TestXenstoreSuspend(t *testing.T) {
 		}
 	}
 	m, c := addPair(t, l, h1, "vif7.0", h3)
+	waitSessions(t, l) // as migrationLab: converged before the migration
 
 	before := takeLossSnapshot(t, l, m, c)
 	flow, err := l.StartUDPFlow(c, m, 8*time.Second, "20M", 200)
