@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 
@@ -303,6 +304,61 @@ func (d *Device) RemoveAllowedIPs(peer wgtypes.Key, remove, keep []netip.Prefix)
 		nets[i] = net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 	}
 	return d.Configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: peer, UpdateOnly: true, ReplaceAllowedIPs: true, AllowedIPs: nets}}})
+}
+
+// Rehandshake starts a new WireGuard handshake with peer now, however
+// recently the last initiation went out. It is for a peer that never
+// completed one: two hosts that add each other within one one-way delay
+// both send an initiation, each answers the other's, and each then drops
+// the answer to its own, since answering replaced its own initiation's
+// state. Neither has a session, and WireGuard sends no new initiation
+// before REKEY_TIMEOUT (5 s, and again if they cross again). A peer with
+// a session gets a new one, and what is sent meanwhile waits a round trip.
+func (d *Device) Rehandshake(peer wgtypes.Key) error {
+	if d.impl == Userspace && d.wg != nil {
+		if err := rehandshake(d.wg, peer); err != nil {
+			return fmt.Errorf("WireGuard %s: %w", d.name, err)
+		}
+		return nil
+	}
+	// The kernel's netlink API has no such command, but a peer added anew
+	// has no initiation behind it. Removal and addition are one message,
+	// so no packet finds the peer missing.
+	st, err := d.State()
+	if err != nil {
+		return err
+	}
+	i := slices.IndexFunc(st.Peers, func(p wgtypes.Peer) bool { return p.PublicKey == peer })
+	if i < 0 {
+		return fmt.Errorf("WireGuard %s: no peer %s", d.name, peer)
+	}
+	p := st.Peers[i]
+	return d.Configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{
+		{PublicKey: peer, Remove: true},
+		{
+			PublicKey:                   peer,
+			PresharedKey:                &p.PresharedKey,
+			Endpoint:                    p.Endpoint,
+			PersistentKeepaliveInterval: &p.PersistentKeepaliveInterval,
+			ReplaceAllowedIPs:           true,
+			AllowedIPs:                  p.AllowedIPs,
+		},
+	}})
+}
+
+// rehandshake is Rehandshake for embedded wireguard-go. Expiring the
+// peer's keypairs is what lifts the limit of one initiation per
+// REKEY_TIMEOUT.
+func rehandshake(wg *device.Device, peer wgtypes.Key) error {
+	p := wg.LookupPeer(device.NoisePublicKey(peer))
+	if p == nil {
+		return fmt.Errorf("no peer %s", peer)
+	}
+	p.ExpireCurrentKeypairs()
+	if err := p.SendHandshakeInitiation(false); err != nil {
+		return fmt.Errorf("handshake with %s: %w", peer, err)
+	}
+	return nil
 }
 
 // Close removes the interface (which removes its routes with it) and stops
