@@ -326,6 +326,38 @@ func TestWANHandover(t *testing.T) {
 	}
 }
 
+// TestWANSessionsAtJoin: hosts that learn of each other at once across a
+// WAN send WireGuard initiations that cross; each answers the other's and
+// drops the answer to its own, and WireGuard's own retry comes 5 s later
+// (10 s, 16 s if they cross again: without the new handshake, 5 of 6 lab
+// starts took 5.5-16.4 s). A migration onto a host in that time has no
+// tunnel. The agents start a new handshake from one end after a second
+// without a session: every pair must have a session before WireGuard's own
+// retry could have made one.
+func TestWANSessionsAtJoin(t *testing.T) {
+	for i := range 2 {
+		t.Run(fmt.Sprint("start", i+1), func(t *testing.T) {
+			l := newWANLab(t, 3)
+			started := time.Now()
+			eventually(t, 4500*time.Millisecond, "every peer has a WireGuard session before WireGuard's 5 s retry", func() error {
+				for _, h := range l.Hosts {
+					peers := status(t, l, h).Peers
+					if len(peers) != len(l.Hosts)-1 {
+						return fmt.Errorf("%s has %d peers, want %d", h.Name, len(peers), len(l.Hosts)-1)
+					}
+					for _, p := range peers {
+						if p.LastHandshake == nil {
+							return fmt.Errorf("%s has no session with %s", h.Name, p.Name)
+						}
+					}
+				}
+				return nil
+			})
+			t.Logf("every pair has a session %v after the agents started", time.Since(started).Round(time.Millisecond))
+		})
+	}
+}
+
 // TestPreparedConnectionReplaced: the old host's agent restarts between
 // the prepare and the claim, so the prepared connection is dead when the
 // claim sends its request on it. The new host must notice at once, connect

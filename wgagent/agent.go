@@ -89,6 +89,10 @@ type Agent struct {
 	timelines []keptTimeline
 	// Prefixes on a peer that should not have them (allowedIPsGrace).
 	unwanted graceTimer
+	// Peers without a WireGuard session yet, and the reconcile that
+	// starts a new handshake with one when it is due.
+	sessionless sessionWatch
+	sessionKick *time.Timer
 
 	// vmroam's nftables table; nil when Config.Filter is off.
 	filter        *filter.Table
@@ -351,6 +355,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			a.log.Info("shutting down")
+			a.mu.Lock()
+			if a.sessionKick != nil {
+				a.sessionKick.Stop()
+			}
+			a.mu.Unlock()
 			return nil
 		case <-a.trigger:
 		case <-tick.C:

@@ -388,16 +388,24 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 	// Second pass: prefixes still on a peer that should not have them
 	// (a prefix another peer wants left this one when that peer took
 	// it), once they have been unwanted for allowedIPsGrace; and a
-	// warm-up for every peer without a session yet.
+	// warm-up for every peer without a session yet, with a new handshake
+	// if it has waited too long (sessionWatch).
 	var errs []error
 	now := time.Now()
 	defer a.unwanted.sweep()
+	defer a.sessionWatchDone()
 	for _, p := range dev.Peers {
 		w, ok := wanted[p.PublicKey]
 		if !ok {
 			continue
 		}
 		if p.LastHandshakeTime.IsZero() {
+			if a.sessionless.check(p.PublicKey, now) && leadsHandshake(dev.PublicKey, p.PublicKey) {
+				a.log.Info("no WireGuard session with peer yet: starting a new handshake", "peer", w.name, "endpoint", p.Endpoint)
+				if err := a.dev.Rehandshake(p.PublicKey); err != nil {
+					errs = append(errs, err)
+				}
+			}
 			a.warmUp(w.allowedIPs[0].Addr())
 		}
 		want := map[netip.Prefix]bool{}
@@ -484,6 +492,23 @@ func (a *Agent) ensureAddress() error {
 		return fmt.Errorf("add %s to %s: %w", want, a.cfg.Interface, err)
 	}
 	return nil
+}
+
+// sessionWatchDone ends a reconcile's look at sessions: peers it did not
+// find without one are forgotten, and a reconcile is due when the next
+// new handshake is.
+func (a *Agent) sessionWatchDone() {
+	a.sessionless.sweep()
+	at, ok := a.sessionless.next()
+	if !ok {
+		return
+	}
+	d := max(time.Until(at), 0)
+	if a.sessionKick == nil {
+		a.sessionKick = time.AfterFunc(d, a.kick)
+		return
+	}
+	a.sessionKick.Reset(d)
 }
 
 // warmUp sends one datagram into the tunnel to a peer without a session
