@@ -134,6 +134,16 @@ func TestPreviewHandover(t *testing.T) {
 func TestPreviewVoid(t *testing.T) {
 	vip := netip.MustParseAddr("100.64.1.2")
 	offer := Frame{Type: FrameOffer, Offer: Offer{Cache: 9, Seq: 100, VIP: vip, Epoch: 6}}
+	// offered is a preview that has taken the offer and its first ten
+	// copies.
+	offered := func(t *testing.T) (*Preview, net.Conn, *Writer) {
+		t.Helper()
+		p, conn, w := previewPipe(t)
+		send(t, w, offer)
+		send(t, w, packets(t, 0, 10)...)
+		waitCopies(t, p, 10)
+		return p, conn, w
+	}
 
 	t.Run("withdrawn", func(t *testing.T) {
 		p, _, w := previewPipe(t)
@@ -155,10 +165,7 @@ func TestPreviewVoid(t *testing.T) {
 		}
 	})
 	t.Run("other epoch", func(t *testing.T) {
-		p, _, w := previewPipe(t)
-		send(t, w, offer)
-		send(t, w, packets(t, 0, 10)...)
-		waitCopies(t, p, 10)
+		p, _, w := offered(t)
 		q, resume, _ := p.Ask(vip, 9)
 		if q.Len() != 0 || resume != (Resume{}) {
 			t.Fatalf("claim at epoch 9 of an offer at 6: %d queued, resume %+v", q.Len(), resume)
@@ -173,19 +180,13 @@ func TestPreviewVoid(t *testing.T) {
 		}
 	})
 	t.Run("other VIP", func(t *testing.T) {
-		p, _, w := previewPipe(t)
-		send(t, w, offer)
-		send(t, w, packets(t, 0, 10)...)
-		waitCopies(t, p, 10)
+		p, _, _ := offered(t)
 		if q, resume, _ := p.Ask(netip.MustParseAddr("100.64.1.3"), 7); q.Len() != 0 || resume != (Resume{}) {
 			t.Fatalf("claim of another VIP: %d queued, resume %+v", q.Len(), resume)
 		}
 	})
 	t.Run("cut before the claim", func(t *testing.T) {
-		p, conn, w := previewPipe(t)
-		send(t, w, offer)
-		send(t, w, packets(t, 0, 10)...)
-		waitCopies(t, p, 10)
+		p, conn, _ := offered(t)
 		conn.Close()
 		if _, _, _, err := p.Await(); !errors.Is(err, ErrNoAnswer) {
 			t.Fatalf("Await after a cut: %v", err)
@@ -196,10 +197,7 @@ func TestPreviewVoid(t *testing.T) {
 		}
 	})
 	t.Run("cut after the claim", func(t *testing.T) {
-		p, conn, w := previewPipe(t)
-		send(t, w, offer)
-		send(t, w, packets(t, 0, 10)...)
-		waitCopies(t, p, 10)
+		p, conn, w := offered(t)
 		q, _, _ := p.Ask(vip, 7)
 		send(t, w, packets(t, 10, 12)...)
 		conn.Close()
