@@ -1,8 +1,10 @@
 package wgagent
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
@@ -400,8 +402,13 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 			continue
 		}
 		if p.LastHandshakeTime.IsZero() {
-			if a.sessionless.check(p.PublicKey, now) && leadsHandshake(dev.PublicKey, p.PublicKey) {
-				a.log.Info("no WireGuard session with peer yet: starting a new handshake", "peer", w.name, "endpoint", p.Endpoint)
+			if n := a.sessionless.check(p.PublicKey, now); n > 0 && leadsHandshake(dev.PublicKey, p.PublicKey) {
+				// Once is news; a peer that never answers is doctor's.
+				level := slog.LevelInfo
+				if n > 1 {
+					level = slog.LevelDebug
+				}
+				a.log.Log(context.Background(), level, "no WireGuard session with peer yet: starting a new handshake", "peer", w.name, "endpoint", p.Endpoint, "attempt", n)
 				if err := a.dev.Rehandshake(p.PublicKey); err != nil {
 					errs = append(errs, err)
 				}

@@ -31,13 +31,15 @@ type sessionWatch struct {
 }
 
 type sessionless struct {
-	at   time.Time     // when the next handshake is due
-	wait time.Duration // the wait that led to at
+	at       time.Time     // when the next handshake is due
+	wait     time.Duration // the wait that led to at
+	attempts int           // new handshakes started so far
 }
 
 // check notes that peer has no session at now and says whether a new
-// handshake is due; if so, the next one is due after twice the wait.
-func (w *sessionWatch) check(peer wgtypes.Key, now time.Time) bool {
+// handshake is due: 0 if not, else which one it is (1 for the first). The
+// next one is then due after twice the wait.
+func (w *sessionWatch) check(peer wgtypes.Key, now time.Time) (attempt int) {
 	if w.due == nil {
 		w.due, w.asked = map[wgtypes.Key]sessionless{}, map[wgtypes.Key]bool{}
 	}
@@ -45,15 +47,16 @@ func (w *sessionWatch) check(peer wgtypes.Key, now time.Time) bool {
 	s, ok := w.due[peer]
 	if !ok {
 		w.due[peer] = sessionless{at: now.Add(handshakeGrace), wait: handshakeGrace}
-		return false
+		return 0
 	}
 	if now.Before(s.at) {
-		return false
+		return 0
 	}
 	s.wait = min(2*s.wait, maxHandshakeWait)
 	s.at = now.Add(s.wait)
+	s.attempts++
 	w.due[peer] = s
-	return true
+	return s.attempts
 }
 
 // sweep forgets the peers check was not asked about since the last sweep.

@@ -18,32 +18,34 @@ func TestSessionWatch(t *testing.T) {
 	if _, ok := w.next(); ok {
 		t.Fatal("a handshake is due with no peer watched")
 	}
-	if w.check(p, t0) {
+	if w.check(p, t0) != 0 {
 		t.Fatal("due when first found without a session")
 	}
 	w.sweep()
 	if at, ok := w.next(); !ok || !at.Equal(t0.Add(handshakeGrace)) {
 		t.Fatalf("next %v %v, want the grace after the first look", at, ok)
 	}
-	if w.check(p, t0.Add(handshakeGrace/2)) {
+	if w.check(p, t0.Add(handshakeGrace/2)) != 0 {
 		t.Fatal("due before the grace")
 	}
 	w.sweep()
 	now := t0.Add(handshakeGrace)
-	if !w.check(p, now) {
-		t.Fatal("not due after the grace")
+	if n := w.check(p, now); n != 1 {
+		t.Fatalf("after the grace: attempt %d, want 1", n)
 	}
 	w.sweep()
 	// Each next one after twice the wait, up to the cap.
+	attempt := 1
 	for wait := 2 * handshakeGrace; wait <= 2*maxHandshakeWait; wait *= 2 {
 		want := min(wait, maxHandshakeWait)
-		if w.check(p, now.Add(want-time.Millisecond)) {
+		if w.check(p, now.Add(want-time.Millisecond)) != 0 {
 			t.Fatalf("due %v after the last, before the wait of %v", want-time.Millisecond, want)
 		}
 		w.sweep()
 		now = now.Add(want)
-		if !w.check(p, now) {
-			t.Fatalf("not due after a wait of %v", want)
+		attempt++
+		if n := w.check(p, now); n != attempt {
+			t.Fatalf("after a wait of %v: attempt %d, want %d", want, n, attempt)
 		}
 		w.sweep()
 	}
@@ -55,11 +57,11 @@ func TestSessionWatch(t *testing.T) {
 		t.Fatal("a peer with a session is still watched")
 	}
 	later := now.Add(time.Hour)
-	if w.check(p, later) || w.check(p, later.Add(handshakeGrace-time.Millisecond)) {
+	if w.check(p, later) != 0 || w.check(p, later.Add(handshakeGrace-time.Millisecond)) != 0 {
 		t.Fatal("due before a new grace")
 	}
-	if !w.check(p, later.Add(handshakeGrace)) {
-		t.Fatal("not due a grace after losing the session")
+	if n := w.check(p, later.Add(handshakeGrace)); n != 1 {
+		t.Fatalf("a grace after losing the session: attempt %d, want 1", n)
 	}
 }
 
