@@ -70,9 +70,10 @@ type vipCtl struct {
 	// byCarrier: the suspend came from the interface losing carrier, so
 	// carrier coming back (before any claim) means the VM stayed.
 	byCarrier bool
-	// fencing: the VIP routes to the VM through fenceGateway while the
-	// last packets the cache device took are delivered (see fence).
-	fencing bool
+	// fenceVia: while valid, the VIP routes to the VM through this fence
+	// gateway while the last packets the cache device took are delivered
+	// (see fence).
+	fenceVia netip.Addr
 	// lostInRestart: restored from the data dir at start while its VM's
 	// interface had no carrier, so what it cached before is gone (faults.go).
 	lostInRestart bool
@@ -421,7 +422,7 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 		}
 	}
 	t0 := time.Now()
-	waited, quiet := a.fence(c, o)
+	waited, quiet, steps := a.fence(c, o)
 	fenced := time.Since(t0)
 	a.mu.Lock()
 	c.mu.Lock()
@@ -446,7 +447,7 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 		}
 	}
 	c.stepLocked(evDrained)
-	c.fencing = false
+	c.fenceVia = netip.Addr{}
 	c.mu.Unlock()
 	a.mu.Unlock()
 	a.reconcile()
@@ -485,23 +486,30 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 		lv = slog.LevelWarn
 	}
 	a.log.Log(context.Background(), lv, "migration delivered", "vip", c.vip, "delivered", st.Delivered,
-		"hand_back", fenced, "fence_wait", waited, "cache_quiet", quiet, "delivered_after_hand_back", after)
+		"hand_back", fenced, "fence_wait", waited, "fence_steps", steps, "cache_quiet", quiet, "delivered_after_hand_back", after)
 }
 
 // Fence gateways: on-link addresses on a VM's interface that nobody
 // answers for. Routing a VIP through one makes the kernel queue its packets
-// while it resolves the gateway, until the agent says where it is.
+// while it resolves the gateway, until the agent says where it is. There
+// are two per family: the hand-back moves the route from one to the other
+// (fence).
 var (
-	fenceGateway4 = netip.MustParseAddr("169.254.0.2")
-	fenceGateway6 = netip.MustParseAddr("fe80::76:6d72")
+	fenceGateways4 = [2]netip.Addr{netip.MustParseAddr("169.254.0.2"), netip.MustParseAddr("169.254.0.3")}
+	fenceGateways6 = [2]netip.Addr{netip.MustParseAddr("fe80::76:6d72"), netip.MustParseAddr("fe80::76:6d73")}
 )
 
-func fenceGateway(vip netip.Addr) netip.Addr {
+func fenceGateways(vip netip.Addr) [2]netip.Addr {
 	if vip.Is4() {
-		return fenceGateway4
+		return fenceGateways4
 	}
-	return fenceGateway6
+	return fenceGateways6
 }
+
+// maxFenceSteps bounds how often the hand-back moves the route from one
+// fence gateway to the other before it lets the kernel's queue go while
+// new packets pass (fence).
+const maxFenceSteps = 8
 
 // fence hands the VIP from the cache back to the kernel without letting a
 // packet overtake one still inside the cache: it points the VIP's route at
@@ -509,7 +517,18 @@ func fenceGateway(vip netip.Addr) netip.Addr {
 // order), waits until the cache has delivered everything it took, then
 // resolves the gateway to the VM's MAC, which releases the kernel's queue.
 // Without a known MAC it does nothing and the switch is plain.
-func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet bool) {
+//
+// The kernel sends a resolved neighbour's queue one packet at a time,
+// unlocked in between, while packets from other CPUs already pass: one
+// arriving meanwhile overtakes the queue's tail. So a gateway is resolved
+// while packets queue for it only once the route has moved to the other,
+// unresolved, gateway: what arrives meanwhile waits there. Resolving a
+// gateway nothing waits for (the kernel makes its neighbour entry for the
+// first packet) releases nothing, so nothing can be overtaken: that ends
+// the hand-back, as soon as a step finds no packet that came during the
+// one before. Traffic in bursts (iperf3 sends one every millisecond) leaves
+// such a gap within a few steps of ~0.2 ms.
+func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet bool, steps int) {
 	c.mu.Lock()
 	dev, mac := c.dev, c.mac
 	c.mu.Unlock()
@@ -517,42 +536,70 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet 
 		if m, ok := cache.NeighborMAC(dev, c.vip); ok {
 			mac = m
 		} else {
-			return 0, false
+			return 0, false, 0
 		}
 	}
 	link, err := netlink.LinkByName(dev)
 	if err != nil {
-		return 0, false
+		return 0, false, 0
 	}
-	gw := fenceGateway(c.vip)
+	gws := fenceGateways(c.vip)
 	fam := netlink.FAMILY_V4
-	if gw.Is6() {
+	if c.vip.Is6() {
 		fam = netlink.FAMILY_V6
 	}
 	neigh := func(ip netip.Addr, state int) *netlink.Neigh {
 		return &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: fam, State: state, IP: ip.AsSlice(), HardwareAddr: mac}
 	}
-	netlink.NeighDel(neigh(gw, 0)) // left resolved by an earlier fence
+	routeVia := func(gw netip.Addr) {
+		a.mu.Lock()
+		c.mu.Lock()
+		c.fenceVia = gw // so a reconcile keeps the fence route
+		c.mu.Unlock()
+		a.mu.Unlock()
+		if err := a.routes.Add(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: metricDivert}); err != nil {
+			a.log.Warn("fence route", "vip", c.vip, "err", err)
+		}
+	}
+	// resolve resolves gateway gw to the VM; with onlyIdle, only if no
+	// packet waits for it, which the kernel decides atomically: it makes
+	// the neighbour entry for the first packet, and an exclusive add fails
+	// on one that exists.
+	resolve := func(gw netip.Addr, onlyIdle bool) (done bool) {
+		// With embedded wireguard-go nothing arrives from the tunnel while
+		// the tunnel's writes are held.
+		release, _ := a.dev.HoldWrites()
+		var err error
+		if onlyIdle {
+			err = netlink.NeighAdd(neigh(gw, netlink.NUD_PERMANENT))
+		} else {
+			err = netlink.NeighSet(neigh(gw, netlink.NUD_PERMANENT))
+		}
+		release()
+		if onlyIdle && errors.Is(err, unix.EEXIST) {
+			return false
+		}
+		if err != nil {
+			a.log.Warn("fence: resolving the fence gateway", "vip", c.vip, "gateway", gw, "err", err)
+		}
+		return true
+	}
+	for _, gw := range gws {
+		netlink.NeighDel(neigh(gw, 0)) // left resolved by an earlier fence
+	}
 	// The kernel's queue for an unresolved neighbour is small (208 KiB);
 	// make room for the fence's few milliseconds of traffic.
 	for _, p := range []string{"/proc/sys/net/ipv4/neigh/" + dev + "/unres_qlen_bytes", "/proc/sys/net/ipv6/neigh/" + dev + "/unres_qlen_bytes"} {
 		os.WriteFile(p, []byte("8388608"), 0o644)
 	}
-	a.mu.Lock()
-	c.mu.Lock()
-	c.fencing = true // so a reconcile keeps the fence route
-	c.mu.Unlock()
-	a.mu.Unlock()
-	if err := a.routes.Add(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: metricDivert}); err != nil {
-		a.log.Warn("fence route", "vip", c.vip, "err", err)
-	}
+	routeVia(gws[0])
 	// Nothing new reaches the cache now; wait for what is inside: the
 	// barrier says the device's queue is empty of the VIP (a quiet spell
 	// alone does not: senders such as iperf3 send in bursts a millisecond
 	// apart, and the reader may not have woken for the last one yet),
 	// then the orderer must have written all it took.
-	// Short is better: whatever the kernel queued meanwhile is flushed
-	// while new packets already pass, so the queue should stay small.
+	// Short is better: the fewer packets queue at the gateway meanwhile,
+	// the sooner a step finds none.
 	start := time.Now()
 	deadline := start.Add(50 * time.Millisecond)
 	if err := a.intercept.Barrier(50 * time.Millisecond); err != nil {
@@ -567,20 +614,18 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet 
 		}
 	}
 	waited = time.Since(start)
-	// Resolving the gateway sends the kernel's queue, one packet at a time
-	// with the neighbour unlocked in between, while packets from other
-	// CPUs already pass: one arriving meanwhile overtakes the queue's
-	// tail. With embedded wireguard-go nothing arrives from the tunnel
-	// while the tunnel's writes are held.
-	release, _ := a.dev.HoldWrites()
-	err = netlink.NeighSet(neigh(gw, netlink.NUD_PERMANENT))
-	release()
-	if err != nil {
-		a.log.Warn("fence: resolving the fence gateway", "vip", c.vip, "err", err)
+	cur := 0
+	for !resolve(gws[cur], steps < maxFenceSteps) {
+		next := 1 - cur
+		netlink.NeighDel(neigh(gws[next], 0)) // resolved by the step before last
+		routeVia(gws[next])
+		resolve(gws[cur], false)
+		cur = next
+		steps++
 	}
 	// The VIP's own neighbour entry, for after the fence route goes.
 	netlink.NeighSet(neigh(c.vip, netlink.NUD_REACHABLE))
-	return waited, quiet
+	return waited, quiet, steps
 }
 
 // finishLocked files the migration record, and its totals from the queues

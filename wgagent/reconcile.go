@@ -444,9 +444,9 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 		c.mu.Lock()
 		switch {
 		case c.state == stateLocal || c.undiverted:
-		case c.fencing:
+		case c.fenceVia.IsValid():
 			diverted[vip] = true
-			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: fenceGateway(vip), Metric: metricDivert})
+			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: c.fenceVia, Metric: metricDivert})
 		default:
 			diverted[vip] = true
 			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: metricDivert})
