@@ -414,14 +414,7 @@ func movePrepared(t testing.TB, l *lab.Lab, m, c *lab.VM, to *lab.Host) (time.Du
 		t.Fatal(err)
 	}
 	time.Sleep(time.Second)
-	cli(t, l, from, "migrate", "suspend", vipM.String())
-	if err := l.UnplugVM(m, to); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.ResumeVM(m); err != nil {
-		t.Fatal(err)
-	}
-	cli(t, l, to, "vip", "attach", vipM.String(), "--dev", m.Vif)
+	moveRunningFirst(t, l, m, to)
 	res, err := flow.Wait()
 	if err != nil {
 		t.Fatal(err)
@@ -441,6 +434,21 @@ func movePrepared(t testing.TB, l *lab.Lab, m, c *lab.VM, to *lab.Host) (time.Du
 	t.Logf("prepared move to %s: claim->first delivery %v (claim->flush start %v, carrier up %v after the claim), %d of %d flushed came ahead, lost %d, out of order %d",
 		to.Name, ho, mig.FlushStart.Sub(*mig.Claim), mig.CarrierUp.Sub(*mig.Claim), mig.Ahead, mig.Flushed, res.Lost, res.OutOfOrder)
 	return ho, res
+}
+
+// moveRunningFirst moves m (VIP vipM) to `to` in the hardest order: the
+// old host caches from the suspend, and the VM runs at `to` before `to`
+// claims it (libvirt's "started" hook).
+func moveRunningFirst(t testing.TB, l *lab.Lab, m *lab.VM, to *lab.Host) {
+	t.Helper()
+	cli(t, l, m.Host, "migrate", "suspend", vipM.String())
+	if err := l.UnplugVM(m, to); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.ResumeVM(m); err != nil {
+		t.Fatal(err)
+	}
+	cli(t, l, to, "vip", "attach", vipM.String(), "--dev", m.Vif)
 }
 
 // TestPreparedCopiesWithdrawn: the old host sends copies of its cache on a
@@ -469,14 +477,7 @@ func TestPreparedCopiesWithdrawn(t *testing.T) {
 		return nil
 	})
 	time.Sleep(time.Second)
-	cli(t, l, h1, "migrate", "suspend", vipM.String())
-	if err := l.UnplugVM(m, h2); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.ResumeVM(m); err != nil {
-		t.Fatal(err)
-	}
-	cli(t, l, h2, "vip", "attach", vipM.String(), "--dev", m.Vif)
+	moveRunningFirst(t, l, m, h2)
 	res, err := flow.Wait()
 	if err != nil {
 		t.Fatal(err)
