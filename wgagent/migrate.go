@@ -44,6 +44,20 @@ const (
 	metricStandby = 100
 )
 
+// divertMetric is metricDivert for vip's family. IPv6 has no metric 0: the
+// kernel stores 0 as 1024, which every VM route and the standby route
+// beat, so IPv6 VIPs were never diverted while Xen's route (metric 2) was
+// there, and their packets went on to the paused or the resuming VM (15,000
+// datagrams out of order in 5 moves onto the client's host). There the
+// diversion takes metric 1, that of this host's own VIP route: the two are
+// never wanted at once, and a move between them is one replace.
+func divertMetric(vip netip.Addr) int {
+	if vip.Is6() {
+		return metricLocalVIP
+	}
+	return metricDivert
+}
+
 // anycastGateway is the address every VM interface carries (DESIGN.md).
 var anycastGateway = netip.MustParseAddr("169.254.0.1")
 
@@ -557,7 +571,7 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet 
 		c.fenceVia = gw // so a reconcile keeps the fence route
 		c.mu.Unlock()
 		a.mu.Unlock()
-		if err := a.routes.Add(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: metricDivert}); err != nil {
+		if err := a.routes.Add(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: divertMetric(c.vip)}); err != nil {
 			a.log.Warn("fence route", "vip", c.vip, "err", err)
 		}
 	}
@@ -666,7 +680,7 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 	// Divert before claiming: senders switch to this host as soon as the
 	// claim reaches them, and what they send must be held here, not
 	// routed back to the old owner through the tunnel.
-	if err := a.routes.Add(route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: metricDivert}); err != nil {
+	if err := a.routes.Add(route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: divertMetric(vip)}); err != nil {
 		a.log.Warn("holding route", "vip", vip, "err", err)
 	}
 	r := a.cluster.Claim(vip)

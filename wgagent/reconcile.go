@@ -446,10 +446,10 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 		case c.state == stateLocal || c.undiverted:
 		case c.fenceVia.IsValid():
 			diverted[vip] = true
-			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: c.fenceVia, Metric: metricDivert})
+			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: c.fenceVia, Metric: divertMetric(vip)})
 		default:
 			diverted[vip] = true
-			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: metricDivert})
+			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: divertMetric(vip)})
 		}
 		c.mu.Unlock()
 	}
