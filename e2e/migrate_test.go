@@ -376,3 +376,55 @@ func TestMigrationAttachBeforeSuspend(t *testing.T) {
 		t.Errorf("h1 names %q the owner after a late detach, want h2", o)
 	}
 }
+
+// TestMigrationIPv6 moves a VM whose VIP is IPv6 ten times between h1 and
+// its client's host h3 under 12,500 UDP datagrams a second. IPv6 has no
+// route metric 0 (the kernel stores it as 1024), so the diversion to the
+// cache once lost to Xen's VIP route (metric 2) and the new host let packets
+// through to the resuming VM while it delivered the cache: 15,556 out of
+// order in 10 moves. Nothing may be reordered.
+func TestMigrationIPv6(t *testing.T) {
+	l := newLabWith(t, 3, fastBinary)
+	for _, h := range l.Hosts {
+		if _, err := l.StartAgent(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vip6, vipC6 := netip.MustParseAddr("fd76:6d72::e1"), netip.MustParseAddr("fd76:6d72::e2")
+	h1, h3 := l.Hosts[0], l.Hosts[2]
+	m, err := l.AddVM("m", h1, vip6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := l.AddVM("c", h3, vipC6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli(t, l, h1, "vip", "attach", vip6.String(), "--dev", m.Vif)
+	cli(t, l, h3, "vip", "attach", vipC6.String(), "--dev", c.Vif)
+	if err := l.WaitPing(c, vip6, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitSessions(t, l)
+	before := takeLossSnapshot(t, l, m)
+	res, moves, err := moveLoop(l, c, m, vip6, []*lab.Host{h1, h3}, 10, "20M", t.Logf)
+	if err != nil {
+		t.Fatalf("after %d moves: %v", moves, err)
+	}
+	if res.OutOfOrder != 0 {
+		t.Errorf("%d out of order over %d moves; want none", res.OutOfOrder, moves)
+		logHandBacks(t, l)
+	}
+	// Known gap: IPv6 flows lose a datagram now and then, some seconds
+	// away from any move too (4 and 6 in 500,000 over 10 moves, none of
+	// them counted by a queue); IPv4 flows in the same lab lose none.
+	// Reported, bounded, under investigation.
+	now := takeLossSnapshot(t, l, m)
+	tun, hostRcvbuf, vmRcvbuf, wan := machineDrops(before, now)
+	t.Logf("IPv6, %d moves: %d datagrams, %d lost, %d out of order; the machine dropped %d", moves, res.Packets, res.Lost, res.OutOfOrder, tun+hostRcvbuf+vmRcvbuf+wan)
+	if lost := uint64(res.Lost); lost > tun+hostRcvbuf+vmRcvbuf+wan+20 {
+		t.Errorf("%d datagrams lost: more than the known IPv6 gap", lost)
+	} else if res.Lost > 0 {
+		t.Logf("KNOWN GAP: %d datagrams lost over IPv6", res.Lost)
+	}
+}
