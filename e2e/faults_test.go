@@ -576,31 +576,39 @@ func longTestsWanted(name string) bool {
 }
 
 // udpRcvbufErrors reads the datagrams the kernel of namespace ns dropped
-// for a full socket receive buffer.
+// for a full socket receive buffer, IPv4 and IPv6.
 func udpRcvbufErrors(t testing.TB, l *lab.Lab, ns string) uint64 {
 	t.Helper()
-	out, err := l.Exec(ns, "cat", "/proc/net/snmp")
+	out, err := l.Exec(ns, "cat", "/proc/net/snmp", "/proc/net/snmp6")
 	if err != nil {
 		t.Fatal(err)
 	}
 	var names []string
+	var n, found uint64
 	for _, line := range strings.Split(string(out), "\n") {
 		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != "Udp:" {
-			continue
-		}
-		if names == nil {
+		switch {
+		case len(f) == 2 && f[0] == "Udp6RcvbufErrors":
+			var v uint64
+			fmt.Sscan(f[1], &v)
+			n += v
+			found++
+		case len(f) == 0 || f[0] != "Udp:":
+		case names == nil:
 			names = f
-			continue
-		}
-		if i := slices.Index(names, "RcvbufErrors"); i > 0 && i < len(f) {
-			var n uint64
-			fmt.Sscan(f[i], &n)
-			return n
+		default:
+			if i := slices.Index(names, "RcvbufErrors"); i > 0 && i < len(f) {
+				var v uint64
+				fmt.Sscan(f[i], &v)
+				n += v
+				found++
+			}
 		}
 	}
-	t.Fatalf("%s: no Udp RcvbufErrors in /proc/net/snmp", ns)
-	return 0
+	if found != 2 {
+		t.Fatalf("%s: no Udp RcvbufErrors in /proc/net/snmp, or no Udp6RcvbufErrors in /proc/net/snmp6", ns)
+	}
+	return n
 }
 
 // afterStreamLoss sums what the agents logged as left in an old host's

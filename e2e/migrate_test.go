@@ -3,6 +3,8 @@ package e2e
 import (
 	"fmt"
 	"net/netip"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -406,7 +408,7 @@ func TestMigrationIPv6(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitSessions(t, l)
-	before := takeLossSnapshot(t, l, m)
+	before, csumBefore := takeLossSnapshot(t, l, m), snmp6(t, l, m.NS, "Udp6InCsumErrors")
 	res, moves, err := moveLoop(l, c, m, vip6, []*lab.Host{h1, h3}, 10, "20M", t.Logf)
 	if err != nil {
 		t.Fatalf("after %d moves: %v", moves, err)
@@ -415,16 +417,37 @@ func TestMigrationIPv6(t *testing.T) {
 		t.Errorf("%d out of order over %d moves; want none", res.OutOfOrder, moves)
 		logHandBacks(t, l)
 	}
-	// Known gap: IPv6 flows lose a datagram now and then, some seconds
-	// away from any move too (4 and 6 in 500,000 over 10 moves, none of
-	// them counted by a queue); IPv4 flows in the same lab lose none.
-	// Reported, bounded, under investigation.
-	now := takeLossSnapshot(t, l, m)
+	// Known gap: the VM's kernel drops an IPv6 datagram now and then for
+	// a bad UDP checksum (2-6 in 500,000 over 10 moves, some 15 s after
+	// the last move, straight through the tunnel; none without moves, and
+	// none over IPv4). Every loss must be one of those or the machine's.
+	now, csum := takeLossSnapshot(t, l, m), snmp6(t, l, m.NS, "Udp6InCsumErrors")-csumBefore
 	tun, hostRcvbuf, vmRcvbuf, wan := machineDrops(before, now)
-	t.Logf("IPv6, %d moves: %d datagrams, %d lost, %d out of order; the machine dropped %d", moves, res.Packets, res.Lost, res.OutOfOrder, tun+hostRcvbuf+vmRcvbuf+wan)
-	if lost := uint64(res.Lost); lost > tun+hostRcvbuf+vmRcvbuf+wan+20 {
-		t.Errorf("%d datagrams lost: more than the known IPv6 gap", lost)
-	} else if res.Lost > 0 {
-		t.Logf("KNOWN GAP: %d datagrams lost over IPv6", res.Lost)
+	machine := tun + hostRcvbuf + vmRcvbuf + wan
+	t.Logf("IPv6, %d moves: %d datagrams, %d lost, %d out of order; the machine dropped %d, the VM's UDP checksum errors %d", moves, res.Packets, res.Lost, res.OutOfOrder, machine, csum)
+	if lost := uint64(res.Lost); lost > machine+csum {
+		t.Errorf("%d datagrams lost: %d more than the machine dropped (%d) and the VM found bad checksums in (%d)", lost, lost-machine-csum, machine, csum)
+	} else if csum > 0 {
+		t.Logf("KNOWN GAP: %d IPv6 datagrams reached the VM with a bad UDP checksum", csum)
 	}
+}
+
+// snmp6 reads one counter of /proc/net/snmp6 in namespace ns.
+func snmp6(t testing.TB, l *lab.Lab, ns, name string) uint64 {
+	t.Helper()
+	out, err := l.Exec(ns, "cat", "/proc/net/snmp6")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == name {
+			n, err := strconv.ParseUint(f[1], 10, 64)
+			if err != nil {
+				t.Fatalf("%s: %s: %v", ns, name, err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("%s: no %s in /proc/net/snmp6", ns, name)
+	return 0
 }
