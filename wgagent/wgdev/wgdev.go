@@ -173,7 +173,7 @@ func (d *Device) openUserspace(cfg Config) error {
 		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
 		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
 	}
-	d.hold = &holdTUN{Device: tdev}
+	d.hold = newHoldTUN(tdev, sendReadBarrier(cfg.Name))
 	d.wg = device.NewDevice(d.hold, conn.NewDefaultBind(), logger)
 	uapi, err := ipc.UAPIListen(cfg.Name, uapiFile)
 	if err != nil {

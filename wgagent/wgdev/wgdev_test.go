@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -88,6 +89,14 @@ func TestOpenUserspace(t *testing.T) {
 		slices.Sort(got)
 		if want := []string{"100.100.0.9/32", "100.100.20.2/32"}; !slices.Equal(got, want) {
 			t.Errorf("allowed IPs after removing one: %v, want %v", got, want)
+		}
+		// The read barrier's packet goes through the kernel's routing: the
+		// interface has no address and no route, only the socket bound
+		// to it.
+		for range 3 {
+			if err := d.ReadBarrier(2 * time.Second); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if err := d.Close(); err != nil {
 			t.Fatal(err)
