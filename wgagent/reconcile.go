@@ -102,10 +102,22 @@ func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 	// wireguard-go would reach it after newer ones that took the LAN. A
 	// VIP leaving the LAN goes on through the tunnel to its old host,
 	// which forwards it, until the peers change.
-	a.routes.Set(a.wantRoutes(records, a.lanPaths(members)))
+	routes, overLAN := a.wantRoutes(records, a.lanPaths(members))
+	a.routes.Set(routes)
 	if err := a.routes.Reconcile(); err != nil {
 		failed("routes", "routes: %v", err)
 	}
+	// Packets the kernel queued for embedded wireguard-go before the
+	// route changed are still to be given a peer: the old host, as long
+	// as the peers have not changed. Seen in a hybrid move under load:
+	// five that went to the new host through the tunnel reached it after
+	// newer ones that took the LAN.
+	if newOverLAN(a.overLAN, overLAN) {
+		if err := a.dev.ReadBarrier(50 * time.Millisecond); err != nil {
+			a.log.Warn("reconcile: packets queued for the tunnel may reach a VIP's new LAN host out of order", "err", err)
+		}
+	}
+	a.overLAN = overLAN
 	peers := a.wantPeers(members, records, problem)
 	// Before the peers change: a new peer's first handover connection
 	// can only arrive once it is one.
@@ -435,10 +447,13 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 	return errors.Join(errs...)
 }
 
-func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) []route.Route {
+// wantRoutes returns the kernel routes the records and the LAN paths ask
+// for, and which VIPs they send over the LAN.
+func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) (routes []route.Route, overLAN map[netip.Addr]bool) {
 	wg := a.cfg.Interface
 	overlay := a.cfg.Address.Masked()
-	routes := []route.Route{{Dst: overlay, Dev: wg, Metric: metricOverlay}}
+	routes = []route.Route{{Dst: overlay, Dev: wg, Metric: metricOverlay}}
+	overLAN = map[netip.Addr]bool{}
 	diverted := map[netip.Addr]bool{}
 	for vip, c := range a.ctls {
 		c.mu.Lock()
@@ -467,6 +482,7 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 			// A trusted host of this site: straight over the LAN.
 			via := lan[r.Owner]
 			routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: via.Dev, Via: via.Via, Metric: metricOverlay})
+			overLAN[r.VIP] = true
 		case r.Owner != "" && !overlay.Contains(r.VIP):
 			// Inside the overlay prefix the prefix route already leads
 			// into the tunnel; outside it (another family, another
@@ -474,7 +490,17 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 			routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: wg, Metric: metricOverlay})
 		}
 	}
-	return routes
+	return routes, overLAN
+}
+
+// newOverLAN says whether now sends a VIP over the LAN that before did not.
+func newOverLAN(before, now map[netip.Addr]bool) bool {
+	for vip := range now {
+		if !before[vip] {
+			return true
+		}
+	}
+	return false
 }
 
 // ensureAddress puts this host's overlay address on the WireGuard interface
