@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"golang.zx2c4.com/wireguard/conn/bindtest"
-	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/tuntest"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -188,42 +187,22 @@ func TestReadBarrierPassesAfterTheBatch(t *testing.T) {
 // route left the tunnel, queued packets, and then a new peer for it.
 func TestReadBarrierBeforeAPeerChange(t *testing.T) {
 	binds := bindtest.NewChannelBinds()
-	var keys [2]wgtypes.Key
-	for i := range keys {
-		k, err := wgtypes.GeneratePrivateKey()
-		if err != nil {
-			t.Fatal(err)
-		}
-		keys[i] = k
-	}
-	logger := device.NewLogger(device.LogLevelError, "")
 	q := newQueueTUN(tuntest.NewChannelTUN().TUN())
 	h := newHoldTUN(q, func(nonce uint64) error {
 		q.push(barrierPacket(nonce))
 		return nil
 	})
-	a := device.NewDevice(h, binds[0], logger)
-	defer a.Close()
 	recv := tuntest.NewChannelTUN()
-	b := device.NewDevice(recv.TUN(), binds[1], logger)
-	defer b.Close()
+	a, keyA := newTestDevice(t, h, binds[0])
+	b, keyB := newTestDevice(t, recv.TUN(), binds[1])
 	other, _ := wgtypes.GeneratePrivateKey()
 	vip := netip.MustParseAddr("100.100.0.1")
-	for _, c := range []struct {
-		dev *device.Device
-		set string
-	}{
-		{a, fmt.Sprintf("private_key=%s\npublic_key=%s\nendpoint=127.0.0.1:1\nallowed_ip=%s/32\npublic_key=%s\nallowed_ip=100.64.0.9/32\n",
-			hexKey(keys[0]), hexKey(keys[1].PublicKey()), vip, hexKey(other.PublicKey()))},
-		{b, fmt.Sprintf("private_key=%s\npublic_key=%s\nendpoint=127.0.0.1:2\nallowed_ip=100.64.0.1/32\n",
-			hexKey(keys[1]), hexKey(keys[0].PublicKey()))},
-	} {
-		if err := c.dev.IpcSet(c.set); err != nil {
-			t.Fatal(err)
-		}
-		if err := c.dev.Up(); err != nil {
-			t.Fatal(err)
-		}
+	if err := a.IpcSet(fmt.Sprintf("public_key=%s\nendpoint=127.0.0.1:1\nallowed_ip=%s/32\npublic_key=%s\nallowed_ip=100.64.0.9/32\n",
+		hexKey(keyB.PublicKey()), vip, hexKey(other.PublicKey()))); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.IpcSet(fmt.Sprintf("public_key=%s\nendpoint=127.0.0.1:2\nallowed_ip=100.64.0.1/32\n", hexKey(keyA.PublicKey()))); err != nil {
+		t.Fatal(err)
 	}
 	var got atomic.Int64
 	stop := make(chan struct{})

@@ -4,12 +4,14 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"testing"
 	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/conn/bindtest"
 	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/tuntest"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
@@ -113,4 +115,76 @@ func TestRehandshakeAfterCrossedInitiations(t *testing.T) {
 	if err := rehandshake(devs[0], keys[0].PublicKey()); err == nil {
 		t.Error("rehandshake with an unknown peer: no error")
 	}
+}
+
+// TestRehandshakeRevivesAOneWaySession builds a session that one end
+// counts as made and the other cannot read: the second end forgets the
+// first's keypairs (it removes and adds the peer again), as crossed
+// handshakes handled on two workers at once can leave two ends. What the
+// first sends is lost, and wireguard-go starts anew only after 15 s
+// without an answer; a Rehandshake of the first end revives it at once.
+func TestRehandshakeRevivesAOneWaySession(t *testing.T) {
+	binds := bindtest.NewChannelBinds()
+	tuns := [2]*tuntest.ChannelTUN{tuntest.NewChannelTUN(), tuntest.NewChannelTUN()}
+	var devs [2]*device.Device
+	var keys [2]wgtypes.Key
+	for i := range devs {
+		devs[i], keys[i] = newTestDevice(t, tuns[i].TUN(), binds[i])
+	}
+	addr := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{100, 64, 0, byte(i + 1)}) }
+	// peerSet is dev i's configuration of the other end, without a
+	// keepalive: nothing is sent that the test does not send.
+	peerSet := func(i int) string {
+		return fmt.Sprintf("public_key=%s\nendpoint=127.0.0.1:%d\nallowed_ip=%s/32\n", hexKey(keys[1-i].PublicKey()), i+1, addr(1-i))
+	}
+	for i := range devs {
+		if err := devs[i].IpcSet(peerSet(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// delivered sends a ping from dev 0 and says whether dev 1 got it.
+	delivered := func(wait time.Duration) bool {
+		tuns[0].Outbound <- tuntest.Ping(addr(1), addr(0))
+		select {
+		case <-tuns[1].Inbound:
+			return true
+		case <-time.After(wait):
+			return false
+		}
+	}
+	if !delivered(5 * time.Second) {
+		t.Fatal("no session to begin with")
+	}
+	forget := fmt.Sprintf("public_key=%s\nremove=true\n", hexKey(keys[0].PublicKey()))
+	if err := devs[1].IpcSet(forget + peerSet(1)); err != nil {
+		t.Fatal(err)
+	}
+	if delivered(300 * time.Millisecond) {
+		t.Fatal("dev 1 read a packet of a session it forgot")
+	}
+	if err := rehandshake(devs[0], keys[1].PublicKey()); err != nil {
+		t.Fatal(err)
+	}
+	if !delivered(5 * time.Second) {
+		t.Fatal("no packet through after the rehandshake")
+	}
+}
+
+// newTestDevice starts embedded wireguard-go with a new key on tun and
+// bind, closed at the test's end.
+func newTestDevice(t *testing.T, tun tun.Device, bind conn.Bind) (*device.Device, wgtypes.Key) {
+	t.Helper()
+	k, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := device.NewDevice(tun, bind, device.NewLogger(device.LogLevelError, ""))
+	t.Cleanup(d.Close)
+	if err := d.IpcSet("private_key=" + hexKey(k) + "\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Up(); err != nil {
+		t.Fatal(err)
+	}
+	return d, k
 }
