@@ -93,6 +93,8 @@ type Agent struct {
 	// starts a new handshake with one when it is due.
 	sessionless sessionWatch
 	sessionKick *time.Timer
+	// Which peers' sessions carried a round trip (checkSession).
+	checks sessionChecks
 	// VIPs routed over the LAN at the last reconcile (wantRoutes).
 	overLAN map[netip.Addr]bool
 

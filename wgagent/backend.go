@@ -255,6 +255,9 @@ func (b backend) Status(context.Context) (control.Status, error) {
 					p.LastHandshake = &t
 				}
 				p.RxBytes, p.TxBytes = wp.ReceiveBytes, wp.TransmitBytes
+				a.mu.Lock()
+				p.SessionCheck = a.checks.state(k)
+				a.mu.Unlock()
 			}
 		}
 		st.Peers = append(st.Peers, p)

@@ -987,7 +987,10 @@ func (a *Agent) serveHandovers(ln net.Listener) {
 		go func() {
 			defer a.bg.Done()
 			defer conn.Close()
-			if err := a.handleHandover(conn); err != nil {
+			switch err := a.handleHandover(conn); {
+			case errors.Is(err, errSessionCheck):
+				a.log.Debug("handover: a session check", "remote", conn.RemoteAddr())
+			case err != nil:
 				a.log.Warn("handover", "remote", conn.RemoteAddr(), "err", err)
 			}
 		}()
@@ -999,9 +1002,17 @@ func (a *Agent) serveHandovers(ln net.Listener) {
 // settle at the new host.
 const handoverTick = 2 * time.Millisecond
 
+// errSessionCheck is a handover connection closed before its first frame:
+// a peer's check that its WireGuard session carries a round trip
+// (checkSession).
+var errSessionCheck = errors.New("closed before the first frame: a session check")
+
 func (a *Agent) handleHandover(conn net.Conn) error {
 	rd := cache.NewReader(conn)
 	f, err := a.readHandoverRequest(conn, rd)
+	if errors.Is(err, io.EOF) {
+		return errSessionCheck
+	}
 	if err != nil {
 		return err
 	}

@@ -413,8 +413,15 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 		if !ok {
 			continue
 		}
+		leads := leadsHandshake(dev.PublicKey, p.PublicKey)
 		if p.LastHandshakeTime.IsZero() {
-			if n := a.sessionless.check(p.PublicKey, now); n > 0 && leadsHandshake(dev.PublicKey, p.PublicKey) {
+			// Only the leading end keeps the schedule: the other would
+			// start nothing when it came due.
+			n := 0
+			if leads {
+				n = a.sessionless.check(p.PublicKey, now)
+			}
+			if n > 0 {
 				// Once is news; a peer that never answers is doctor's.
 				level := slog.LevelInfo
 				if n > 1 {
@@ -426,6 +433,8 @@ func (a *Agent) applyPeers(want []wantPeer) error {
 				}
 			}
 			a.warmUp(w.allowedIPs[0].Addr())
+		} else if a.checks.start(p.PublicKey, p.LastHandshakeTime, now) {
+			a.checkSession(w.name, p.PublicKey, p.LastHandshakeTime, leads)
 		}
 		want := map[netip.Prefix]bool{}
 		for _, q := range w.allowedIPs {
@@ -532,7 +541,11 @@ func (a *Agent) ensureAddress() error {
 // new handshake is.
 func (a *Agent) sessionWatchDone() {
 	a.sessionless.sweep()
+	a.checks.sweep()
 	at, ok := a.sessionless.next()
+	if c, cok := a.checks.next(); cok && (!ok || c.Before(at)) {
+		at, ok = c, true
+	}
 	if !ok {
 		return
 	}

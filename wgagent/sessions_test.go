@@ -76,3 +76,77 @@ func TestLeadsHandshake(t *testing.T) {
 		t.Error("the higher key leads")
 	}
 }
+
+// TestSessionChecks checks when a peer's session is checked: once per new
+// session, again after a failure after 1, 2 and 4 s, not after
+// maxSessionChecks failures in a row, and from scratch for a peer that was
+// away.
+func TestSessionChecks(t *testing.T) {
+	var s sessionChecks
+	p := wgtypes.Key{1}
+	t0 := time.Now()
+	hs1 := t0.Add(-time.Second)
+	if s.state(p) != "" {
+		t.Fatalf("state %q before any check", s.state(p))
+	}
+	if !s.start(p, hs1, t0) {
+		t.Fatal("a new session is not checked")
+	}
+	if s.start(p, hs1, t0) {
+		t.Fatal("a second check while one runs")
+	}
+	s.sweep() // a running check survives a sweep, asked or not
+	s.sweep()
+	if n := s.done(p, hs1, true, t0); n != 0 || s.state(p) != "passed" {
+		t.Fatalf("passed: failures %d, state %q", n, s.state(p))
+	}
+	if s.start(p, hs1, t0.Add(time.Hour)) {
+		t.Fatal("a session that passed is checked again")
+	}
+	if _, ok := s.next(); ok {
+		t.Fatal("a check is due with none failed")
+	}
+
+	// A new session fails its checks: the waits double, then no more.
+	hs2 := t0.Add(time.Minute)
+	now := hs2
+	for i, wait := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second} {
+		if !s.start(p, hs2, now) {
+			t.Fatalf("check %d not started", i+1)
+		}
+		if n := s.done(p, hs2, false, now); n != i+1 || s.state(p) != "failing" {
+			t.Fatalf("check %d: failures %d, state %q", i+1, n, s.state(p))
+		}
+		if at, ok := s.next(); !ok || !at.Equal(now.Add(wait)) {
+			t.Fatalf("after failure %d: next %v %v, want in %v", i+1, at, ok, wait)
+		}
+		if s.start(p, hs2, now.Add(wait-time.Millisecond)) {
+			t.Fatalf("check %d started before its wait of %v", i+2, wait)
+		}
+		now = now.Add(wait)
+	}
+	if !s.start(p, hs2, now) {
+		t.Fatal("last check not started")
+	}
+	if n := s.done(p, hs2, false, now); n != maxSessionChecks || s.state(p) != "gave up" {
+		t.Fatalf("last check: failures %d, state %q", n, s.state(p))
+	}
+	if s.start(p, t0.Add(time.Hour), now.Add(time.Hour)) {
+		t.Fatal("checked after giving up")
+	}
+	if _, ok := s.next(); ok {
+		t.Fatal("a check is due after giving up")
+	}
+
+	// Away for one reconcile (gone, or no session): forgotten.
+	s.sweep()
+	s.sweep()
+	if s.state(p) != "" || !s.start(p, hs2, now) {
+		t.Fatal("a peer that came back is not checked from scratch")
+	}
+	// A result for a peer forgotten meanwhile is dropped.
+	var empty sessionChecks
+	if n := empty.done(p, hs2, false, now); n != 0 {
+		t.Fatalf("done for an unknown peer: %d", n)
+	}
+}

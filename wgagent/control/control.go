@@ -86,6 +86,12 @@ type Peer struct {
 	LastHandshake *time.Time `json:"last_handshake"` // nil: never
 	RxBytes       int64      `json:"rx_bytes"`
 	TxBytes       int64      `json:"tx_bytes"`
+	// SessionCheck is how the last check of a new WireGuard session
+	// went: a connect to the peer's handover port through the tunnel,
+	// which needs both directions. "passed"; "failing" (new handshakes
+	// started, checks go on); "gave up" (after 4 failures); empty
+	// before the first check ends.
+	SessionCheck string `json:"session_check,omitempty"`
 	// State is the member's gossip state: alive, suspect, dead or left.
 	// Only alive and suspect members are WireGuard peers.
 	State string `json:"state"`
