@@ -62,6 +62,13 @@ func askAgent(ctx context.Context, cfg Config) agentView {
 			Found: "gossip is not encrypted (--insecure-gossip): anyone who reaches the gossip port can redirect VM traffic",
 			Fix:   "vmroam keygen --gossip > /etc/vmroam/gossip.key && chmod 600 /etc/vmroam/gossip.key, copy it to every host, restart the agents with --encrypt-key-file /etc/vmroam/gossip.key"})
 	}
+	for _, p := range st.Peers {
+		if p.SessionCheck == "gave up" {
+			v.results = append(v.results, Result{Check: "agent", Level: Warn,
+				Found: fmt.Sprintf("the WireGuard session with peer %s carries no round trip: connects to its handover port through the tunnel got no answer, and new handshakes did not help; migrations to or from %s would fail", p.Name, p.Name),
+				Fix:   fmt.Sprintf("let the handover port (--handover-port, TCP 7947 by default) through on %s between the hosts' overlay addresses; check with: wg show %s (bytes received since the last handshake)", st.Interface, st.Interface)})
+		}
+	}
 	if !st.Started.IsZero() && time.Since(st.Started) > handshakeGrace {
 		for _, p := range st.Peers {
 			if p.LastHandshake != nil || (p.State != "alive" && p.State != "suspect") {
