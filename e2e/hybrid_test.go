@@ -78,7 +78,8 @@ func TestHybridPaths(t *testing.T) {
 }
 
 // hybridLab starts TestHybridPaths' lab: h1 and h2 trusted hosts of site
-// dc1, h3 of dc2; VM a on h1 and b on h2, both attached, with sessions.
+// dc1, h3 of dc2; a VM b on h2 and its client a on h1, attached, with
+// sessions.
 func hybridLab(t testing.TB) (l *lab.Lab, a, b *lab.VM) {
 	t.Helper()
 	l = newLabWith(t, 3, fastBinary)
@@ -92,20 +93,7 @@ func hybridLab(t testing.TB) (l *lab.Lab, a, b *lab.VM) {
 			t.Fatal(err)
 		}
 	}
-	var err error
-	if a, err = l.AddVM("a", h1, netip.MustParseAddr("100.100.30.1")); err != nil {
-		t.Fatal(err)
-	}
-	if b, err = l.AddVM("b", h2, netip.MustParseAddr("100.100.30.2")); err != nil {
-		t.Fatal(err)
-	}
-	for _, vm := range []*lab.VM{a, b} {
-		cli(t, l, vm.Host, "vip", "attach", vm.VIP4().String(), "--dev", vm.Vif)
-	}
-	if err := l.WaitPing(a, b.VIP4(), 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	waitSessions(t, l)
+	b, a = addPairWith(t, l, h2, "", netip.MustParseAddr("100.100.30.2"), h1, netip.MustParseAddr("100.100.30.1"))
 	return l, a, b
 }
 

@@ -38,16 +38,22 @@ func migrationLab(t testing.TB, n int, agentArgs ...string) (l *lab.Lab, m, c *l
 // waits until c reaches m (attachPair).
 func addPair(t testing.TB, l *lab.Lab, mHost *lab.Host, mVif string, cHost *lab.Host) (m, c *lab.VM) {
 	t.Helper()
+	return addPairWith(t, l, mHost, mVif, vipM, cHost, vipC)
+}
+
+// addPairWith is addPair with other VIPs than vipM and vipC.
+func addPairWith(t testing.TB, l *lab.Lab, mHost *lab.Host, mVif string, mVIP netip.Addr, cHost *lab.Host, cVIP netip.Addr) (m, c *lab.VM) {
+	t.Helper()
 	var err error
 	if mVif != "" {
-		m, err = l.AddVMWithVif("m", mVif, mHost, vipM)
+		m, err = l.AddVMWithVif("m", mVif, mHost, mVIP)
 	} else {
-		m, err = l.AddVM("m", mHost, vipM)
+		m, err = l.AddVM("m", mHost, mVIP)
 	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c, err = l.AddVM("c", cHost, vipC); err != nil {
+	if c, err = l.AddVM("c", cHost, cVIP); err != nil {
 		t.Fatal(err)
 	}
 	attachPair(t, l, m, c)
@@ -61,9 +67,9 @@ func addPair(t testing.TB, l *lab.Lab, mHost *lab.Host, mVif string, cHost *lab.
 // after 5 s).
 func attachPair(t testing.TB, l *lab.Lab, m, c *lab.VM) {
 	t.Helper()
-	cli(t, l, m.Host, "vip", "attach", vipM.String(), "--dev", m.Vif)
-	cli(t, l, c.Host, "vip", "attach", vipC.String(), "--dev", c.Vif)
-	if err := l.WaitPing(c, vipM, 30*time.Second); err != nil {
+	cli(t, l, m.Host, "vip", "attach", m.VIPs[0].String(), "--dev", m.Vif)
+	cli(t, l, c.Host, "vip", "attach", c.VIPs[0].String(), "--dev", c.Vif)
+	if err := l.WaitPing(c, m.VIPs[0], 30*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	waitSessions(t, l)
@@ -392,22 +398,9 @@ func TestMigrationIPv6(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	vip6, vipC6 := netip.MustParseAddr("fd76:6d72::e1"), netip.MustParseAddr("fd76:6d72::e2")
 	h1, h3 := l.Hosts[0], l.Hosts[2]
-	m, err := l.AddVM("m", h1, vip6)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := l.AddVM("c", h3, vipC6)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli(t, l, h1, "vip", "attach", vip6.String(), "--dev", m.Vif)
-	cli(t, l, h3, "vip", "attach", vipC6.String(), "--dev", c.Vif)
-	if err := l.WaitPing(c, vip6, 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	waitSessions(t, l)
+	vip6 := netip.MustParseAddr("fd76:6d72::e1")
+	m, c := addPairWith(t, l, h1, "", vip6, h3, netip.MustParseAddr("fd76:6d72::e2"))
 	before, csumBefore := takeLossSnapshot(t, l, m), snmp6(t, l, m.NS, "Udp6InCsumErrors")
 	res, moves, err := moveLoop(l, c, m, vip6, []*lab.Host{h1, h3}, 10, "20M", t.Logf)
 	if err != nil {

@@ -354,6 +354,15 @@ func TestWANSessionsAtJoin(t *testing.T) {
 				return nil
 			})
 			t.Logf("every pair has a session %v after the agents started", time.Since(started).Round(time.Millisecond))
+			// Each end checks each new session with a round trip
+			// (wgagent's checkSession); the peer takes the check
+			// quietly.
+			waitSessions(t, l)
+			for _, h := range l.Hosts {
+				if hasLogLine(t, h, "level=WARN", "handover") {
+					t.Errorf("%s logged a handover warning: a session check is not quiet", h.Name)
+				}
+			}
 		})
 	}
 }

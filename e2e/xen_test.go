@@ -74,14 +74,18 @@ func TestXenstoreSuspend(t *testing.T) {
 }
 
 // waitSessions waits until every host has a WireGuard session with every
-// peer, as a converged cluster has before a migration.
+// peer that passed the agent's check (a round trip through it), as a
+// converged cluster has before a migration.
 func waitSessions(t testing.TB, l *lab.Lab) {
 	t.Helper()
-	eventually(t, 30*time.Second, "every peer has a WireGuard session", func() error {
+	eventually(t, 30*time.Second, "every peer has a WireGuard session that passed its check", func() error {
 		for _, h := range l.Hosts {
 			for _, p := range status(t, l, h).Peers {
 				if p.LastHandshake == nil {
 					return fmt.Errorf("%s has no session with %s", h.Name, p.Name)
+				}
+				if p.SessionCheck != "passed" {
+					return fmt.Errorf("%s's session with %s: check %q", h.Name, p.Name, p.SessionCheck)
 				}
 			}
 		}
