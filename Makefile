@@ -108,6 +108,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzReceive$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzPreview$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzClassify$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./cache/
+	$(GO) test -run '^$$' -fuzz '^FuzzFixZero$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./internal/udpcsum/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./xenhook/xenstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseAnnouncement$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./xenhook/
 	$(GO) test -run '^$$' -fuzz '^FuzzDomainVIPs$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./xenhook/
