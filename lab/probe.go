@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"time"
@@ -96,6 +97,53 @@ func (l *Lab) Reach(from, to *VM, addr netip.Addr, proto string, timeout time.Du
 }
 
 var errNoEcho = errors.New("no echo before the deadline")
+
+// SendDatagrams sends UDP datagrams from VM from to VM to at addr, one of
+// to's VIPs, and returns how many of them arrived intact within timeout.
+// payloads gets the two ends' addresses before anything is sent, so that
+// a test can craft datagrams for a given checksum.
+func (l *Lab) SendDatagrams(from, to *VM, addr netip.Addr, payloads func(src, dst netip.AddrPort) [][]byte, timeout time.Duration) (int, error) {
+	if !slices.Contains(to.VIPs, addr) {
+		return 0, fmt.Errorf("lab: SendDatagrams: %s is not a VIP of %s", addr, to)
+	}
+	dst := netip.AddrPortFrom(addr, uint16(l.probePort()))
+	var srv *net.UDPConn
+	if err := inNetNS(to.NS, func() (err error) { srv, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(dst)); return err }); err != nil {
+		return 0, fmt.Errorf("lab: SendDatagrams: listen in %s: %w", to, err)
+	}
+	defer srv.Close()
+	var conn *net.UDPConn
+	if err := inNetNS(from.NS, func() (err error) { conn, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst)); return err }); err != nil {
+		return 0, fmt.Errorf("udp %s -> %s: %w", from, dst, err)
+	}
+	defer conn.Close()
+	src := conn.LocalAddr().(*net.UDPAddr).AddrPort()
+	want := map[string]int{}
+	pkts := payloads(netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), dst)
+	for _, p := range pkts {
+		want[string(p)]++
+		if _, err := conn.Write(p); err != nil {
+			return 0, fmt.Errorf("udp %s -> %s: %w", from, dst, err)
+		}
+	}
+	got := 0
+	srv.SetReadDeadline(time.Now().Add(timeout))
+	buf := make([]byte, 65536)
+	for got < len(pkts) {
+		n, err := srv.Read(buf)
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return got, nil
+			}
+			return got, fmt.Errorf("udp %s -> %s: read: %w", from, dst, err)
+		}
+		if want[string(buf[:n])] > 0 {
+			want[string(buf[:n])]--
+			got++
+		}
+	}
+	return got, nil
+}
 
 // probePort hands out ports for Reach, apart from iperf3's.
 func (l *Lab) probePort() int {
