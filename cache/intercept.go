@@ -15,6 +15,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/vmroam/vmroam/internal/udpcsum"
 )
 
 // Sink takes the packets the interceptor reads for one VIP. Take is called
@@ -147,6 +149,9 @@ func (in *Interceptor) read() {
 		in.mu.RLock()
 		for i := range n {
 			pkt := bufs[i][:sizes[i]]
+			// The device completed partial checksums; a zero would be
+			// dropped by an IPv6 VM (see package udpcsum).
+			udpcsum.FixZero(pkt)
 			dst, ok := Destination(pkt)
 			if !ok {
 				in.malformed.Add(1)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -11,8 +12,10 @@ import (
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmroam/vmroam/internal/netnstest"
+	"github.com/vmroam/vmroam/internal/udpcsum"
 )
 
 type countSink struct {
@@ -70,6 +73,72 @@ func TestBarrier(t *testing.T) {
 		}
 		if in.Unclaimed() != 0 {
 			t.Errorf("barrier packets counted as unclaimed: %d", in.Unclaimed())
+		}
+	})
+}
+
+// keepSink keeps copies of the packets it takes.
+type keepSink struct {
+	mu   sync.Mutex
+	pkts [][]byte
+}
+
+func (s *keepSink) Take(pkt []byte) {
+	s.mu.Lock()
+	s.pkts = append(s.pkts, bytes.Clone(pkt))
+	s.mu.Unlock()
+}
+
+func (s *keepSink) taken() [][]byte { s.mu.Lock(); defer s.mu.Unlock(); return slices.Clone(s.pkts) }
+
+// TestInterceptorMendsZeroChecksums: a local IPv6 UDP datagram reaches the
+// cache device with its checksum left to the device, and one whose sum is
+// zero must come out with 0xffff, not the zero an IPv6 VM would drop.
+func TestInterceptorMendsZeroChecksums(t *testing.T) {
+	netnstest.Run(t, func() {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := netlink.LinkSetUp(lo); err != nil {
+			t.Fatal(err)
+		}
+		src := netip.MustParseAddrPort("[fd76:6d72::2]:40000")
+		vip := netip.MustParseAddrPort("[fd76:6d72::e1]:5201")
+		if err := netlink.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: src.Addr().AsSlice(), Mask: net.CIDRMask(128, 128)}, Flags: unix.IFA_F_NODAD}); err != nil {
+			t.Fatal(err)
+		}
+		in, err := OpenInterceptor("vmrtest0", 1500, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer in.Close()
+		link, err := netlink.LinkByName("vmrtest0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: vip.Addr().AsSlice(), Mask: net.CIDRMask(128, 128)}}); err != nil {
+			t.Fatal(err)
+		}
+		s := &keepSink{}
+		in.Attach(vip.Addr(), s)
+		conn, err := net.DialUDP("udp6", net.UDPAddrFromAddrPort(src), net.UDPAddrFromAddrPort(vip))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := conn.Write(udpcsum.ZeroSumPayload(src, vip, 200)); err != nil {
+			t.Fatal(err)
+		}
+		if err := in.Barrier(time.Second); err != nil {
+			t.Fatal(err)
+		}
+		got := s.taken()
+		if len(got) != 1 || len(got[0]) != 40+8+200 {
+			t.Fatalf("the sink took %d packets (%v), want the datagram", len(got), got)
+		}
+		if sum := got[0][46:48]; !bytes.Equal(sum, []byte{0xff, 0xff}) {
+			t.Errorf("UDP checksum %x, want ffff", sum)
 		}
 	})
 }

@@ -13,12 +13,15 @@ import (
 
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/vmroam/vmroam/internal/udpcsum"
 )
 
 // holdTUN sits between embedded wireguard-go and its TUN device. It lets
 // the agent stop wireguard-go from handing packets to the kernel for a
 // moment (HoldWrites), and learn when wireguard-go has chosen a peer for
-// every packet the kernel gave it before a given moment (ReadBarrier).
+// every packet the kernel gave it before a given moment (ReadBarrier). It
+// also mends what wireguard-go's reads get wrong (package udpcsum).
 type holdTUN struct {
 	tun.Device
 	mu sync.RWMutex // writes hold it shared; HoldWrites exclusively
@@ -48,7 +51,8 @@ func (h *holdTUN) Write(bufs [][]byte, offset int) (int, error) {
 // wireguard-go looks up each packet's peer after Read returns and calls
 // Read again only when it has, so a barrier packet in one batch has passed
 // once the next Read begins. Barrier packets go no further: their size is
-// set to 0, which wireguard-go skips.
+// set to 0, which wireguard-go skips. Read also mends the UDP checksums
+// that the device completed to zero, which IPv6 receivers drop.
 func (h *holdTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	if h.seen != 0 {
 		select {
@@ -58,13 +62,19 @@ func (h *holdTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 		h.seen = 0
 	}
 	n, err := h.Device.Read(bufs, sizes, offset)
-	if want := h.want.Load(); want != 0 {
-		for i := range n {
-			if nonce, ok := readBarrierNonce(bufs[i][offset : offset+sizes[i]]); ok {
-				sizes[i] = 0
-				if nonce == want {
-					h.seen = nonce
-				}
+	want := h.want.Load()
+	for i := range n {
+		pkt := bufs[i][offset : offset+sizes[i]]
+		// wireguard-go completed the checksums the kernel left partial
+		// and may have written a zero (see package udpcsum).
+		udpcsum.FixZero(pkt)
+		if want == 0 {
+			continue
+		}
+		if nonce, ok := readBarrierNonce(pkt); ok {
+			sizes[i] = 0
+			if nonce == want {
+				h.seen = nonce
 			}
 		}
 	}
