@@ -470,6 +470,7 @@ func TestLibvirtMigration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	flowStart := time.Now()
 	time.Sleep(time.Second)
 	hook(h2, "prepare", "begin")
 	hook(h2, "start", "begin")
@@ -494,6 +495,7 @@ func TestLibvirtMigration(t *testing.T) {
 	}
 	// The switch-over: the source's interface goes, the VM resumes at h2
 	// and announces itself.
+	switchAt := time.Since(flowStart)
 	if err := l.CompleteIncoming(m, h2, newVif); err != nil {
 		t.Fatal(err)
 	}
@@ -521,10 +523,28 @@ func TestLibvirtMigration(t *testing.T) {
 		t.Errorf("activation %q, want garp: the announcement that made the claim", mig.Activation)
 	}
 	// What the kernel had handed to the old interface when it went is
-	// lost (DESIGN.md: 0 to 3 seen; a busy CPU lets a few more wait in its
-	// backlog); everything after is the cache's.
-	if lost := lostBeyondQueues(t, res.Lost, tunDropsSince(l, queues)); lost > 4 {
-		t.Errorf("%d of %d datagrams lost; want at most the 4 a vanishing interface may take", lost, res.Packets)
+	// lost: it waits in the CPU's backlog, which the interface's removal
+	// empties (DESIGN.md: 0 to 3 seen; 8 once in CI, a loaded machine
+	// whose softirqs ran late). Everything after is the cache's, so any
+	// other loss must be the machine's (the TUN queues').
+	tunDrops := tunDropsSince(l, queues)
+	near, away := 0, 0
+	for i, lost := range res.LostIntervals {
+		// The receiver's intervals count from about when the client
+		// started (to within a few hundred ms).
+		at := time.Duration(i) * lab.FlowInterval
+		if at >= switchAt-300*time.Millisecond && at <= switchAt+500*time.Millisecond {
+			near += lost
+		} else if lost > 0 {
+			away += lost
+			t.Logf("%d lost in the interval at %v, the switch-over at %v", lost, at, switchAt.Round(lab.FlowInterval))
+		}
+	}
+	if away := lostBeyondQueues(t, away, tunDrops); away > 0 {
+		t.Errorf("%d datagrams lost away from the switch-over, beyond the TUN queues' drops", away)
+	}
+	if lost := lostBeyondQueues(t, res.Lost, tunDrops); lost > 16 || near > 16 {
+		t.Errorf("%d of %d datagrams lost, %d at the switch-over; want at most the 16 (3 ms) a vanishing interface may take", lost, res.Packets, near)
 	}
 }
 
