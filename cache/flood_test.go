@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/vmroam/vmroam/internal/netnstest"
 )
 
@@ -33,22 +31,8 @@ func (s *queueSink) Take(pkt []byte) {
 // either queued or counted as dropped, by the bound that dropped it.
 func TestFloodWithinCaps(t *testing.T) {
 	netnstest.Run(t, func() {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := netlink.LinkSetUp(lo); err != nil {
-			t.Fatal(err)
-		}
-		in, err := OpenInterceptor("vmrflood0", 9000, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		in := openTestInterceptor(t, "vmrflood0", 9000)
 		defer in.Close()
-		link, err := netlink.LinkByName("vmrflood0")
-		if err != nil {
-			t.Fatal(err)
-		}
 
 		const (
 			perQueue = 2 << 20
@@ -60,9 +44,7 @@ func TestFloodWithinCaps(t *testing.T) {
 		vips := []netip.Addr{netip.MustParseAddr("100.64.9.1"), netip.MustParseAddr("100.64.9.2")}
 		sinks := make([]*queueSink, len(vips))
 		for i, vip := range vips {
-			if err := netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: vip.AsSlice(), Mask: net.CIDRMask(32, 32)}}); err != nil {
-				t.Fatal(err)
-			}
+			routeToInterceptor(t, in, vip)
 			sinks[i] = &queueSink{q: NewQueue(Limits{MaxBytes: perQueue, MaxAge: time.Minute}, budget)}
 			in.Attach(vip, sinks[i])
 		}

@@ -31,26 +31,10 @@ func (s *countSink) count() int { s.mu.Lock(); defer s.mu.Unlock(); return s.n }
 // cache device before it has reached its sink.
 func TestBarrier(t *testing.T) {
 	netnstest.Run(t, func() {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := netlink.LinkSetUp(lo); err != nil {
-			t.Fatal(err)
-		}
-		in, err := OpenInterceptor("vmrtest0", 1500, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		in := openTestInterceptor(t, "vmrtest0", 1500)
 		defer in.Close()
 		vip := netip.MustParseAddr("100.64.9.9")
-		link, err := netlink.LinkByName("vmrtest0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: vip.AsSlice(), Mask: net.CIDRMask(32, 32)}}); err != nil {
-			t.Fatal(err)
-		}
+		routeToInterceptor(t, in, vip)
 		s := &countSink{}
 		in.Attach(vip, s)
 		conn, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: vip.AsSlice(), Port: 5000})
@@ -77,6 +61,37 @@ func TestBarrier(t *testing.T) {
 	})
 }
 
+// openTestInterceptor brings lo up in the test's namespace and opens the
+// cache device name there; the caller closes it.
+func openTestInterceptor(t *testing.T, name string, mtu int) *Interceptor {
+	t.Helper()
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkSetUp(lo); err != nil {
+		t.Fatal(err)
+	}
+	in, err := OpenInterceptor(name, mtu, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return in
+}
+
+// routeToInterceptor routes dst to the cache device.
+func routeToInterceptor(t *testing.T, in *Interceptor, dst netip.Addr) {
+	t.Helper()
+	link, err := netlink.LinkByName(in.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	bits := dst.BitLen()
+	if err := netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: dst.AsSlice(), Mask: net.CIDRMask(bits, bits)}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // keepSink keeps copies of the packets it takes.
 type keepSink struct {
 	mu   sync.Mutex
@@ -96,30 +111,18 @@ func (s *keepSink) taken() [][]byte { s.mu.Lock(); defer s.mu.Unlock(); return s
 // zero must come out with 0xffff, not the zero an IPv6 VM would drop.
 func TestInterceptorMendsZeroChecksums(t *testing.T) {
 	netnstest.Run(t, func() {
+		in := openTestInterceptor(t, "vmrtest0", 1500)
+		defer in.Close()
+		src := netip.MustParseAddrPort("[fd76:6d72::2]:40000")
+		vip := netip.MustParseAddrPort("[fd76:6d72::e1]:5201")
 		lo, err := netlink.LinkByName("lo")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := netlink.LinkSetUp(lo); err != nil {
-			t.Fatal(err)
-		}
-		src := netip.MustParseAddrPort("[fd76:6d72::2]:40000")
-		vip := netip.MustParseAddrPort("[fd76:6d72::e1]:5201")
 		if err := netlink.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: src.Addr().AsSlice(), Mask: net.CIDRMask(128, 128)}, Flags: unix.IFA_F_NODAD}); err != nil {
 			t.Fatal(err)
 		}
-		in, err := OpenInterceptor("vmrtest0", 1500, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer in.Close()
-		link, err := netlink.LinkByName("vmrtest0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: vip.Addr().AsSlice(), Mask: net.CIDRMask(128, 128)}}); err != nil {
-			t.Fatal(err)
-		}
+		routeToInterceptor(t, in, vip.Addr())
 		s := &keepSink{}
 		in.Attach(vip.Addr(), s)
 		conn, err := net.DialUDP("udp6", net.UDPAddrFromAddrPort(src), net.UDPAddrFromAddrPort(vip))
