@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmroam/vmroam/internal/csum"
 )
 
 // The lab pings with its own ICMP echo code over a raw socket opened inside
@@ -307,7 +309,7 @@ func (s *pingSession) send(seq uint64) {
 	now := time.Now()
 	binary.BigEndian.PutUint64(pkt[24:], uint64(now.UnixNano()))
 	if !s.v6 { // the kernel fills in the ICMPv6 checksum
-		binary.BigEndian.PutUint16(pkt[2:], checksum(pkt))
+		binary.BigEndian.PutUint16(pkt[2:], csum.Checksum(pkt))
 	}
 	s.mu.Lock()
 	if s.start.IsZero() {
@@ -485,21 +487,6 @@ func trimOpErr(err error) string {
 		return "send: " + oe.Err.Error()
 	}
 	return "send: " + err.Error()
-}
-
-// checksum is the Internet checksum (RFC 1071).
-func checksum(b []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(b[i])<<8 | uint32(b[i+1])
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
 }
 
 // inNetNS runs fn on an OS thread switched into network namespace ns.

@@ -13,6 +13,8 @@ package udpcsum
 import (
 	"encoding/binary"
 	"net/netip"
+
+	"github.com/vmroam/vmroam/internal/csum"
 )
 
 // IPv6 next-header values.
@@ -60,39 +62,14 @@ func FixZero(pkt []byte) bool {
 	// The pseudo-header: source, destination, upper-layer length, next
 	// header. (Behind a routing header the destination would be the final
 	// one; the sum then fails and the packet is left alone.)
-	sum := add(0, pkt[8:40])
+	sum := csum.Add(0, pkt[8:40])
 	sum += uint64(udpLen) + protoUDP
-	sum = add(sum, pkt[off:off+udpLen])
-	if fold(sum) != 0xffff {
+	sum = csum.Add(sum, pkt[off:off+udpLen])
+	if csum.Fold(sum) != 0xffff {
 		return false
 	}
 	pkt[off+6], pkt[off+7] = 0xff, 0xff
 	return true
-}
-
-// add adds b as big-endian 16-bit words to sum, unfolded.
-func add(sum uint64, b []byte) uint64 {
-	for len(b) >= 8 {
-		sum += uint64(binary.BigEndian.Uint16(b)) + uint64(binary.BigEndian.Uint16(b[2:])) +
-			uint64(binary.BigEndian.Uint16(b[4:])) + uint64(binary.BigEndian.Uint16(b[6:]))
-		b = b[8:]
-	}
-	for len(b) >= 2 {
-		sum += uint64(binary.BigEndian.Uint16(b))
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		sum += uint64(b[0]) << 8
-	}
-	return sum
-}
-
-// fold folds sum to 16 bits.
-func fold(sum uint64) uint16 {
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	return uint16(sum)
 }
 
 // ZeroSumPayload returns n bytes (n >= 2) that, sent as a UDP datagram's
@@ -104,12 +81,12 @@ func ZeroSumPayload(src, dst netip.AddrPort, n int) []byte {
 		p[i] = byte(i*7 + 3)
 	}
 	udpLen := udpHeaderLen + n
-	sum := add(0, src.Addr().AsSlice())
-	sum = add(sum, dst.Addr().AsSlice())
+	sum := csum.Add(0, src.Addr().AsSlice())
+	sum = csum.Add(sum, dst.Addr().AsSlice())
 	sum += uint64(udpLen) + protoUDP
 	sum += uint64(src.Port()) + uint64(dst.Port()) + uint64(udpLen)
-	sum = add(sum, p)
+	sum = csum.Add(sum, p)
 	// The first two bytes are the missing word: the complement of the rest.
-	binary.BigEndian.PutUint16(p, ^fold(sum))
+	binary.BigEndian.PutUint16(p, ^csum.Fold(sum))
 	return p
 }

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmroam/vmroam/internal/csum"
 )
 
 // smallPing is the size of the ping that shows a peer answers at all.
@@ -202,25 +204,11 @@ func sendEcho(fd int, dst netip.Addr, id, seq uint16, size int) {
 	binary.BigEndian.PutUint16(msg[6:], seq)
 	copy(msg[8:], "vmroam doctor: path MTU probe")
 	if dst.Is4() {
-		binary.BigEndian.PutUint16(msg[2:], checksum(msg)) // the kernel does ICMPv6's
+		binary.BigEndian.PutUint16(msg[2:], csum.Checksum(msg)) // the kernel does ICMPv6's
 		unix.Sendto(fd, msg, 0, &unix.SockaddrInet4{Addr: dst.As4()})
 		return
 	}
 	unix.Sendto(fd, msg, 0, &unix.SockaddrInet6{Addr: dst.As16()})
-}
-
-func checksum(b []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(b[i])<<8 | uint32(b[i+1])
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
 }
 
 type icmpKind int
