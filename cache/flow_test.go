@@ -7,6 +7,7 @@ import (
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
+	"github.com/vmroam/vmroam/internal/barrier"
 )
 
 var (
@@ -270,11 +271,14 @@ func FuzzClassify(f *testing.F) {
 		}
 		_ = fl.String()
 		// The cache device's barrier parser agrees with the classifier.
-		if _, ok := barrierNonce(pkt); ok && (!fl.Src.Is4() || fl.Proto != 17 || fl.Fragment || fl.DstPort != barrierPort) {
+		if _, ok := cacheBarrier.Match(pkt); ok && (!fl.Src.Is4() || fl.Proto != 17 || fl.Fragment || fl.DstPort != barrier.Port) {
 			t.Fatalf("barrier packet of flow %v", fl)
 		}
 	})
 }
+
+// cacheBarrier parses the cache device's barrier packets.
+var cacheBarrier = barrier.New(BarrierAddr, "cache device", nil)
 
 func BenchmarkClassify(b *testing.B) {
 	c := NewClassifier()

@@ -1,8 +1,6 @@
 package cache
 
 import (
-	"crypto/rand"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,6 +14,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/tun"
 
+	"github.com/vmroam/vmroam/internal/barrier"
 	"github.com/vmroam/vmroam/internal/udpcsum"
 )
 
@@ -44,16 +43,12 @@ type Interceptor struct {
 	done      chan struct{}
 	closeOnce sync.Once
 
-	barrierMu sync.Mutex  // one Barrier at a time
-	barrierCh chan uint64 // nonces of barrier packets read
+	barrier *barrier.Barrier
 }
 
 // BarrierAddr is routed to the cache device so that Barrier can send a
 // packet through the device's queue. A link-local address nobody uses.
 var BarrierAddr = netip.MustParseAddr("169.254.0.4")
-
-// barrierPort is the UDP port of barrier packets.
-const barrierPort = 9 // discard
 
 // OpenInterceptor creates the TUN device name (with the kernel's offloads,
 // so reads come in batches), brings it up and starts reading.
@@ -85,12 +80,13 @@ func OpenInterceptor(name string, mtu int, log *slog.Logger) (*Interceptor, erro
 	os.WriteFile("/proc/sys/net/ipv4/conf/"+name+"/rp_filter", []byte("0"), 0o644)
 	// Not vmroam's route protocol: the agent's route reconciler must leave
 	// it alone. It goes with the device.
-	barrier := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: BarrierAddr.AsSlice(), Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK}
-	if err := netlink.RouteReplace(barrier); err != nil {
+	barrierRoute := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: BarrierAddr.AsSlice(), Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK}
+	if err := netlink.RouteReplace(barrierRoute); err != nil {
 		dev.Close()
 		return nil, fmt.Errorf("cache interface %s: barrier route: %w", name, err)
 	}
-	in := &Interceptor{dev: dev, name: name, log: log.With("iface", name), sinks: map[netip.Addr]Sink{}, done: make(chan struct{}), barrierCh: make(chan uint64, 16)}
+	in := &Interceptor{dev: dev, name: name, log: log.With("iface", name), sinks: map[netip.Addr]Sink{}, done: make(chan struct{}),
+		barrier: barrier.New(BarrierAddr, "cache device "+name, barrier.SendOn(name, BarrierAddr))}
 	go in.drainEvents()
 	go in.read()
 	return in, nil
@@ -158,11 +154,9 @@ func (in *Interceptor) read() {
 				continue
 			}
 			if dst == BarrierAddr {
-				if n, ok := barrierNonce(pkt); ok {
-					select {
-					case in.barrierCh <- n:
-					default:
-					}
+				// Everything read before it has been handed to its sink.
+				if n, ok := in.barrier.Match(pkt); ok {
+					in.barrier.Pass(n)
 				}
 				continue
 			}
@@ -178,57 +172,10 @@ func (in *Interceptor) read() {
 }
 
 // Barrier returns once every packet the kernel queued on the cache device
-// before the call has been handed to its sink: it sends a packet of its
-// own through the device's queue, which is first in, first out, and waits
-// for it to come out. The agent uses it after routing a VIP away from the
-// device, to know that nothing of the VIP is left inside.
-func (in *Interceptor) Barrier(timeout time.Duration) error {
-	in.barrierMu.Lock()
-	defer in.barrierMu.Unlock()
-	// Random, not counted: anyone who can route a packet to BarrierAddr
-	// (a local VM, through the host) could otherwise send the next
-	// barrier's packet ahead of it and end a hand-back early.
-	var nb [8]byte
-	rand.Read(nb[:]) // never fails (it crashes the program instead)
-	nonce := binary.BigEndian.Uint64(nb[:])
-	conn, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: BarrierAddr.AsSlice(), Port: barrierPort})
-	if err != nil {
-		return fmt.Errorf("cache barrier: %w", err)
-	}
-	defer conn.Close()
-	if _, err := conn.Write(nb[:]); err != nil {
-		return fmt.Errorf("cache barrier: send: %w", err)
-	}
-	t := time.NewTimer(timeout)
-	defer t.Stop()
-	for {
-		select {
-		case n := <-in.barrierCh:
-			if n == nonce {
-				return nil
-			}
-			// An older barrier's packet, late: keep waiting for ours.
-		case <-t.C:
-			return fmt.Errorf("cache barrier: no packet back from %s within %v", in.name, timeout)
-		}
-	}
-}
-
-// barrierNonce reads the nonce of a barrier packet: IPv4, not a
-// fragment, UDP to barrierPort, 8 bytes of payload.
-func barrierNonce(pkt []byte) (uint64, bool) {
-	if len(pkt) < 20 || pkt[0]>>4 != 4 || pkt[9] != 17 {
-		return 0, false
-	}
-	if pkt[6]&0x3f != 0 || pkt[7] != 0 { // more fragments, or an offset
-		return 0, false
-	}
-	ihl := int(pkt[0]&0x0f) * 4
-	if ihl < 20 || len(pkt) < ihl+8+8 || binary.BigEndian.Uint16(pkt[ihl+2:]) != barrierPort {
-		return 0, false
-	}
-	return binary.BigEndian.Uint64(pkt[ihl+8:]), true
-}
+// before the call has been handed to its sink (package barrier). The agent
+// uses it after routing a VIP away from the device, to know that nothing of
+// the VIP is left inside.
+func (in *Interceptor) Barrier(timeout time.Duration) error { return in.barrier.Wait(timeout) }
 
 func isClosed(err error) bool {
 	return errors.Is(err, os.ErrClosed) || errors.Is(err, os.ErrNotExist)

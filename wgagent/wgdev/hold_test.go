@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmroam/vmroam/internal/barrier"
 	"golang.zx2c4.com/wireguard/conn/bindtest"
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/tuntest"
@@ -113,14 +114,14 @@ func (q *queueTUN) Close() error {
 	return q.Device.Close()
 }
 
-// barrierPacket is what the kernel makes of sendReadBarrier's datagram.
+// barrierPacket is what the kernel makes of barrier.SendOn's datagram.
 func barrierPacket(nonce uint64) []byte {
 	p := make([]byte, 20+8+8)
 	p[0], p[9] = 0x45, 17
 	binary.BigEndian.PutUint16(p[2:], uint16(len(p)))
 	copy(p[12:16], []byte{100, 64, 0, 1})
 	copy(p[16:20], readBarrierAddr.AsSlice())
-	binary.BigEndian.PutUint16(p[22:], readBarrierPort)
+	binary.BigEndian.PutUint16(p[22:], barrier.Port)
 	binary.BigEndian.PutUint16(p[24:], 16)
 	binary.BigEndian.PutUint64(p[28:], nonce)
 	return p
@@ -132,12 +133,12 @@ func barrierPacket(nonce uint64) []byte {
 func TestReadBarrierPassesAfterTheBatch(t *testing.T) {
 	q := newQueueTUN(tuntest.NewChannelTUN().TUN())
 	data := tuntest.Ping(netip.MustParseAddr("100.100.0.1"), netip.MustParseAddr("100.64.0.1"))
-	h := newHoldTUN(q, func(nonce uint64) error {
-		q.push(data, barrierPacket(nonce), data)
+	h := newHoldTUN(q, func(payload []byte) error {
+		q.push(data, barrierPacket(binary.BigEndian.Uint64(payload)), data)
 		return nil
 	})
 	done := make(chan error, 1)
-	go func() { done <- h.barrier(5 * time.Second) }()
+	go func() { done <- h.barrier.Wait(5 * time.Second) }()
 
 	bufs, sizes := make([][]byte, 8), make([]int, 8)
 	for i := range bufs {
@@ -145,7 +146,7 @@ func TestReadBarrierPassesAfterTheBatch(t *testing.T) {
 	}
 	var n int
 	for n == 0 { // until the barrier's batch has come in whole
-		if h.want.Load() == 0 {
+		if h.barrier.Waiting() == 0 {
 			time.Sleep(time.Millisecond)
 			continue
 		}
@@ -171,7 +172,7 @@ func TestReadBarrierPassesAfterTheBatch(t *testing.T) {
 	}
 
 	// Nobody reads: the barrier times out, and says so.
-	if err := newHoldTUN(q, func(uint64) error { return nil }).barrier(20 * time.Millisecond); err == nil {
+	if err := newHoldTUN(q, func([]byte) error { return nil }).barrier.Wait(20 * time.Millisecond); err == nil {
 		t.Error("a barrier nobody read passed")
 	}
 	// A kernel device has nothing to wait for.
@@ -188,8 +189,8 @@ func TestReadBarrierPassesAfterTheBatch(t *testing.T) {
 func TestReadBarrierBeforeAPeerChange(t *testing.T) {
 	binds := bindtest.NewChannelBinds()
 	q := newQueueTUN(tuntest.NewChannelTUN().TUN())
-	h := newHoldTUN(q, func(nonce uint64) error {
-		q.push(barrierPacket(nonce))
+	h := newHoldTUN(q, func(payload []byte) error {
+		q.push(barrierPacket(binary.BigEndian.Uint64(payload)))
 		return nil
 	})
 	recv := tuntest.NewChannelTUN()
@@ -224,7 +225,7 @@ func TestReadBarrierBeforeAPeerChange(t *testing.T) {
 		pkts[i] = tuntest.Ping(vip, netip.MustParseAddr("100.64.0.1"))
 	}
 	q.push(pkts...)
-	if err := h.barrier(5 * time.Second); err != nil {
+	if err := h.barrier.Wait(5 * time.Second); err != nil {
 		t.Fatal(err)
 	}
 	// The VIP moves to the other peer, which has no endpoint: what goes

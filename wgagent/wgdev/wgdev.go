@@ -25,6 +25,8 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/vmroam/vmroam/internal/barrier"
 )
 
 // Impl selects how the WireGuard interface is provided.
@@ -173,7 +175,7 @@ func (d *Device) openUserspace(cfg Config) error {
 		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
 		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
 	}
-	d.hold = newHoldTUN(tdev, sendReadBarrier(cfg.Name))
+	d.hold = newHoldTUN(tdev, barrier.SendOn(cfg.Name, readBarrierAddr))
 	d.wg = device.NewDevice(d.hold, conn.NewDefaultBind(), logger)
 	uapi, err := ipc.UAPIListen(cfg.Name, uapiFile)
 	if err != nil {
