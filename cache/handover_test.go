@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -32,7 +33,7 @@ func seqOf(pkt []byte) (sport uint16, seq uint32) {
 	return binary.BigEndian.Uint16(pkt[20:22]), binary.BigEndian.Uint32(pkt[28:32])
 }
 
-func TestSendQueueReceive(t *testing.T) {
+func TestSendReceive(t *testing.T) {
 	src := NewQueue(DefaultLimits(), nil)
 	for i := range 1000 {
 		src.Push(udpFrom(t, 1, uint32(i)), time.Now())
@@ -49,7 +50,7 @@ func TestSendQueueReceive(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		sent, sendErr = SendQueue(a, src, Header{VIP: vip, Epoch: 7, MAC: mac}, 300*time.Millisecond, nil, nil)
+		sent, sendErr = Sender{Queue: src, Header: Header{VIP: vip, Epoch: 7, MAC: mac}, Linger: 300 * time.Millisecond}.Send(a)
 	}()
 
 	dst := NewQueue(DefaultLimits(), nil)
@@ -61,7 +62,7 @@ func TestSendQueueReceive(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		st, recvErr = Receive(b, dst, func(h Header) { hdr = h }, func(e End) { end = e; close(ended) }, nil)
+		st, recvErr = receive(b, Receiver{Queue: dst, OnHeader: func(h Header) error { hdr = h; return nil }, OnEnd: func(e End) { end = e; close(ended) }})
 	}()
 	<-ended
 	// Stragglers after the end marker still come, in order.
@@ -92,10 +93,10 @@ func TestSendQueueReceive(t *testing.T) {
 	}
 }
 
-// TestSendQueueTicks: asked for ticks, the source writes one with the end
+// TestSendTicks: asked for ticks, the source writes one with the end
 // marker and then one per tick while it lingers, each later than the one
 // before and behind every straggler it took before it.
-func TestSendQueueTicks(t *testing.T) {
+func TestSendTicks(t *testing.T) {
 	src := NewQueue(DefaultLimits(), nil)
 	src.Push(udpFrom(t, 1, 0), time.Now())
 	a, b := net.Pipe()
@@ -106,19 +107,19 @@ func TestSendQueueTicks(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		_, sendErr = SendQueueTicks(a, src, Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, 0, 100*time.Millisecond, 5*time.Millisecond, nil, nil, nil)
+		_, sendErr = Sender{Queue: src, Header: Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, Linger: 100 * time.Millisecond, Tick: 5 * time.Millisecond}.Send(a)
 	}()
 	dst := NewQueue(DefaultLimits(), nil)
 	var ticks []time.Duration
 	var atTick []int // packets received when each tick came
 	ended := make(chan struct{})
-	_, err := ReceiveTicks(b, dst, nil, func(End) {
+	_, err := receive(b, Receiver{Queue: dst, OnEnd: func(End) {
 		close(ended)
 		go src.Push(udpFrom(t, 1, 1), time.Now())
-	}, func(d time.Duration) {
+	}, OnTick: func(d time.Duration) {
 		ticks = append(ticks, d)
 		atTick = append(atTick, dst.Len())
-	}, nil)
+	}})
 	wg.Wait()
 	if err != nil || sendErr != nil {
 		t.Fatalf("receive %v, send %v", err, sendErr)
@@ -136,10 +137,10 @@ func TestSendQueueTicks(t *testing.T) {
 	}
 }
 
-// TestSendQueueFlushUntil: while flushUntil is open, what reaches the
+// TestSendFlushUntil: while FlushUntil is open, what reaches the
 // queue is flushed, before the end marker; after it closes, a packet is a
 // straggler.
-func TestSendQueueFlushUntil(t *testing.T) {
+func TestSendFlushUntil(t *testing.T) {
 	src := NewQueue(DefaultLimits(), nil)
 	src.Push(udpFrom(t, 1, 0), time.Now())
 	a, b := net.Pipe()
@@ -154,12 +155,12 @@ func TestSendQueueFlushUntil(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		sent, sendErr = SendQueueTicks(a, src, Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, 0, time.Minute, 0, routed, stop, nil)
+		sent, sendErr = Sender{Queue: src, Header: Header{VIP: netip.MustParseAddr("100.64.1.2"), Epoch: 7}, Linger: time.Minute, FlushUntil: routed, Stop: stop}.Send(a)
 	}()
 	dst := NewQueue(DefaultLimits(), nil)
 	var end End
 	ended := make(chan struct{})
-	_, err := ReceiveTicks(b, dst, func(Header) error {
+	_, err := receive(b, Receiver{Queue: dst, OnHeader: func(Header) error {
 		// The header is out before the route moved; two more packets
 		// come in meanwhile, then the move ends.
 		go func() {
@@ -171,7 +172,7 @@ func TestSendQueueFlushUntil(t *testing.T) {
 			close(routed)
 		}()
 		return nil
-	}, func(e End) {
+	}, OnEnd: func(e End) {
 		end = e
 		close(ended)
 		go func() {
@@ -181,7 +182,7 @@ func TestSendQueueFlushUntil(t *testing.T) {
 			}
 			close(stop)
 		}()
-	}, nil, nil)
+	}})
 	wg.Wait()
 	if err != nil || sendErr != nil {
 		t.Fatalf("receive %v, send %v", err, sendErr)
@@ -201,7 +202,7 @@ func TestReceiveRefused(t *testing.T) {
 		w.Flush()
 		a.Close()
 	}()
-	_, err := Receive(b, NewQueue(DefaultLimits(), nil), nil, nil, nil)
+	_, err := receive(b, Receiver{Queue: NewQueue(DefaultLimits(), nil)})
 	if !errors.Is(err, ErrRefused) {
 		t.Fatalf("err = %v, want ErrRefused", err)
 	}
@@ -362,11 +363,10 @@ func TestOrdererClosedReleasesAndDrains(t *testing.T) {
 	go func() { done <- o.Run(stop) }()
 	waitCount(t, rec, 1)
 	deadline := time.Now().Add(5 * time.Second)
-	for !o.Drained() {
-		if time.Now().After(deadline) {
-			t.Fatal("not drained")
-		}
-		time.Sleep(time.Millisecond)
+	select {
+	case <-o.Done():
+	case <-time.After(time.Until(deadline)):
+		t.Fatal("not drained")
 	}
 	if st := o.Stats(); st.Delivered != 1 || st.FirstDelivery.IsZero() {
 		t.Errorf("stats %+v", st)
@@ -398,7 +398,7 @@ func TestOrdererPaces(t *testing.T) {
 	}
 }
 
-// TestReceiveRejects: Receive takes only what SendQueue can write: a
+// TestReceiveRejects: Receive takes only what Send can write: a
 // header, packets, one end marker, packets, a close marker.
 func TestReceiveRejects(t *testing.T) {
 	hdr := Frame{Type: FrameHeader, Header: Header{VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 2}}
@@ -406,7 +406,7 @@ func TestReceiveRejects(t *testing.T) {
 	end := Frame{Type: FrameEnd, End: End{Packets: 1}}
 	closing := Frame{Type: FrameClose}
 	req := Frame{Type: FrameRequest, Request: Request{VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 2, Claimer: "b"}}
-	if _, err := Receive(bytes.NewReader(encode(t, hdr, pkt, end, pkt, closing)), NewQueue(DefaultLimits(), nil), nil, nil, nil); err != nil {
+	if _, err := receive(bytes.NewReader(encode(t, hdr, pkt, end, pkt, closing)), Receiver{Queue: NewQueue(DefaultLimits(), nil)}); err != nil {
 		t.Fatalf("a well-formed stream: %v", err)
 	}
 	for name, frames := range map[string][]Frame{
@@ -418,7 +418,7 @@ func TestReceiveRejects(t *testing.T) {
 		"request inside":  {hdr, req, end, closing},
 	} {
 		ends := 0
-		_, err := Receive(bytes.NewReader(encode(t, frames...)), NewQueue(DefaultLimits(), nil), nil, func(End) { ends++ }, nil)
+		_, err := receive(bytes.NewReader(encode(t, frames...)), Receiver{Queue: NewQueue(DefaultLimits(), nil), OnEnd: func(End) { ends++ }})
 		if !errors.Is(err, ErrMalformed) {
 			t.Errorf("%s: %v, want ErrMalformed", name, err)
 		}
@@ -430,18 +430,33 @@ func TestReceiveRejects(t *testing.T) {
 	// ends the receive before a packet reaches the queue.
 	q := NewQueue(DefaultLimits(), nil)
 	refused := errors.New("epoch 2, asked for 3")
-	_, err := ReceiveTicks(bytes.NewReader(encode(t, hdr, pkt, end, pkt, closing)), q,
-		func(Header) error { return refused }, nil, nil, nil)
+	_, err := receive(bytes.NewReader(encode(t, hdr, pkt, end, pkt, closing)),
+		Receiver{Queue: q, OnHeader: func(Header) error { return refused }})
 	if !errors.Is(err, refused) || q.Len() != 0 {
 		t.Errorf("a refused header: %v with %d packets queued, want the refusal and none", err, q.Len())
 	}
+}
+
+// receive is Receiver.Receive on a stream read from r from its first
+// frame, as the agent reads an answer: a stream cut before it is
+// io.ErrUnexpectedEOF (the source owes a header or a refusal).
+func receive(r io.Reader, rv Receiver) (FlushStats, error) {
+	rd := NewReader(r)
+	f, err := rd.Next()
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return FlushStats{}, fmt.Errorf("handover: read header: %w", err)
+	}
+	return rv.Receive(rd, f)
 }
 
 // FuzzReceive is the destination's side of a handover fed arbitrary bytes
 // as the source's stream. Whatever comes, the queue holds exactly the
 // stream's packets in order, within its bounds; the callbacks see at most
 // one header and one end marker; and the stream is accepted only if it is
-// what SendQueue writes.
+// what Send writes.
 func FuzzReceive(f *testing.F) {
 	hdr := Frame{Type: FrameHeader, Header: Header{VIP: netip.MustParseAddr("100.64.0.10"), Epoch: 8, MAC: mac6, Queued: 2, QueuedBytes: 24}}
 	pkt := Frame{Type: FramePacket, Packet: []byte{0x45, 0, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8}}
@@ -469,7 +484,7 @@ func FuzzReceive(f *testing.F) {
 
 		q := NewQueue(lim, nil)
 		headers, ends := 0, 0
-		st, err := Receive(bytes.NewReader(in), q, func(Header) { headers++ }, func(End) { ends++ }, nil)
+		st, err := receive(bytes.NewReader(in), Receiver{Queue: q, OnHeader: func(Header) error { headers++; return nil }, OnEnd: func(End) { ends++ }})
 
 		wellFormed, streamed := handoverShape(frames)
 		if wellFormed != (err == nil) {
@@ -510,7 +525,7 @@ func FuzzReceive(f *testing.F) {
 	})
 }
 
-// handoverShape says whether frames are what SendQueue writes (header,
+// handoverShape says whether frames are what Send writes (header,
 // packets, one end marker, packets, close; anything after the close is
 // not read) and returns the packets Receive takes before it stops.
 func handoverShape(frames []Frame) (wellFormed bool, packets [][]byte) {

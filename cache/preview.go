@@ -170,7 +170,7 @@ func (p *Preview) Ended() bool {
 }
 
 // Await waits for Run to end and returns the answer's first frame, when it
-// came, and the reader to go on with (ReceiveAfter); or an error wrapping
+// came, and the reader to go on with (Receiver.Receive); or an error wrapping
 // ErrNoAnswer.
 func (p *Preview) Await() (*Reader, Frame, time.Time, error) {
 	<-p.answered

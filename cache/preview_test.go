@@ -60,7 +60,7 @@ func waitCopies(t *testing.T, p *Preview, n uint64) {
 	}
 }
 
-// TestPreviewHandover: a whole prepared handover between SendQueueTicks
+// TestPreviewHandover: a whole prepared handover between Sender
 // and a Preview. The copies written before the request are the stream's
 // start; copies written after the claimer asked (still in flight) follow
 // them; the flush goes on after the last copy; every packet arrives once,
@@ -98,13 +98,13 @@ func TestPreviewHandover(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		sent, sendErr = SendQueueTicks(conn, src, Header{VIP: vip, Epoch: 7}, max(resume.Seq, next), 50*time.Millisecond, 0, nil, nil, nil)
+		sent, sendErr = Sender{Queue: src, Header: Header{VIP: vip, Epoch: 7}, From: max(resume.Seq, next), Linger: 50 * time.Millisecond}.Send(conn)
 	}()
 	rd, first, at, err := p.Await()
 	if err != nil || first.Type != FrameHeader || at.IsZero() {
 		t.Fatalf("Await: %v %v", first.Type, err)
 	}
-	st, err := ReceiveAfter(rd, first, q, nil, nil, nil, nil)
+	st, err := Receiver{Queue: q}.Receive(rd, first)
 	wg.Wait()
 	if err != nil || sendErr != nil {
 		t.Fatalf("receive %v, send %v", err, sendErr)

@@ -67,10 +67,10 @@ func TestTotalsOfADestination(t *testing.T) {
 	stop := make(chan struct{})
 	done := make(chan error, 1)
 	go func() { done <- o.Run(stop) }()
-	for deadline := time.Now().Add(10 * time.Second); !o.Drained(); time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the orderer did not drain 4 packets")
-		}
+	select {
+	case <-o.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the orderer did not drain 4 packets")
 	}
 	close(stop)
 	if err := <-done; err != nil {

@@ -426,14 +426,10 @@ func (c *vipCtl) writer() (write func([]byte) error, prepare, closeWriter func()
 // then routes the VIP to the VM directly, and stops the orderer after a
 // grace period for packets that were already on their way to the cache.
 func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
-	tick := time.NewTicker(time.Millisecond)
-	defer tick.Stop()
-	for !o.Drained() {
-		select {
-		case <-stop:
-			return
-		case <-tick.C:
-		}
+	select {
+	case <-stop:
+		return
+	case <-o.Done():
 	}
 	t0 := time.Now()
 	waited, quiet, steps := a.fence(c, o)
@@ -815,8 +811,8 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 	// The answer's round trip is the path's, unless the source made the
 	// request wait (see handoverWait); the connect's is one too.
 	o.Settle = max(a.live().CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
-	st, err := cache.ReceiveAfter(rd, first, stream,
-		func(h cache.Header) error {
+	st, err := cache.Receiver{Queue: stream, OnTick: o.Tick,
+		OnHeader: func(h cache.Header) error {
 			if h.VIP != req.VIP || h.Epoch != req.Epoch {
 				// A source that answers another request than ours:
 				// its packets are not this VM's.
@@ -835,13 +831,14 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 			c.mu.Unlock()
 			return nil
 		},
-		func(e cache.End) {
+		OnEnd: func(e cache.End) {
 			c.mu.Lock()
 			c.rec.FlushEnd = timePtr(time.Now())
 			c.rec.Lost += e.Dropped
 			c.mu.Unlock()
 			o.Ended()
-		}, o.Tick, nil)
+		},
+	}.Receive(rd, first)
 	st.Flushed += copies
 	st.Ahead = copies
 	c.mu.Lock()
@@ -998,7 +995,7 @@ func (a *Agent) serveHandovers(ln net.Listener) {
 }
 
 // handoverTick is how often the old host writes a tick while it lingers
-// (cache.SendQueueTicks): it bounds how much a tick adds to a flow's
+// (cache.Sender.Tick): it bounds how much a tick adds to a flow's
 // settle at the new host.
 const handoverTick = 2 * time.Millisecond
 
@@ -1136,7 +1133,8 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 			from = max(from, copied.Seq)
 		}
 	}
-	st, err := cache.SendQueueTicks(conn, q, cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, from, a.live().CacheLinger+time.Second, tick, routed, lingerOver, nil)
+	st, err := cache.Sender{Queue: q, Header: cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, From: from,
+		Linger: a.live().CacheLinger + time.Second, Tick: tick, FlushUntil: routed, Stop: lingerOver}.Send(conn)
 	close(streamDone)
 	<-routed
 	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", reconciled)
