@@ -389,7 +389,7 @@ func TestLibvirtReleaseAfterFailedIncoming(t *testing.T) {
 	h2State := func() string {
 		for _, v := range status(t, l, h2).VIPs {
 			if v.VIP == vipM.String() {
-				return v.State
+				return string(v.State)
 			}
 		}
 		return ""
@@ -610,7 +610,7 @@ func vipStateOn(t testing.TB, l *lab.Lab, h *lab.Host, vip netip.Addr) string {
 	t.Helper()
 	for _, v := range status(t, l, h).VIPs {
 		if v.VIP == vip.String() {
-			return v.State + " on " + v.Dev
+			return string(v.State) + " on " + v.Dev
 		}
 	}
 	return ""

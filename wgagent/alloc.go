@@ -10,9 +10,6 @@ import (
 	"github.com/vmroam/vmroam/wgagent/control"
 )
 
-// stateReserved is a VIP allocated here that no VM uses yet.
-const stateReserved = "reserved"
-
 // allocAttempts bounds how often an allocation that lost a race tries a
 // new address before giving up.
 const allocAttempts = 6

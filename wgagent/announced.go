@@ -21,10 +21,6 @@ import (
 // after the incoming migration, or the guest's gratuitous ARP or
 // unsolicited neighbour advertisement. A paused VM sends nothing.
 
-// stateAwaiting is a VIP attached when announced whose VM has not yet
-// announced itself here.
-const stateAwaiting = "awaiting"
-
 // awaitedVIP is a VIP attached when announced, not yet claimed.
 type awaitedVIP struct {
 	dev    string

@@ -178,24 +178,24 @@ func (a *Agent) vipLocked(r gossip.Record) control.VIP {
 		state, dev := c.state, c.dev
 		c.mu.Unlock()
 		if state != stateLocal {
-			v.State, v.Dev = state, dev
+			v.State, v.Dev = state.status(), dev
 			v.Local = state == stateHolding
 			return v
 		}
 	}
 	switch at, ok := a.attached[r.VIP]; {
 	case ok && r.Owner == a.cfg.Name && at.Dev == "":
-		v.State = stateReserved
+		v.State = control.VIPReserved
 	case ok && r.Owner == a.cfg.Name:
-		v.Local, v.Dev, v.State = true, at.Dev, "local"
+		v.Local, v.Dev, v.State = true, at.Dev, control.VIPLocal
 	case r.Owner == "":
-		v.State = "released"
+		v.State = control.VIPReleased
 	default:
-		v.State = "remote"
+		v.State = control.VIPRemote
 	}
 	if !v.Local {
 		if dev, ok := a.awaitingOn(r.VIP); ok {
-			v.State, v.Dev = stateAwaiting, dev
+			v.State, v.Dev = control.VIPAwaiting, dev
 		}
 	}
 	return v
@@ -307,7 +307,7 @@ func (a *Agent) migrationsLocked() []control.Migration {
 // counters as they stand. c.mu held.
 func (c *vipCtl) liveRecordLocked() control.Migration {
 	m := c.rec
-	m.State = c.state
+	m.State = c.state.status()
 	if c.queue != nil {
 		qs := c.queue.Stats()
 		if c.source {

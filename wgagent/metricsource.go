@@ -40,7 +40,7 @@ func (s metricsSource) Snapshot() (metrics.Snapshot, error) {
 	records := a.cluster.Table().Records()
 	a.mu.Lock()
 	for _, r := range records {
-		snap.VIPs[a.vipLocked(r).State]++
+		snap.VIPs[string(a.vipLocked(r).State)]++
 	}
 	snap.Problems = len(a.problems)
 	a.mu.Unlock()

@@ -25,16 +25,6 @@ import (
 	"github.com/vmroam/vmroam/xenhook"
 )
 
-// VIP states as status shows them.
-const (
-	stateLocal      = "local"      // the VM runs here; standby route to the cache
-	stateCaching    = "caching"    // source: VM suspended, packets queued
-	stateForwarding = "forwarding" // source: queue flushed, stragglers forwarded
-	stateHolding    = "holding"    // destination: packets held until delivery
-	stateRemote     = "remote"
-	stateReleased   = "released"
-)
-
 // Route metrics of the cache device: the standby route of a local VIP is
 // worse than the VM's own route, so the kernel fails over to the cache by
 // itself the instant the VM's interface vanishes; the diversion route beats
@@ -69,7 +59,7 @@ type vipCtl struct {
 	vip netip.Addr
 
 	mu      sync.Mutex
-	state   string
+	state   vipState
 	source  bool // this host is (was) the VM's old host
 	dev     string
 	mac     net.HardwareAddr
@@ -232,7 +222,7 @@ func (a *Agent) onLocked(c *vipCtl, ev vipEvent, why string) (vipAction, error) 
 }
 
 // stepLocked moves c's state machine by ev. c.mu held.
-func (c *vipCtl) stepLocked(ev vipEvent) (prev string, act vipAction) {
+func (c *vipCtl) stepLocked(ev vipEvent) (prev vipState, act vipAction) {
 	prev = c.state
 	next, act := step(vipPhase{state: c.state, byCarrier: c.byCarrier}, ev)
 	c.state, c.byCarrier = next.state, next.byCarrier

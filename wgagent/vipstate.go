@@ -1,6 +1,10 @@
 package wgagent
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/vmroam/vmroam/wgagent/control"
+)
 
 // The migration state machine of one VIP on this host. It is a pure
 // function, step, so that every order of events can be tested without a
@@ -73,12 +77,42 @@ func (a vipAction) String() string {
 	return fmt.Sprintf("action(%d)", a)
 }
 
-// stateNone is the state of a VIP without a controller here.
-const stateNone = ""
+// vipState is a state of the machine.
+type vipState uint8
+
+const (
+	stateNone       vipState = iota // no controller here
+	stateLocal                      // the VM runs here; standby route to the cache
+	stateCaching                    // source: VM suspended, packets queued
+	stateForwarding                 // source: queue flushed, stragglers forwarded
+	stateHolding                    // destination: packets held until delivery
+	numStates
+)
+
+// vipStatus is what status shows for each state (none: nothing).
+var vipStatus = [numStates]control.VIPState{"", control.VIPLocal, control.VIPCaching, control.VIPForwarding, control.VIPHolding}
+
+// status is the state as status shows it.
+func (s vipState) status() control.VIPState {
+	if s < numStates {
+		return vipStatus[s]
+	}
+	return control.VIPState(s.String())
+}
+
+func (s vipState) String() string {
+	switch {
+	case s == stateNone:
+		return "none"
+	case s < numStates:
+		return string(vipStatus[s])
+	}
+	return fmt.Sprintf("state(%d)", s)
+}
 
 // vipPhase is the state machine's whole state for one VIP.
 type vipPhase struct {
-	state string
+	state vipState
 	// byCarrier: caching started because the interface lost carrier,
 	// so carrier coming back means the VM stayed here.
 	byCarrier bool

@@ -5,9 +5,11 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/vmroam/vmroam/wgagent/control"
 )
 
-var allStates = []string{stateNone, stateLocal, stateCaching, stateHolding, stateForwarding}
+var allStates = []vipState{stateNone, stateLocal, stateCaching, stateHolding, stateForwarding}
 
 func allPhases() []vipPhase {
 	var ps []vipPhase
@@ -18,10 +20,7 @@ func allPhases() []vipPhase {
 }
 
 func (p vipPhase) String() string {
-	s := p.state
-	if s == stateNone {
-		s = "none"
-	}
+	s := p.state.String()
 	if p.byCarrier {
 		s += "(carrier)"
 	}
@@ -122,7 +121,7 @@ func TestStepEveryOrder(t *testing.T) {
 				t.Fatalf("after %v (from %v): %s", tr, p, fmt.Sprintf(format, args...))
 			}
 			if !slices.Contains(allStates, next.state) {
-				fail("unknown state %q", next.state)
+				fail("unknown state %v", next.state)
 			}
 			if next.byCarrier && next.state != stateCaching {
 				fail("byCarrier set in %v", next)
@@ -203,9 +202,9 @@ func TestStepNoDeadEnd(t *testing.T) {
 func TestStepScenarios(t *testing.T) {
 	tests := []struct {
 		name   string
-		from   string
+		from   vipState
 		events []vipEvent
-		want   string      // final state
+		want   vipState    // final state
 		acts   []vipAction // actions that are not actNone, in order
 	}{
 		{"announced move", stateLocal, []vipEvent{evSuspend, evClaim, evLingerOver}, stateNone, []vipAction{actCache, actStream, actForget}},
@@ -236,8 +235,33 @@ func TestStepScenarios(t *testing.T) {
 				}
 			}
 			if p.state != tt.want || !slices.Equal(acts, tt.acts) {
-				t.Errorf("%v from %q: end %q with %v; want %q with %v", tt.events, tt.from, p.state, acts, tt.want, tt.acts)
+				t.Errorf("%v from %v: end %v with %v; want %v with %v", tt.events, tt.from, p.state, acts, tt.want, tt.acts)
 			}
 		})
+	}
+}
+
+// TestStateStatus: every state but none has the name status shows, one of
+// control's, and no two share one.
+func TestStateStatus(t *testing.T) {
+	seen := map[control.VIPState]vipState{}
+	for _, st := range allStates {
+		name := st.status()
+		if st == stateNone {
+			if name != "" {
+				t.Errorf("none shows as %q", name)
+			}
+			continue
+		}
+		if name == "" || strings.HasPrefix(string(name), "state(") {
+			t.Errorf("%d has no status name", st)
+		}
+		if other, dup := seen[name]; dup {
+			t.Errorf("%v and %v both show as %q", st, other, name)
+		}
+		seen[name] = st
+	}
+	if len(allStates) != int(numStates) {
+		t.Errorf("allStates has %d states, the machine %d", len(allStates), numStates)
 	}
 }

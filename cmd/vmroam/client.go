@@ -235,7 +235,7 @@ func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		if err != nil {
 			return clientErr(err)
 		}
-		if v.State == "awaiting" {
+		if v.State == control.VIPAwaiting {
 			fmt.Fprintf(stdout, "%s will be attached on %s when the VM announces itself there; %s runs it until then\n", v.VIP, v.Dev, v.Owner)
 			return nil
 		}
@@ -280,9 +280,9 @@ func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			return fmt.Errorf("%s is still attached here", v.VIP)
 		}
 		switch v.State {
-		case "released":
+		case control.VIPReleased:
 			fmt.Fprintf(stdout, "%s released (epoch %d)\n", v.VIP, v.Epoch)
-		case "remote":
+		case control.VIPRemote:
 			fmt.Fprintf(stdout, "%s is not attached here (owner %s, epoch %d); nothing to do\n", v.VIP, v.Owner, v.Epoch)
 		default:
 			fmt.Fprintf(stdout, "%s is not attached here; nothing to do\n", v.VIP)

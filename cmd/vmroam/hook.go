@@ -125,7 +125,7 @@ func runHookLibvirt(ctx context.Context, args []string, stdout, stderr io.Writer
 				h.errorf("vip attach %s --dev %s%s: %v; the VM runs, but vmroam does not route %s to it", a.VIP, a.Dev, when, err, a.VIP)
 				continue
 			}
-			if v.State == "awaiting" {
+			if v.State == control.VIPAwaiting {
 				h.infof("%s attached on %s when the VM announces itself (%s runs it until then)", v.VIP, v.Dev, orDash(v.Owner))
 				continue
 			}
@@ -137,7 +137,7 @@ func runHookLibvirt(ctx context.Context, args []string, stdout, stderr io.Writer
 				h.errorf("vip detach %s: %v; the agent may still route %s here", a.VIP, err, a.VIP)
 			case v.Local:
 				h.errorf("vip detach %s: still attached here (on %s)", a.VIP, v.Dev)
-			case v.State == "released":
+			case v.State == control.VIPReleased:
 				h.infof("%s released (epoch %d)", v.VIP, v.Epoch)
 			default:
 				h.infof("%s is not attached here (state %s, owner %s); nothing to do", v.VIP, v.State, orDash(v.Owner))

@@ -149,7 +149,7 @@ func roundDur(d time.Duration) time.Duration {
 func migrationState(m control.Migration) string {
 	switch {
 	case m.State != "":
-		return m.State
+		return string(m.State)
 	case m.Aborted:
 		return "aborted"
 	case m.TimedOut:

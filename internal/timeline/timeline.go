@@ -579,7 +579,7 @@ func (p *picture) summary() []string {
 		case s.m.TimedOut:
 			problems += " · TIMED OUT on " + s.host
 		case s.m.State != "":
-			problems += " · under way on " + s.host + " (" + s.m.State + ")"
+			problems += " · under way on " + s.host + " (" + string(s.m.State) + ")"
 		}
 	}
 	if len(timing) == 0 {

@@ -102,17 +102,32 @@ type Peer struct {
 
 // VIP is one location record as this agent sees it.
 type VIP struct {
-	VIP   string `json:"vip"`
-	Owner string `json:"owner"` // "" when released
-	Epoch uint64 `json:"epoch"`
-	Local bool   `json:"local"`
-	Dev   string `json:"dev,omitempty"` // the VM's interface, for local VIPs
-	// State is local, remote, released, or during a migration caching
-	// (old host, VM suspended), forwarding (old host, after the flush),
-	// awaiting (new host, attached WhenAnnounced, the VM not yet heard
-	// from) or holding (new host, before delivery).
-	State string `json:"state"`
+	VIP   string   `json:"vip"`
+	Owner string   `json:"owner"` // "" when released
+	Epoch uint64   `json:"epoch"`
+	Local bool     `json:"local"`
+	Dev   string   `json:"dev,omitempty"` // the VM's interface, for local VIPs
+	State VIPState `json:"state"`
 }
+
+// VIPState is what a VIP is to this agent, as status shows it.
+type VIPState string
+
+const (
+	VIPLocal    VIPState = "local"    // its VM runs here
+	VIPReserved VIPState = "reserved" // allocated here; no VM uses it yet
+	VIPRemote   VIPState = "remote"   // owned by another host
+	VIPReleased VIPState = "released" // owned by nobody
+	// VIPAwaiting: new host, attached WhenAnnounced, the VM not yet heard
+	// from.
+	VIPAwaiting VIPState = "awaiting"
+	// During a migration: the old host caches (the VM is suspended), then
+	// forwards stragglers after the flush; the new host holds packets
+	// until it delivers them.
+	VIPCaching    VIPState = "caching"
+	VIPForwarding VIPState = "forwarding"
+	VIPHolding    VIPState = "holding"
+)
 
 // Conflict is a VIP that two hosts claimed at the same epoch.
 type Conflict struct {
@@ -173,7 +188,7 @@ type Migration struct {
 	// Role is source (this host is the old one) or destination.
 	Role string `json:"role"`
 	// State while under way (see VIP.State); empty once done.
-	State string `json:"state,omitempty"`
+	State VIPState `json:"state,omitempty"`
 
 	Suspend       *time.Time `json:"suspend,omitempty"`
 	Claim         *time.Time `json:"claim,omitempty"`
