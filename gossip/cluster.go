@@ -57,10 +57,8 @@ type Config struct {
 	// Meta is this agent's metadata, as the other members see it.
 	Meta Meta
 
-	// Profile picks memberlist's timing: "lan" (the default,
-	// memberlist.DefaultLANConfig), "wan" (DefaultWANConfig) or "local"
-	// (DefaultLocalConfig, for tests on loopback).
-	Profile string
+	// Profile picks memberlist's timing; "" is ProfileLAN.
+	Profile Profile
 
 	// Logger receives this package's log and memberlist's, whose "[DEBUG]",
 	// "[INFO]", "[WARN]" and "[ERR]" lines become slog levels. nil means
@@ -88,8 +86,20 @@ type Config struct {
 
 // DefaultConfig returns the defaults: BindPort 7946, Profile "lan".
 func DefaultConfig() Config {
-	return Config{BindPort: 7946, Profile: "lan"}
+	return Config{BindPort: 7946, Profile: ProfileLAN}
 }
+
+// Profile is a set of memberlist timings.
+type Profile string
+
+const (
+	ProfileLAN   Profile = "lan"   // memberlist.DefaultLANConfig
+	ProfileWAN   Profile = "wan"   // memberlist.DefaultWANConfig
+	ProfileLocal Profile = "local" // memberlist.DefaultLocalConfig, for tests on loopback
+)
+
+// Valid says whether p names a profile ("" does not).
+func (p Profile) Valid() bool { return p == ProfileLAN || p == ProfileWAN || p == ProfileLocal }
 
 // MemberState is a member's state as this member sees it.
 //
@@ -222,11 +232,11 @@ func New(cfg Config) (*Cluster, error) {
 
 	var mc *memberlist.Config
 	switch cfg.Profile {
-	case "", "lan":
+	case "", ProfileLAN:
 		mc = memberlist.DefaultLANConfig()
-	case "wan":
+	case ProfileWAN:
 		mc = memberlist.DefaultWANConfig()
-	case "local":
+	case ProfileLocal:
 		mc = memberlist.DefaultLocalConfig()
 	default:
 		return nil, fmt.Errorf("gossip: config: unknown Profile %q (want lan, wan or local)", cfg.Profile)
@@ -300,11 +310,11 @@ func New(cfg Config) (*Cluster, error) {
 	}
 	c.ml = ml
 	c.log.Info("gossip listening", "name", c.name, "addr", netip.AddrPortFrom(bind, uint16(mc.BindPort)),
-		"profile", orDefault(cfg.Profile, "lan"), "encrypted", len(cfg.Keys) > 0)
+		"profile", orDefault(cfg.Profile, ProfileLAN), "encrypted", len(cfg.Keys) > 0)
 	return c, nil
 }
 
-func orDefault(s, def string) string {
+func orDefault[T ~string](s, def T) T {
 	if s == "" {
 		return def
 	}

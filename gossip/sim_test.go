@@ -133,7 +133,7 @@ func newSimulation(tb testing.TB, profile string, n int) *simulation {
 		cfg.Name = fmt.Sprintf("sim-%d", i)
 		cfg.BindAddr = netip.MustParseAddr("127.0.0.1")
 		cfg.BindPort = 0
-		cfg.Profile = profile
+		cfg.Profile = Profile(profile)
 		cfg.Keys = [][]byte{key1}
 		cfg.Meta = testMeta(i%250 + 1)
 		cfg.Logger = testLogger()

@@ -68,7 +68,7 @@ type Config struct {
 	// InsecureGossip allows running without GossipKeys.
 	InsecureGossip bool
 	// GossipProfile is memberlist's timing profile: lan, wan or local.
-	GossipProfile string
+	GossipProfile gossip.Profile
 	// ReconcileInterval is how often kernel state is compared with the
 	// desired state even when nothing signalled a change; it bounds how
 	// long a route or peer deleted by someone else stays missing.
@@ -109,11 +109,8 @@ type Config struct {
 	// reach a new one.
 	AllocQuarantine time.Duration
 	// Activation is what tells the new host that an arriving VM runs, so
-	// that delivery may start: "carrier" on its interface, "announce" (a
-	// gratuitous ARP, RARP or unsolicited neighbour advertisement from
-	// the VM; for interfaces with carrier before the VM runs), or "any",
-	// whichever comes first.
-	Activation string
+	// that delivery may start.
+	Activation Activation
 	// Xenstore is where the agent learns the moment a Xen domain is asked
 	// to suspend: "auto" (xenstored's socket if there is one), "off", or
 	// a socket path.
@@ -127,6 +124,22 @@ type Config struct {
 	MetricsAddr string
 	// Logger receives the agent's logs; nil means slog.Default().
 	Logger *slog.Logger
+}
+
+// Activation is what tells the new host that an arriving VM runs.
+type Activation string
+
+const (
+	ActivationCarrier Activation = "carrier" // carrier on its interface
+	// ActivationAnnounce: a gratuitous ARP, RARP or unsolicited neighbour
+	// advertisement from the VM; for interfaces with carrier before the
+	// VM runs.
+	ActivationAnnounce Activation = "announce"
+	ActivationAny      Activation = "any" // whichever comes first
+)
+
+func (a Activation) valid() bool {
+	return a == ActivationCarrier || a == ActivationAnnounce || a == ActivationAny
 }
 
 // NetworkConfig is a virtual network declared in the config.
@@ -149,7 +162,7 @@ func DefaultConfig() Config {
 		Impl:              wgdev.Auto,
 		DataDir:           "/var/lib/vmroam",
 		Socket:            control.DefaultSocket,
-		GossipProfile:     "lan",
+		GossipProfile:     gossip.ProfileLAN,
 		ReconcileInterval: 2 * time.Second,
 		Keepalive:         25 * time.Second,
 		Cache:             true,
@@ -161,7 +174,7 @@ func DefaultConfig() Config {
 		HandoverPort:      7947,
 		Filter:            true,
 		Xenstore:          "auto",
-		Activation:        "any",
+		Activation:        ActivationAny,
 		AllocSettle:       2 * time.Second,
 		AllocQuarantine:   5 * time.Minute,
 	}
@@ -211,9 +224,7 @@ func (c *Config) Validate() error {
 	if len(c.GossipKeys) == 0 && !c.InsecureGossip {
 		add("--encrypt-key-file is required (make a key with `vmroam keygen --gossip`); --insecure-gossip runs without encryption")
 	}
-	switch c.GossipProfile {
-	case "lan", "wan", "local":
-	default:
+	if !c.GossipProfile.Valid() {
 		add("--gossip-profile %q: want lan, wan or local", c.GossipProfile)
 	}
 	if c.Cache {
@@ -233,9 +244,7 @@ func (c *Config) Validate() error {
 			add("--cache-linger and --cache-settle must not be negative")
 		}
 	}
-	switch c.Activation {
-	case "carrier", "announce", "any":
-	default:
+	if !c.Activation.valid() {
 		add("--activation %q: want carrier, announce or any", c.Activation)
 	}
 	if c.TrustedSite && c.Site == "" {

@@ -272,15 +272,15 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	stop := c.stop
 	// An arrival waits for what Config.Activation names; a VM that stays
 	// here (abort, a route flap) runs already and needs its carrier only.
-	mode := "carrier"
+	mode := ActivationCarrier
 	if !closed {
 		mode = a.live().Activation
 	}
-	if mode != "announce" {
+	if mode != ActivationAnnounce {
 		o.SetCarrier(hasCarrier(c.dev))
 		a.watchCarrier(c.dev, o)
 	}
-	if mode != "carrier" {
+	if mode != ActivationCarrier {
 		a.bg.Add(1)
 		go a.watchAnnouncements(c, o, stop)
 	}

@@ -217,7 +217,7 @@ func (a *Agent) configStatus() *control.Config {
 		CacheGlobalMaxBytes: c.CacheGlobalMax,
 		CacheLinger:         c.CacheLinger.String(),
 		CacheSettle:         c.CacheSettle.String(),
-		Activation:          c.Activation,
+		Activation:          string(c.Activation),
 		AllocSettle:         c.AllocSettle.String(),
 		AllocQuarantine:     c.AllocQuarantine.String(),
 		RestartNeeded:       slices.Clone(lc.restart),

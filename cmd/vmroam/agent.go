@@ -88,7 +88,7 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.StringVar(&f.keyFile, "encrypt-key-file", "", "`file` with the gossip key(s), base64, one per line, first is primary (required unless --insecure-gossip)")
 	fs.StringVar(&f.peerAllowlist, "peer-allowlist", "", "`file` of WireGuard public keys that may be peers, 'KEY [NAME]' per line; other members get no tunnel and their VIP claims are ignored (re-read when it changes)")
 	fs.BoolVar(&f.insecureGossip, "insecure-gossip", false, "run gossip unencrypted: anyone reaching the gossip port can then redirect VM traffic")
-	fs.StringVar(&f.gossipProfile, "gossip-profile", d.GossipProfile, "memberlist timing: lan, wan or local")
+	fs.StringVar(&f.gossipProfile, "gossip-profile", string(d.GossipProfile), "memberlist timing: lan, wan or local")
 	fs.DurationVar(&f.reconcileInterval, "reconcile-interval", d.ReconcileInterval, "how often to check kernel state even without a change")
 	fs.DurationVar(&f.keepalive, "keepalive", d.Keepalive, "WireGuard persistent keepalive, keeps sessions warm for migrations (0 = off)")
 	fs.BoolVar(&f.cache, "cache", d.Cache, "cache a migrating VM's packets and deliver them at its new host; false only re-routes (to measure the loss it saves)")
@@ -104,7 +104,7 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.DurationVar(&f.allocSettle, "alloc-settle", d.AllocSettle, "how long 'vip allocate' waits for a competing claim before it trusts an address (longer than gossip takes)")
 	fs.DurationVar(&f.allocQuarantine, "alloc-quarantine", d.AllocQuarantine, "how long a released address is not handed out again")
 	fs.StringVar(&f.xenstore, "xenstore", d.Xenstore, "xenstored's socket `path`, to start caching the moment a Xen domain is asked to suspend: auto (use /run/xenstored/socket if there), off, or a path")
-	fs.StringVar(&f.activation, "activation", d.Activation, "what shows an arriving VM runs, so its packets may go: carrier, announce (its gratuitous ARP/RARP/NA) or any")
+	fs.StringVar(&f.activation, "activation", string(d.Activation), "what shows an arriving VM runs, so its packets may go: carrier, announce (its gratuitous ARP/RARP/NA) or any")
 	fs.BoolVar(&f.filter, "filter", d.Filter, "keep vmroam's nftables table: isolation between virtual networks and TCP MSS clamping into the tunnel")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
@@ -216,7 +216,7 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 	cfg.Interface, cfg.MTU, cfg.Site, cfg.TrustedSite = f.iface, f.mtu, f.site, f.trustedSite
 	cfg.DataDir, cfg.Socket = f.dataDir, f.socket
 	cfg.GossipKeyFile, cfg.PeerAllowlist = f.keyFile, f.peerAllowlist
-	cfg.InsecureGossip, cfg.GossipProfile = f.insecureGossip, f.gossipProfile
+	cfg.InsecureGossip, cfg.GossipProfile = f.insecureGossip, gossip.Profile(f.gossipProfile)
 	cfg.ReconcileInterval = f.reconcileInterval
 	cfg.Keepalive = f.keepalive
 	cfg.Cache = f.cache
@@ -225,7 +225,7 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 	cfg.CacheInterface, cfg.HandoverPort = f.cacheIface, f.handoverPort
 	cfg.Filter = f.filter
 	cfg.Xenstore = f.xenstore
-	cfg.Activation = f.activation
+	cfg.Activation = wgagent.Activation(f.activation)
 	cfg.AllocSettle, cfg.AllocQuarantine = f.allocSettle, f.allocQuarantine
 	cfg.MetricsAddr = f.metricsAddr
 	for _, n := range f.networks {
