@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
 )
 
@@ -50,8 +51,7 @@ func (b backend) Allocate(ctx context.Context, network, dev string) (control.VIP
 		if err != nil {
 			a.mu.Lock()
 			if at, ok := a.attached[vip]; ok && at.Dev == "" {
-				delete(a.attached, vip)
-				a.cluster.Release(vip)
+				a.disownLocked(vip, gossip.Record{})
 			}
 			a.mu.Unlock()
 			return control.VIP{}, err

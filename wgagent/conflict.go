@@ -39,7 +39,6 @@ func (a *Agent) lostTieLocked(c *vipCtl, r gossip.Record, at attachment) bool {
 	if !local {
 		return false
 	}
-	delete(a.ctls, c.vip)
-	a.intercept.Detach(c.vip, c)
+	a.forgetCtlLocked(c)
 	return true
 }

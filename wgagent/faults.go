@@ -113,11 +113,8 @@ func (a *Agent) dropLostInRestartLocked(c *vipCtl, req cache.Request) bool {
 		a.finishLocked(c, migrationQueues{cache: c.queue})
 	}
 	c.state = stateNone
-	delete(a.ctls, c.vip)
-	a.intercept.Detach(c.vip, c)
-	delete(a.attached, c.vip)
-	a.dirty = true
-	a.cluster.Assert(gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
+	a.forgetCtlLocked(c)
+	a.disownLocked(c.vip, gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
 	a.log.Error("handover refused: this VIP's cache was lost when this agent restarted; the new owner delivers what it holds",
 		"vip", c.vip, "claimer", req.Claimer, "dropped_since_restart", n)
 	return true

@@ -148,6 +148,28 @@ func (a *Agent) addCtlLocked(vip netip.Addr, dev string, p vipPhase) *vipCtl {
 	return c
 }
 
+// forgetCtlLocked drops c and its sink: what the cache device reads for
+// c's VIP from now on is unclaimed. a.mu held.
+func (a *Agent) forgetCtlLocked(c *vipCtl) {
+	if a.ctls[c.vip] == c {
+		delete(a.ctls, c.vip)
+	}
+	a.intercept.Detach(c.vip, c)
+}
+
+// disownLocked gives up this host's claim on vip: to the claimer's record
+// to (a handover), or, if to names no owner, to nobody (released). a.mu
+// held.
+func (a *Agent) disownLocked(vip netip.Addr, to gossip.Record) {
+	delete(a.attached, vip)
+	a.dirty = true
+	if to.Owner == "" {
+		a.cluster.Release(vip)
+	} else {
+		a.cluster.Assert(to)
+	}
+}
+
 // ctlLocked finds the controller of a VIP attached here. a.mu held.
 func (a *Agent) ctlLocked(vip netip.Addr) (*vipCtl, error) {
 	if c := a.ctls[vip]; c != nil {
@@ -209,11 +231,8 @@ func (a *Agent) onLocked(c *vipCtl, ev vipEvent, why string) (vipAction, error) 
 		c.rec.TimedOut = true
 		c.rec.Done = timePtr(time.Now())
 		a.finishLocked(c, migrationQueues{cache: c.queue})
-		delete(a.ctls, c.vip)
-		a.intercept.Detach(c.vip, c)
-		delete(a.attached, c.vip)
-		a.dirty = true
-		a.cluster.Release(c.vip)
+		a.forgetCtlLocked(c)
+		a.disownLocked(c.vip, gossip.Record{})
 	}
 	if act != actNone {
 		a.log.Debug("migration step", "vip", c.vip, "event", ev, "from", prev, "to", c.state, "action", act)
@@ -1081,9 +1100,7 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	q, mac, stop := c.queue, c.mac, make(chan struct{})
 	c.stop = stop
 	c.mu.Unlock()
-	delete(a.attached, req.VIP)
-	a.dirty = true
-	a.cluster.Assert(gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
+	a.disownLocked(req.VIP, gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
 	a.mu.Unlock()
 	// Move the VIP to the new owner's peer while the flush starts: the
 	// reconcile takes milliseconds (a tenth of a handover across a WAN)
