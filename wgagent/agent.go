@@ -1,7 +1,15 @@
 // Package wgagent is the agent of one host: it keeps the WireGuard
 // interface, its peers and the host's routes equal to what the gossiped
-// cluster state asks for, repairs what others change, and serves the local
-// control API. It decides nothing about migrations beyond who owns a VIP.
+// cluster state asks for, repairs what others change, serves the local
+// control API, and runs the migrations of the VIPs that move through this
+// host (DESIGN.md, "Migration"). It does not start migrations: the
+// hypervisor does, and its hooks tell the agent (package xenhook, the
+// control API). Files by concern: agent.go, reconcile.go, config.go and
+// reload.go the host agent; vipstate.go the migration state machine,
+// migrate.go its controller per VIP, serve.go the old host's side of a
+// handover, arrive.go the new host's, prepare.go and offer.go the prepared
+// connection, deliver.go and fence.go delivery to the VM and the hand-back,
+// restart.go what a restart loses, history.go the records of migrations.
 package wgagent
 
 import (

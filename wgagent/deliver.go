@@ -1,0 +1,274 @@
+package wgagent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmroam/vmroam/cache"
+	"github.com/vmroam/vmroam/wgagent/control"
+	"github.com/vmroam/vmroam/xenhook"
+)
+
+// startDeliveryLocked runs an orderer that writes stream (then direct)
+// packets to the VM and, once drained, hands the VIP back to the kernel.
+// The caller holds c.mu.
+func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, closed bool) {
+	c.state = stateHolding
+	c.stream, c.queue = stream, direct
+	c.stop = make(chan struct{})
+	write, prepareWriter, closeWriter := c.writer()
+	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.live().CacheSettle, Write: write, Timeline: c.tl}
+	c.orderer = o
+	if c.tl != nil {
+		into := cache.SeriesReceived
+		if c.source { // an abort: the stream is this host's cache
+			into = cache.SeriesCached
+		}
+		stream.Record(c.tl, into, cache.SeriesNone)
+		direct.Record(c.tl, cache.SeriesHeld, cache.SeriesNone)
+	}
+	if closed {
+		o.Closed()
+	}
+	stop := c.stop
+	// An arrival waits for what Config.Activation names; a VM that stays
+	// here (abort, a route flap) runs already and needs its carrier only.
+	mode := ActivationCarrier
+	if !closed {
+		mode = a.live().Activation
+	}
+	if mode != ActivationAnnounce {
+		o.SetCarrier(hasCarrier(c.dev))
+		a.watchCarrier(c.dev, o)
+	}
+	if mode != ActivationCarrier {
+		a.bg.Add(1)
+		go a.watchAnnouncements(c, o, stop)
+	}
+	a.bg.Add(2)
+	go func() {
+		defer a.bg.Done()
+		defer closeWriter() // only Run writes
+		prepareWriter()
+		if err := o.Run(stop); err != nil {
+			a.log.Error("delivering cached packets", "vip", c.vip, "err", err)
+		}
+	}()
+	go func() {
+		defer a.bg.Done()
+		a.watchDelivery(c, o, stop)
+	}()
+}
+
+// watchAnnouncements opens the gate of o when the arriving VM announces
+// itself on its interface (gratuitous ARP, RARP, unsolicited NA), until
+// stop is closed.
+func (a *Agent) watchAnnouncements(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
+	defer a.bg.Done()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-stop:
+		case <-ctx.Done():
+		}
+		cancel()
+	}()
+	c.mu.Lock()
+	dev := c.dev
+	c.mu.Unlock()
+	err := xenhook.WatchAnnouncements(ctx, dev, func(an xenhook.Announcement) {
+		if c.activate(o, an) {
+			a.log.Debug("arriving VM announced itself", "vip", c.vip, "dev", dev, "kind", an.Kind, "mac", an.MAC.String(), "ip", an.IP)
+		}
+	})
+	if err != nil {
+		a.log.Debug("watching for the VM's announcements", "vip", c.vip, "dev", dev, "err", err)
+	}
+}
+
+// activate opens o's gate for an arriving VM that announced itself with
+// an, learning its MAC if unknown; it says whether an is the arrival's
+// activation (the first sign that the VM runs).
+func (c *vipCtl) activate(o *cache.Orderer, an xenhook.Announcement) (first bool) {
+	c.mu.Lock()
+	if len(c.mac) != 6 {
+		c.mac = an.MAC
+	}
+	first = c.rec.Activation == "" && o.Stats().CarrierUp.IsZero()
+	if first {
+		c.rec.Activation = an.Kind
+	}
+	c.mu.Unlock()
+	o.SetCarrier(true)
+	return first
+}
+
+// writer returns the delivery function; prepare, which opens the packet
+// socket ahead of the first packet if the VM's interface is there (else
+// the first write opens it); and closeWriter, to call once no write can
+// come. All three are for the orderer's goroutine only.
+func (c *vipCtl) writer() (write func([]byte) error, prepare, closeWriter func()) {
+	var d *cache.Deliverer
+	var mac net.HardwareAddr // the VM's, once known
+	open := func() error {
+		if d != nil {
+			return nil
+		}
+		c.mu.Lock()
+		dev := c.dev
+		c.mu.Unlock()
+		var err error
+		if d, err = cache.NewDeliverer(dev); err == nil && mac != nil {
+			err = d.SetMAC(mac)
+		}
+		return err
+	}
+	closeWriter = func() {
+		if d != nil {
+			d.Close()
+			d = nil
+		}
+	}
+	prepare = func() { open() }
+	write = func(pkt []byte) error {
+		if err := open(); err != nil {
+			return err
+		}
+		if mac == nil {
+			c.mu.Lock()
+			dev, m := c.dev, c.mac
+			c.mu.Unlock()
+			if len(m) != 6 {
+				learnt, ok := cache.NeighborMAC(dev, c.vip)
+				switch {
+				case ok:
+					m = learnt
+				case c.vip.Is4():
+					var err error
+					if m, err = cache.ResolveMAC(dev, c.vip, anycastGateway, time.Second); err != nil {
+						return err
+					}
+				default:
+					return fmt.Errorf("no MAC known for %s on %s", c.vip, dev)
+				}
+			}
+			if err := d.SetMAC(m); err != nil {
+				return err
+			}
+			mac = m
+		}
+		err := d.Write(pkt)
+		if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENODEV) {
+			// The interface was made anew since the socket opened (a
+			// vif that flapped): open on the new one.
+			closeWriter()
+			if err := open(); err != nil {
+				return err
+			}
+			err = d.Write(pkt)
+		}
+		return err
+	}
+	return write, prepare, closeWriter
+}
+
+// watchDelivery waits until the orderer drained what the migration brought,
+// then routes the VIP to the VM directly, and stops the orderer after a
+// grace period for packets that were already on their way to the cache.
+func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
+	select {
+	case <-stop:
+		return
+	case <-o.Done():
+	}
+	t0 := time.Now()
+	waited, quiet, steps := a.fence(c, o)
+	fenced := time.Since(t0)
+	a.mu.Lock()
+	c.mu.Lock()
+	st := o.Stats()
+	c.rec.Delivered, c.rec.Late = st.Delivered, st.Late
+	if !st.FirstDelivery.IsZero() {
+		c.rec.FirstDelivery = timePtr(st.FirstDelivery)
+	}
+	if !st.CarrierUp.IsZero() {
+		c.rec.CarrierUp = timePtr(st.CarrierUp)
+		if c.rec.Activation == "" {
+			c.rec.Activation = "carrier"
+		}
+	}
+	if c.queue != nil {
+		qs := c.queue.Stats()
+		c.rec.Held = qs.Packets
+		c.rec.Dropped = dropMap(qs, c.stream)
+		if c.source && c.stream != nil { // an abort: the stream is the cache
+			ss := c.stream.Stats()
+			c.rec.Cached, c.rec.CachedBytes = ss.Packets, ss.Bytes
+		}
+	}
+	c.stepLocked(evDrained)
+	c.fenceVia = netip.Addr{}
+	c.mu.Unlock()
+	a.mu.Unlock()
+	a.reconcile()
+	select {
+	case <-stop:
+	case <-time.After(300 * time.Millisecond):
+	}
+	a.mu.Lock()
+	c.mu.Lock()
+	a.unwatchCarrier(c.dev, o)
+	if c.stop == stop {
+		close(stop)
+		c.stop = nil
+	}
+	if c.orderer == o {
+		c.orderer = nil
+		// Whatever the orderer did not take goes to the new standby
+		// queue's consumer: the flap path below delivers it.
+		c.queue = a.newQueue()
+	}
+	after := o.Stats().Delivered - st.Delivered
+	c.rec.Delivered += after // as the timeline counts them
+	c.rec.Done = timePtr(time.Now())
+	if c.source { // an abort: the stream is the cache
+		a.finishLocked(c, migrationQueues{cache: o.Stream, held: o.Direct, orderer: o})
+	} else {
+		a.finishLocked(c, migrationQueues{stream: o.Stream, held: o.Direct, orderer: o})
+	}
+	c.mu.Unlock()
+	a.mu.Unlock()
+	// Packets the cache still delivered after the hand-back were routed
+	// to it before, yet went out after newer ones the kernel sent: each
+	// is likely out of order at the VM.
+	lv := slog.LevelInfo
+	if after > 0 || !quiet {
+		lv = slog.LevelWarn
+	}
+	a.log.Log(context.Background(), lv, "migration delivered", "vip", c.vip, "delivered", st.Delivered,
+		"hand_back", fenced, "fence_wait", waited, "fence_steps", steps, "cache_quiet", quiet, "delivered_after_hand_back", after)
+}
+
+// finishLocked files the migration record, and its totals from the queues
+// it used in the metrics. Both locks held.
+func (a *Agent) finishLocked(c *vipCtl, q migrationQueues) {
+	if c.rec.VIP == "" {
+		return
+	}
+	a.metrics.MigrationEnded(c.totalsLocked(q))
+	a.keepTimelineLocked(c)
+	a.history = append(a.history, c.rec)
+	if len(a.history) > 100 {
+		a.history = a.history[len(a.history)-100:]
+	}
+	c.rec = control.Migration{}
+	c.flush = cache.FlushStats{}
+}

@@ -1,0 +1,342 @@
+package wgagent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/vmroam/vmroam/cache"
+	"github.com/vmroam/vmroam/gossip"
+)
+
+// handoverWait bounds how long a claim waits for a delivery under way here.
+const handoverWait = 10 * time.Second
+
+// handoverPeer returns the name of the current WireGuard peer whose
+// overlay address is addr, "" if none.
+func (a *Agent) handoverPeer(addr netip.Addr) string {
+	if m := a.handoverPeers.Load(); m != nil {
+		return (*m)[addr.Unmap()]
+	}
+	return ""
+}
+
+// fromPeer says whether a handover connection comes from the overlay
+// address of a current WireGuard peer (an alive or suspect member, admitted
+// by the allowlist if there is one). Anything else is refused before a
+// byte is read, counted and logged (at most once a second): a VM, which
+// reaches hosts' overlay addresses through the tunnel from its VIP, a
+// local process (Linux delivers local connections to a socket bound to any
+// device), or a member that is not a peer. The listener is bound to the
+// WireGuard interface, so connections from the underlay do not get here.
+func (a *Agent) fromPeer(conn net.Conn) bool {
+	remote, err := netip.ParseAddrPort(conn.RemoteAddr().String())
+	if err == nil && a.handoverPeer(remote.Addr()) != "" {
+		return true
+	}
+	n := a.handoverRefused.Add(1)
+	now := time.Now().UnixNano()
+	if last := a.handoverLogged.Load(); now-last >= int64(time.Second) && a.handoverLogged.CompareAndSwap(last, now) {
+		a.log.Warn("handover: refused a connection that is not from a WireGuard peer's overlay address",
+			"remote", conn.RemoteAddr(), "refused_total", n)
+	}
+	return false
+}
+
+// serveHandovers answers handover requests from other agents.
+func (a *Agent) serveHandovers(ln net.Listener) {
+	defer a.bg.Done()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		if !a.fromPeer(conn) {
+			conn.Close()
+			continue
+		}
+		a.bg.Add(1)
+		go func() {
+			defer a.bg.Done()
+			defer conn.Close()
+			switch err := a.handleHandover(conn); {
+			case errors.Is(err, errSessionCheck):
+				a.log.Debug("handover: a session check", "remote", conn.RemoteAddr())
+			case err != nil:
+				a.log.Warn("handover", "remote", conn.RemoteAddr(), "err", err)
+			}
+		}()
+	}
+}
+
+// handoverTick is how often the old host writes a tick while it lingers
+// (cache.Sender.Tick): it bounds how much a tick adds to a flow's
+// settle at the new host.
+const handoverTick = 2 * time.Millisecond
+
+// errSessionCheck is a handover connection closed before its first frame:
+// a peer's check that its WireGuard session carries a round trip
+// (checkSession).
+var errSessionCheck = errors.New("closed before the first frame: a session check")
+
+func (a *Agent) handleHandover(conn net.Conn) error {
+	rd := cache.NewReader(conn)
+	f, err := a.readHandoverRequest(conn, rd)
+	if errors.Is(err, io.EOF) {
+		return errSessionCheck
+	}
+	if err != nil {
+		return err
+	}
+	w := cache.NewWriter(conn)
+	refuse := func(format string, args ...any) error {
+		reason := fmt.Sprintf(format, args...)
+		w.Refuse(cache.Refuse{Reason: reason})
+		w.Flush()
+		return errors.New("refused: " + reason)
+	}
+	var copied cache.Resume // what the prepared connection carried ahead
+	if f.Type == cache.FramePrepare {
+		if err := a.checkClaimer(conn, f.Prepare.Claimer); err != nil {
+			return refuse("%v", err)
+		}
+		stop, done := make(chan struct{}), make(chan error, 1)
+		go func() {
+			var err error
+			copied, err = a.offerCache(conn, f.Prepare.VIP.Unmap(), stop)
+			if err != nil {
+				conn.Close() // ends the wait for the request below
+			}
+			done <- err
+		}()
+		f, err = a.readHandoverRequest(conn, rd)
+		close(stop)
+		if oerr := <-done; oerr != nil {
+			// The stream is out of step: the claimer connects anew,
+			// and asks from what it has.
+			return fmt.Errorf("copying the cache ahead: %w", oerr)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if f.Type != cache.FrameRequest {
+		return refuse("expected a request")
+	}
+	req := f.Request
+	a.log.Debug("handover request", "vip", req.VIP, "claimer", req.Claimer, "epoch", req.Epoch)
+	if err := a.checkClaimer(conn, req.Claimer); err != nil {
+		return refuse("%v", err)
+	}
+
+	var c *vipCtl
+	asked := time.Now()
+	for wait := time.Now().Add(handoverWait); ; {
+		a.mu.Lock()
+		c = a.ctls[req.VIP]
+		at, attached := a.attached[req.VIP]
+		if c == nil || !(attached || c.state == stateCaching) || (attached && req.Epoch <= at.Epoch) {
+			a.mu.Unlock()
+			return refuse("%s is not held here at an epoch below %d", req.VIP, req.Epoch)
+		}
+		if a.dropLostInRestartLocked(c, req) {
+			a.mu.Unlock()
+			return refuse("the cache of %s was lost when this agent restarted", req.VIP)
+		}
+		act, err := a.onLocked(c, evClaim, "claimed by "+req.Claimer)
+		if err != nil {
+			a.mu.Unlock()
+			return refuse("%v", err)
+		}
+		if act == actStream {
+			break
+		}
+		a.mu.Unlock()
+		// actWait: the VM arrived here and moves on before its packets
+		// were all delivered; hand over once they are.
+		if time.Now().After(wait) {
+			return refuse("%s is still being delivered here after %v", req.VIP, handoverWait)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c.mu.Lock()
+	c.rec.To = req.Claimer
+	c.rec.Epoch = req.Epoch
+	c.rec.Claim = timePtr(time.Now())
+	q, mac, stop := c.queue, c.mac, make(chan struct{})
+	c.stop = stop
+	c.mu.Unlock()
+	a.disownLocked(req.VIP, gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
+	a.mu.Unlock()
+	// Move the VIP to the new owner's peer while the flush starts: the
+	// reconcile takes milliseconds (a tenth of a handover across a WAN)
+	// that the new host need not wait for. The end marker waits for it:
+	// what our own senders sent before the move is in the cache and
+	// flushed ahead of the marker, what they send after it goes straight
+	// to the new host, newer than all of it. (An end marker ahead of the
+	// move reordered 29-32 packets in every third hybrid move: packets
+	// still on the old path overtook the stream.) The Assert kicked the
+	// reconcile loop, which may well take the lock before the goroutine
+	// below starts (1-7 ms later on a busy host): its run then does the
+	// move, and the goroutine's is skipped.
+	t0 := time.Now()
+	routed := make(chan struct{})
+	var reconciled time.Duration
+	a.bg.Add(1)
+	go func() {
+		defer a.bg.Done()
+		a.reconcileFor(t0)
+		reconciled = time.Since(t0)
+		close(routed)
+	}()
+	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "mac", mac.String(), "after", time.Since(asked), "copied_ahead", copied.Seq, "resume", req.Resume.Seq)
+	var tick time.Duration
+	if req.Ticks {
+		tick = handoverTick
+	}
+	lingerOver, streamDone := a.endLinger(c, stop)
+	// The claimer has the copies its request names; and, if it took
+	// this connection's copies (it names their cache: it drops the
+	// copies of an offer that does not match its claim), also those that
+	// were still on their way when it asked, up to copied.
+	var from uint64
+	if req.Resume.Cache == q.ID() {
+		from = req.Resume.Seq
+		if copied.Cache == q.ID() {
+			from = max(from, copied.Seq)
+		}
+	}
+	st, err := cache.Sender{Queue: q, Header: cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, From: from,
+		Linger: a.live().CacheLinger + time.Second, Tick: tick, FlushUntil: routed, Stop: lingerOver}.Send(conn)
+	close(streamDone)
+	<-routed
+	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", reconciled)
+	a.mu.Lock()
+	c.mu.Lock()
+	c.rec.Flushed, c.rec.Forwarded, c.rec.Ahead = st.Flushed, st.Forwarded, st.Ahead
+	c.flush = st
+	qs := q.Stats()
+	c.rec.Cached, c.rec.CachedBytes = qs.Packets, qs.Bytes
+	c.rec.Dropped = dropMap(qs, nil)
+	if !st.FlushStart.IsZero() {
+		c.rec.FlushStart = timePtr(st.FlushStart)
+	}
+	if !st.FlushEnd.IsZero() {
+		c.rec.FlushEnd = timePtr(st.FlushEnd)
+	}
+	c.rec.Done = timePtr(time.Now())
+	a.finishLocked(c, migrationQueues{cache: q})
+	c.mu.Unlock()
+	mine := a.ctls[req.VIP] == c
+	if mine {
+		delete(a.ctls, req.VIP)
+	}
+	a.mu.Unlock()
+	// Routes first, then the sink: a straggler that still reaches the
+	// cache device in between is not dropped unclaimed.
+	a.reconcile()
+	if mine {
+		time.Sleep(50 * time.Millisecond)
+		if n := q.Len(); n > 0 {
+			a.log.Warn("handover: packets reached the old host after the stream closed", "vip", req.VIP, "count", n)
+		}
+		a.intercept.Detach(req.VIP, c)
+	}
+	a.log.Info("handover done", "vip", req.VIP, "to", req.Claimer, "flushed", st.Flushed, "ahead", st.Ahead, "forwarded", st.Forwarded, "err", err)
+	return err
+}
+
+// checkClaimer says why a handover connection cannot be from claimer, if
+// it cannot: it must come from the overlay address of that live member,
+// its WireGuard peer.
+func (a *Agent) checkClaimer(conn net.Conn, claimer string) error {
+	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
+	if addr, alive := a.memberOverlay(claimer); !alive || addr != remote.Addr().Unmap() {
+		return fmt.Errorf("%s is not the overlay address of a live member %q", remote.Addr(), claimer)
+	}
+	if peer := a.handoverPeer(remote.Addr()); peer != claimer {
+		return fmt.Errorf("%s is the overlay address of peer %q, not of %q", remote.Addr(), peer, claimer)
+	}
+	return nil
+}
+
+// readHandoverRequest reads the next frame from a peer's connection: its
+// request, or the prepare that comes first on a prepared connection. A
+// peer may connect long before it asks (Prepare).
+func (a *Agent) readHandoverRequest(conn net.Conn, rd *cache.Reader) (cache.Frame, error) {
+	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
+	from := remote.Addr().Unmap()
+	wait := 5 * time.Second
+	a.prepMu.Lock()
+	if a.idleHandovers == nil {
+		a.idleHandovers = map[netip.Addr]int{}
+	}
+	if n := a.idleHandovers[from]; n < maxIdleHandovers {
+		wait = prepareTTL
+		a.idleHandovers[from] = n + 1
+		defer func() {
+			a.prepMu.Lock()
+			if a.idleHandovers[from]--; a.idleHandovers[from] <= 0 {
+				delete(a.idleHandovers, from)
+			}
+			a.prepMu.Unlock()
+		}()
+	}
+	if a.closing {
+		a.prepMu.Unlock()
+		return cache.Frame{}, errors.New("agent stopping")
+	}
+	if a.waiting == nil {
+		a.waiting = map[net.Conn]bool{}
+	}
+	a.waiting[conn] = true
+	a.prepMu.Unlock()
+	conn.SetReadDeadline(time.Now().Add(wait))
+	f, err := rd.Next()
+	a.prepMu.Lock()
+	delete(a.waiting, conn)
+	a.prepMu.Unlock()
+	if err != nil {
+		return f, fmt.Errorf("read request: %w", err)
+	}
+	conn.SetReadDeadline(time.Time{})
+	return f, nil
+}
+
+// endLinger ends an old host's straggler stream without losing what its
+// own senders (VMs on this host, which follow its routes) still put into
+// the cache: once the linger is over it routes the VIP to the new owner,
+// waits until the cache device has handed over everything routed to it
+// before (a barrier), and only then closes lingerOver, on which the stream
+// sends what is left and closes. Closing the stream first lost what
+// arrived until a reconcile changed the routes (tens to hundreds of
+// packets per move at 12,500/s). lingerOver also closes when stop does
+// or the caller closes streamDone (the stream ended some other way).
+func (a *Agent) endLinger(c *vipCtl, stop <-chan struct{}) (lingerOver <-chan struct{}, streamDone chan struct{}) {
+	over, done := make(chan struct{}), make(chan struct{})
+	a.bg.Add(1)
+	go func() {
+		defer a.bg.Done()
+		defer close(over)
+		t := time.NewTimer(a.live().CacheLinger)
+		defer t.Stop()
+		select {
+		case <-stop:
+			return
+		case <-done:
+			return
+		case <-t.C:
+		}
+		c.mu.Lock()
+		c.undiverted = true
+		c.mu.Unlock()
+		a.reconcile()
+		if err := a.intercept.Barrier(100 * time.Millisecond); err != nil {
+			a.log.Debug("handover: barrier at the linger's end", "vip", c.vip, "err", err)
+		}
+	}()
+	return over, done
+}
