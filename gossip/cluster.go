@@ -695,13 +695,13 @@ func (c *Cluster) logConflict(vip netip.Addr) {
 
 // enqueueLocked queues r for broadcast; mergeMu is held.
 func (c *Cluster) enqueueLocked(r Record) {
-	c.queue.QueueBroadcast(&recordBroadcast{vip: r.VIP, msg: EncodeRecords([]Record{r})})
+	c.queue.QueueBroadcast(recordBroadcast(r))
 	c.broadcasts.Add(1)
 }
 
 // enqueueNetworkLocked queues n for broadcast; mergeMu is held.
 func (c *Cluster) enqueueNetworkLocked(n Network) {
-	c.queue.QueueBroadcast(&networkBroadcast{name: n.Name, msg: EncodeNetworks([]Network{n})})
+	c.queue.QueueBroadcast(networkBroadcast(n))
 	c.broadcasts.Add(1)
 }
 
@@ -780,7 +780,7 @@ func (c *Cluster) announceLeave(wait time.Duration) {
 		}
 	}
 	done := make(chan struct{})
-	c.queue.QueueBroadcast(&leaveBroadcast{name: c.name, msg: msg, done: done})
+	c.queue.QueueBroadcast(leaveBroadcast(c.name, msg, done))
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
@@ -891,7 +891,7 @@ func (c *Cluster) handleLeave(name string, nonce uint64, msg []byte) {
 		changed = true
 	}
 	c.memMu.Unlock()
-	c.queue.QueueBroadcast(&leaveBroadcast{name: name, msg: bytes.Clone(msg)})
+	c.queue.QueueBroadcast(leaveBroadcast(name, bytes.Clone(msg), nil))
 	if changed {
 		c.notifyMembers()
 	}
@@ -1037,57 +1037,40 @@ func (e eventDelegate) NotifyJoin(n *memberlist.Node)   { e.c.memberEvent(n, Mem
 func (e eventDelegate) NotifyUpdate(n *memberlist.Node) { e.c.memberEvent(n, MemberAlive, false) }
 func (e eventDelegate) NotifyLeave(n *memberlist.Node)  { e.c.memberEvent(n, MemberDead, false) }
 
-// recordBroadcast carries one record. It is named by its VIP so that a
-// newer record for the VIP replaces an older one still in the queue.
-type recordBroadcast struct {
-	vip netip.Addr
-	msg []byte
-}
-
-func (b *recordBroadcast) Name() string    { return "vip/" + b.vip.String() }
-func (b *recordBroadcast) Message() []byte { return b.msg }
-func (b *recordBroadcast) Finished()       {}
-
-func (b *recordBroadcast) Invalidates(o memberlist.Broadcast) bool {
-	ob, ok := o.(*recordBroadcast)
-	return ok && ob.vip == b.vip
-}
-
-// networkBroadcast carries one network version. It is named by the network
-// so that a newer version replaces an older one still in the queue.
-type networkBroadcast struct {
-	name string
-	msg  []byte
-}
-
-func (b *networkBroadcast) Name() string    { return "net/" + b.name }
-func (b *networkBroadcast) Message() []byte { return b.msg }
-func (b *networkBroadcast) Finished()       {}
-
-func (b *networkBroadcast) Invalidates(o memberlist.Broadcast) bool {
-	ob, ok := o.(*networkBroadcast)
-	return ok && ob.name == b.name
-}
-
-// leaveBroadcast carries a leave intent; done, if set, is closed once the
-// queue is finished with it.
-type leaveBroadcast struct {
+// broadcast is one message in memberlist's queue: a record (named
+// vip/VIP), a network version (net/NAME) or a leave intent (leave/MEMBER).
+// The name says what it is about, so that a newer message about the same
+// thing replaces an older one still in the queue. done, if set, is closed
+// once the queue is finished with it.
+type broadcast struct {
 	name string
 	msg  []byte
 	done chan struct{}
 	once sync.Once
 }
 
-func (b *leaveBroadcast) Name() string    { return "leave/" + b.name }
-func (b *leaveBroadcast) Message() []byte { return b.msg }
+func recordBroadcast(r Record) *broadcast {
+	return &broadcast{name: "vip/" + r.VIP.String(), msg: EncodeRecords([]Record{r})}
+}
 
-func (b *leaveBroadcast) Finished() {
+func networkBroadcast(n Network) *broadcast {
+	return &broadcast{name: "net/" + n.Name, msg: EncodeNetworks([]Network{n})}
+}
+
+func leaveBroadcast(member string, msg []byte, done chan struct{}) *broadcast {
+	return &broadcast{name: "leave/" + member, msg: msg, done: done}
+}
+
+func (b *broadcast) Name() string    { return b.name }
+func (b *broadcast) Message() []byte { return b.msg }
+
+func (b *broadcast) Finished() {
 	if b.done != nil {
 		b.once.Do(func() { close(b.done) })
 	}
 }
 
-func (b *leaveBroadcast) Invalidates(o memberlist.Broadcast) bool {
-	ob, ok := o.(*leaveBroadcast)
+func (b *broadcast) Invalidates(o memberlist.Broadcast) bool {
+	ob, ok := o.(*broadcast)
 	return ok && ob.name == b.name
 }

@@ -197,43 +197,21 @@ func EncodeNetworks(ns []Network) []byte {
 // trailing bytes are errors. It never allocates more than the input can
 // justify.
 func DecodeNetworks(b []byte) ([]Network, error) {
-	if len(b) == 0 {
-		return nil, fmt.Errorf("decode networks: %w", errTruncated)
-	}
-	if b[0] != msgNetworks {
-		return nil, fmt.Errorf("decode networks: unknown message type %#x", b[0])
-	}
-	n, b, err := readUvarint(b[1:])
-	if err != nil {
-		return nil, fmt.Errorf("decode networks: count: %w", err)
-	}
-	if n > uint64(len(b))/minNetworkLen {
-		return nil, fmt.Errorf("decode networks: count %d does not fit in %d bytes", n, len(b))
-	}
-	ns := make([]Network, 0, n)
-	for i := range n {
-		var nw Network
+	return decodeList(b, msgNetworks, "networks", "network", minNetworkLen, func(b []byte) (nw Network, rest []byte, field string, err error) {
 		if nw.Name, b, err = readString(b); err != nil {
-			return nil, fmt.Errorf("decode networks: network %d: name: %w", i, err)
+			return nw, nil, "name: ", err
 		}
 		if nw.Prefix, b, err = readPrefix(b); err != nil {
-			return nil, fmt.Errorf("decode networks: network %d: prefix: %w", i, err)
+			return nw, nil, "prefix: ", err
 		}
 		if nw.Epoch, b, err = readUvarint(b); err != nil {
-			return nil, fmt.Errorf("decode networks: network %d: epoch: %w", i, err)
+			return nw, nil, "epoch: ", err
 		}
 		if nw.Origin, b, err = readString(b); err != nil {
-			return nil, fmt.Errorf("decode networks: network %d: origin: %w", i, err)
+			return nw, nil, "origin: ", err
 		}
-		if err := nw.validate(); err != nil {
-			return nil, fmt.Errorf("decode networks: network %d: %w", i, err)
-		}
-		ns = append(ns, nw)
-	}
-	if len(b) != 0 {
-		return nil, fmt.Errorf("decode networks: %w (%d)", errTrailing, len(b))
-	}
-	return ns, nil
+		return nw, b, "", nw.validate()
+	})
 }
 
 // readString reads a string after its one-byte length.

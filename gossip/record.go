@@ -106,47 +106,68 @@ func EncodeRecords(rs []Record) []byte {
 // the remaining bytes cannot hold, a truncated record or trailing bytes are
 // errors. It never allocates more than the input can justify.
 func DecodeRecords(b []byte) ([]Record, error) {
+	return decodeList(b, msgRecords, "records", "record", minRecordLen, func(b []byte) (r Record, rest []byte, field string, err error) {
+		if r.VIP, b, err = readAddr(b); err != nil {
+			return r, nil, "VIP: ", err
+		}
+		if r.Epoch, b, err = readUvarint(b); err != nil {
+			return r, nil, "epoch: ", err
+		}
+		if r.Owner, b, err = readString(b); err != nil {
+			return r, nil, "owner: ", err
+		}
+		return r, b, "", r.validate()
+	})
+}
+
+// decodeList decodes a message of type typ, the skeleton of records and
+// networks alike: the type byte, a minimal uvarint count, that many items
+// of at least minLen bytes each, read by item, and nothing after them. It
+// allocates no more than the input can justify. what and one name the
+// items in errors; item names the field it failed on, so that an error is
+// wrapped once.
+func decodeList[T any](b []byte, typ byte, what, one string, minLen int, item func([]byte) (v T, rest []byte, field string, err error)) ([]T, error) {
 	if len(b) == 0 {
-		return nil, fmt.Errorf("decode records: %w", errTruncated)
+		return nil, fmt.Errorf("decode %s: %w", what, errTruncated)
 	}
-	if b[0] != msgRecords {
-		return nil, fmt.Errorf("decode records: unknown message type %#x", b[0])
+	if b[0] != typ {
+		return nil, fmt.Errorf("decode %s: unknown message type %#x", what, b[0])
 	}
 	n, b, err := readUvarint(b[1:])
 	if err != nil {
-		return nil, fmt.Errorf("decode records: count: %w", err)
+		return nil, fmt.Errorf("decode %s: count: %w", what, err)
 	}
-	if n > uint64(len(b))/minRecordLen {
-		return nil, fmt.Errorf("decode records: count %d does not fit in %d bytes", n, len(b))
+	if n > uint64(len(b))/uint64(minLen) {
+		return nil, fmt.Errorf("decode %s: count %d does not fit in %d bytes", what, n, len(b))
 	}
-	rs := make([]Record, 0, n)
+	out := make([]T, 0, n)
 	for i := range n {
-		var r Record
-		if r.VIP, b, err = readAddr(b); err != nil {
-			return nil, fmt.Errorf("decode records: record %d: VIP: %w", i, err)
+		var v T
+		var field string
+		if v, b, field, err = item(b); err != nil {
+			return nil, &itemError{what: what, one: one, i: i, field: field, err: err}
 		}
-		if r.Epoch, b, err = readUvarint(b); err != nil {
-			return nil, fmt.Errorf("decode records: record %d: epoch: %w", i, err)
-		}
-		if len(b) < 1 {
-			return nil, fmt.Errorf("decode records: record %d: owner: %w", i, errTruncated)
-		}
-		l := int(b[0])
-		if len(b) < 1+l {
-			return nil, fmt.Errorf("decode records: record %d: owner: %w", i, errTruncated)
-		}
-		r.Owner = string(b[1 : 1+l])
-		b = b[1+l:]
-		if err := r.validate(); err != nil {
-			return nil, fmt.Errorf("decode records: record %d: %w", i, err)
-		}
-		rs = append(rs, r)
+		out = append(out, v)
 	}
 	if len(b) != 0 {
-		return nil, fmt.Errorf("decode records: %w (%d)", errTrailing, len(b))
+		return nil, fmt.Errorf("decode %s: %w (%d)", what, errTrailing, len(b))
 	}
-	return rs, nil
+	return out, nil
 }
+
+// itemError is decodeList's error for one item, formatted only when read:
+// a hostile message costs one allocation for it.
+type itemError struct {
+	what, one, field string
+	i                uint64
+	err              error
+}
+
+func (e *itemError) Error() string {
+	return fmt.Sprintf("decode %s: %s %d: %s%v", e.what, e.one, e.i, e.field, e.err)
+}
+
+func (e *itemError) Unwrap() error { return e.err }
 
 // readUvarint reads a minimal uvarint: binary.Uvarint also takes padded
 // encodings, which would give one value several encodings.
