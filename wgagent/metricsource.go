@@ -25,10 +25,12 @@ func (s metricsSource) Snapshot() (metrics.Snapshot, error) {
 			tunnels[p.PublicKey] = p
 		}
 	}
+	var keys []wgtypes.Key // of snap.Peers, one for one
 	for _, m := range a.cluster.Members() {
 		if m.Local {
 			continue
 		}
+		keys = append(keys, wgtypes.Key(m.Meta.PublicKey))
 		p := metrics.Peer{Name: m.Name, State: string(m.State)}
 		if wp, ok := tunnels[wgtypes.Key(m.Meta.PublicKey)]; ok && m.MetaErr == nil {
 			p.Tunnel = true
@@ -39,6 +41,11 @@ func (s metricsSource) Snapshot() (metrics.Snapshot, error) {
 	}
 	records := a.cluster.Table().Records()
 	a.mu.Lock()
+	for i, p := range snap.Peers {
+		if p.Tunnel {
+			snap.Peers[i].CheckFailures = a.checks.failures(keys[i])
+		}
+	}
 	for _, r := range records {
 		snap.VIPs[string(a.vipLocked(r).State)]++
 	}
@@ -47,9 +54,12 @@ func (s metricsSource) Snapshot() (metrics.Snapshot, error) {
 	gs := a.cluster.Stats()
 	snap.GossipMembers = gs.Members
 	snap.GossipMsgErrors, snap.GossipMetaErrors = gs.DroppedMessages, gs.DroppedMeta
+	snap.GossipRefused = gs.Refused
+	snap.Conflicts = len(a.cluster.Table().Conflicts())
 	if a.intercept != nil {
 		snap.CacheUnclaimed = a.intercept.Unclaimed()
 		snap.CacheQueuedBytes = a.budget.Used()
+		snap.CacheMaxBytes = a.budget.Max()
 	}
 	if devErr != nil {
 		return snap, fmt.Errorf("WireGuard peers: %w", devErr)

@@ -201,6 +201,14 @@ func (s *sessionChecks) state(peer wgtypes.Key) string {
 	return ""
 }
 
+// failures is how many checks in a row of peer's sessions failed.
+func (s *sessionChecks) failures(peer wgtypes.Key) int {
+	if c := s.peers[peer]; c != nil {
+		return c.failures
+	}
+	return 0
+}
+
 // next is when the earliest check waiting after a failure is due; false
 // if none waits.
 func (s *sessionChecks) next() (time.Time, bool) {

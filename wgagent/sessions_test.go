@@ -114,8 +114,8 @@ func TestSessionChecks(t *testing.T) {
 		if !s.start(p, hs2, now) {
 			t.Fatalf("check %d not started", i+1)
 		}
-		if n := s.done(p, hs2, false, now); n != i+1 || s.state(p) != "failing" {
-			t.Fatalf("check %d: failures %d, state %q", i+1, n, s.state(p))
+		if n := s.done(p, hs2, false, now); n != i+1 || s.state(p) != "failing" || s.failures(p) != n {
+			t.Fatalf("check %d: failures %d (%d for the metrics), state %q", i+1, n, s.failures(p), s.state(p))
 		}
 		if at, ok := s.next(); !ok || !at.Equal(now.Add(wait)) {
 			t.Fatalf("after failure %d: next %v %v, want in %v", i+1, at, ok, wait)
@@ -131,6 +131,10 @@ func TestSessionChecks(t *testing.T) {
 	if n := s.done(p, hs2, false, now); n != maxSessionChecks || s.state(p) != "gave up" {
 		t.Fatalf("last check: failures %d, state %q", n, s.state(p))
 	}
+	// monitoring/vmroam.rules.yml's VmroamSessionCheckGaveUp says >= 4.
+	if s.failures(p) != 4 {
+		t.Fatalf("gave up at %d failures; the alert rules expect 4", s.failures(p))
+	}
 	if s.start(p, t0.Add(time.Hour), now.Add(time.Hour)) {
 		t.Fatal("checked after giving up")
 	}
@@ -141,7 +145,7 @@ func TestSessionChecks(t *testing.T) {
 	// Away for one reconcile (gone, or no session): forgotten.
 	s.sweep()
 	s.sweep()
-	if s.state(p) != "" || !s.start(p, hs2, now) {
+	if s.state(p) != "" || s.failures(p) != 0 || !s.start(p, hs2, now) {
 		t.Fatal("a peer that came back is not checked from scratch")
 	}
 	// A result for a peer forgotten meanwhile is dropped.

@@ -64,8 +64,11 @@ type Snapshot struct {
 	GossipMembers    int            // alive members, this one included
 	GossipMsgErrors  uint64         // malformed gossip messages dropped, ever
 	GossipMetaErrors uint64         // member metadata that did not decode, ever
+	GossipRefused    uint64         // VIP claims and network changes the allowlist refused, ever
 	CacheUnclaimed   uint64         // packets the cache device read for no migration, ever
 	CacheQueuedBytes int64          // packet bytes held by every cache queue now
+	CacheMaxBytes    int64          // the cap on CacheQueuedBytes; <= 0 or math.MaxInt64: none
+	Conflicts        int            // VIPs claimed by two owners at one epoch, open now
 	Problems         int            // conditions status reports now
 }
 
@@ -79,6 +82,10 @@ type Peer struct {
 	LastHandshake time.Time // zero: never
 	RxBytes       int64
 	TxBytes       int64
+	// CheckFailures is how many checks in a row of the tunnel's session
+	// failed (0: passed or not checked yet); at 4 the agent gave up
+	// checking (wgagent's maxSessionChecks, which the alert rules name).
+	CheckFailures int
 }
 
 // Source gives the collector the agent's current state. Snapshot runs on
@@ -94,6 +101,10 @@ type Source interface {
 var (
 	peerStates = []string{"alive", "suspect", "dead", "left"}
 	vipStates  = []string{"local", "reserved", "remote", "released", "awaiting", "caching", "forwarding", "holding"}
+	// Drop reasons (cache.DropReason) and reconcile steps, exported at 0
+	// from the start so that rate() and increase() see the first one.
+	dropReasons    = []string{"max-bytes", "max-packets", "max-age", "global-cap", "too-big", "discarded"}
+	reconcileSteps = []string{"address", "routes", "wireguard", "nftables"}
 )
 
 // HandoverBuckets are the handover histogram's upper bounds: 0.5 ms
@@ -176,6 +187,13 @@ func New(src Source) *Metrics {
 		m.packets.WithLabelValues(kind)
 		m.bytes.WithLabelValues(kind)
 	}
+	for _, r := range dropReasons {
+		m.droppedPackets.WithLabelValues(r)
+		m.droppedBytes.WithLabelValues(r)
+	}
+	for _, st := range reconcileSteps {
+		m.reconcileErrors.WithLabelValues(st)
+	}
 	m.reg.MustRegister(
 		m.migrationsStarted, m.migrationsCompleted, m.migrationsAborted, m.migrationsTimedOut,
 		m.packets, m.bytes, m.droppedPackets, m.droppedBytes, m.handover,
@@ -230,18 +248,27 @@ type stateCollector struct {
 	src Source
 
 	peers, handshakeAge, peerRx, peerTx  *prometheus.Desc
-	vips                                 *prometheus.Desc
-	gossipMembers, gossipErrors          *prometheus.Desc
+	peerState, checkFailures             *prometheus.Desc
+	vips, conflicts                      *prometheus.Desc
+	gossipMembers, gossipErrors, refused *prometheus.Desc
 	cacheUnclaimed, cacheQueued, problem *prometheus.Desc
+	cacheMax                             *prometheus.Desc
 }
 
 func newStateCollector(src Source) *stateCollector {
 	return &stateCollector{
-		src:           src,
-		peers:         prometheus.NewDesc("vmroam_peers", "Other members of the cluster, by gossip state.", []string{"state"}, nil),
-		handshakeAge:  prometheus.NewDesc("vmroam_peer_handshake_age_seconds", "Time since the last WireGuard handshake with the peer; +Inf if none yet.", []string{"peer"}, nil),
-		peerRx:        prometheus.NewDesc("vmroam_peer_receive_bytes_total", "Bytes received from the WireGuard peer (restarts from 0 when the peer is removed and added again).", []string{"peer"}, nil),
-		peerTx:        prometheus.NewDesc("vmroam_peer_transmit_bytes_total", "Bytes sent to the WireGuard peer (restarts from 0 when the peer is removed and added again).", []string{"peer"}, nil),
+		src:          src,
+		peers:        prometheus.NewDesc("vmroam_peers", "Other members of the cluster, by gossip state.", []string{"state"}, nil),
+		handshakeAge: prometheus.NewDesc("vmroam_peer_handshake_age_seconds", "Time since the last WireGuard handshake with the peer; +Inf if none yet.", []string{"peer"}, nil),
+		peerRx:       prometheus.NewDesc("vmroam_peer_receive_bytes_total", "Bytes received from the WireGuard peer (restarts from 0 when the peer is removed and added again).", []string{"peer"}, nil),
+		peerTx:       prometheus.NewDesc("vmroam_peer_transmit_bytes_total", "Bytes sent to the WireGuard peer (restarts from 0 when the peer is removed and added again).", []string{"peer"}, nil),
+		peerState:    prometheus.NewDesc("vmroam_peer_state", "1 for the gossip state the member is in, 0 for the others.", []string{"peer", "state"}, nil),
+		checkFailures: prometheus.NewDesc("vmroam_peer_session_check_failures",
+			"Checks in a row that the WireGuard session with the peer carries a round trip failed; 0 if the last passed, 4 when the agent gave up checking.", []string{"peer"}, nil),
+		conflicts: prometheus.NewDesc("vmroam_conflicts", "VIPs claimed by two owners at one epoch, until a higher epoch settles them.", nil, nil),
+		refused: prometheus.NewDesc("vmroam_gossip_refused_total",
+			"VIP claims and network changes ignored because the peer allowlist refuses the member they came from.", nil, nil),
+		cacheMax:      prometheus.NewDesc("vmroam_cache_max_bytes", "The cap on vmroam_cache_queued_bytes (cache-global-max-bytes); +Inf if none.", nil, nil),
 		vips:          prometheus.NewDesc("vmroam_vips", "VIPs of the location table, by state as `vmroam status` shows them.", []string{"state"}, nil),
 		gossipMembers: prometheus.NewDesc("vmroam_gossip_members", "Alive gossip members, this host included.", nil, nil),
 		gossipErrors: prometheus.NewDesc("vmroam_gossip_message_errors_total",
@@ -253,7 +280,8 @@ func newStateCollector(src Source) *stateCollector {
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.peers, c.handshakeAge, c.peerRx, c.peerTx, c.vips, c.gossipMembers, c.gossipErrors, c.cacheUnclaimed, c.cacheQueued, c.problem} {
+	for _, d := range []*prometheus.Desc{c.peers, c.handshakeAge, c.peerRx, c.peerTx, c.peerState, c.checkFailures,
+		c.vips, c.conflicts, c.gossipMembers, c.gossipErrors, c.refused, c.cacheUnclaimed, c.cacheQueued, c.cacheMax, c.problem} {
 		ch <- d
 	}
 }
@@ -277,6 +305,13 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, p := range s.Peers {
 		byState[p.State]++
+		for _, st := range peerStates {
+			v := 0.0
+			if st == p.State {
+				v = 1
+			}
+			gauge(c.peerState, v, p.Name, st)
+		}
 		if !p.Tunnel {
 			continue
 		}
@@ -287,6 +322,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.handshakeAge, age, p.Name)
 		counter(c.peerRx, float64(p.RxBytes), p.Name)
 		counter(c.peerTx, float64(p.TxBytes), p.Name)
+		gauge(c.checkFailures, float64(p.CheckFailures), p.Name)
 	}
 	for st, n := range byState {
 		gauge(c.peers, float64(n), st)
@@ -306,5 +342,12 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.gossipErrors, float64(s.GossipMetaErrors), "metadata")
 	counter(c.cacheUnclaimed, float64(s.CacheUnclaimed))
 	gauge(c.cacheQueued, float64(s.CacheQueuedBytes))
+	capBytes := math.Inf(1)
+	if s.CacheMaxBytes > 0 && s.CacheMaxBytes < math.MaxInt64 {
+		capBytes = float64(s.CacheMaxBytes)
+	}
+	gauge(c.cacheMax, capBytes)
+	gauge(c.conflicts, float64(s.Conflicts))
+	counter(c.refused, float64(s.GossipRefused))
 	gauge(c.problem, float64(s.Problems))
 }

@@ -39,15 +39,18 @@ func sampleSnapshot() Snapshot {
 		Time: t0,
 		Peers: []Peer{
 			{Name: "h2", State: "alive", Tunnel: true, LastHandshake: t0.Add(-30 * time.Second), RxBytes: 1000, TxBytes: 2000},
-			{Name: "h3", State: "alive", Tunnel: true}, // no handshake yet
+			{Name: "h3", State: "alive", Tunnel: true, CheckFailures: 2}, // no handshake yet
 			{Name: "h4", State: "dead"},
 		},
 		VIPs:             map[string]int{"local": 2, "remote": 3, "caching": 1},
 		GossipMembers:    3,
 		GossipMsgErrors:  4,
 		GossipMetaErrors: 1,
+		GossipRefused:    5,
 		CacheUnclaimed:   7,
 		CacheQueuedBytes: 4096,
+		CacheMaxBytes:    1 << 20,
+		Conflicts:        1,
 		Problems:         1,
 	}
 }
@@ -143,6 +146,77 @@ vmroam_problems 1
 	}
 	if _, ok := fams.Value("vmroam_peer_receive_bytes_total", "peer", "h3"); ok {
 		t.Error("a peer gone from the snapshot is still exported")
+	}
+}
+
+// TestStateForAlerts checks the series the alert rules of monitoring/
+// read: a peer's state by name, its session checks, conflicts, refusals
+// and the cache's cap.
+func TestStateForAlerts(t *testing.T) {
+	src := &fakeSource{snap: sampleSnapshot()}
+	m := New(src)
+	const want = `
+# HELP vmroam_peer_state 1 for the gossip state the member is in, 0 for the others.
+# TYPE vmroam_peer_state gauge
+vmroam_peer_state{peer="h2",state="alive"} 1
+vmroam_peer_state{peer="h2",state="dead"} 0
+vmroam_peer_state{peer="h2",state="left"} 0
+vmroam_peer_state{peer="h2",state="suspect"} 0
+vmroam_peer_state{peer="h3",state="alive"} 1
+vmroam_peer_state{peer="h3",state="dead"} 0
+vmroam_peer_state{peer="h3",state="left"} 0
+vmroam_peer_state{peer="h3",state="suspect"} 0
+vmroam_peer_state{peer="h4",state="alive"} 0
+vmroam_peer_state{peer="h4",state="dead"} 1
+vmroam_peer_state{peer="h4",state="left"} 0
+vmroam_peer_state{peer="h4",state="suspect"} 0
+# HELP vmroam_peer_session_check_failures Checks in a row that the WireGuard session with the peer carries a round trip failed; 0 if the last passed, 4 when the agent gave up checking.
+# TYPE vmroam_peer_session_check_failures gauge
+vmroam_peer_session_check_failures{peer="h2"} 0
+vmroam_peer_session_check_failures{peer="h3"} 2
+# HELP vmroam_conflicts VIPs claimed by two owners at one epoch, until a higher epoch settles them.
+# TYPE vmroam_conflicts gauge
+vmroam_conflicts 1
+# HELP vmroam_gossip_refused_total VIP claims and network changes ignored because the peer allowlist refuses the member they came from.
+# TYPE vmroam_gossip_refused_total counter
+vmroam_gossip_refused_total 5
+# HELP vmroam_cache_max_bytes The cap on vmroam_cache_queued_bytes (cache-global-max-bytes); +Inf if none.
+# TYPE vmroam_cache_max_bytes gauge
+vmroam_cache_max_bytes 1.048576e+06
+`
+	names := []string{"vmroam_peer_state", "vmroam_peer_session_check_failures", "vmroam_conflicts",
+		"vmroam_gossip_refused_total", "vmroam_cache_max_bytes"}
+	if err := testutil.GatherAndCompare(m.Gatherer(), strings.NewReader(want), names...); err != nil {
+		t.Fatal(err)
+	}
+
+	// No cap (the budget's math.MaxInt64, or none set) is +Inf, so that
+	// queued/max is 0 rather than a division by zero or a tiny ratio.
+	for _, none := range []int64{0, math.MaxInt64} {
+		src.mu.Lock()
+		src.snap.CacheMaxBytes = none
+		src.mu.Unlock()
+		if v, ok := gather(t, m).Value("vmroam_cache_max_bytes"); !ok || !math.IsInf(v, 1) {
+			t.Errorf("cap %d: vmroam_cache_max_bytes = %v (present %v), want +Inf", none, v, ok)
+		}
+	}
+}
+
+// TestLabelledCountersStartAtZero: every drop reason and reconcile step is
+// served before the first event, so an alert's increase() sees the first.
+func TestLabelledCountersStartAtZero(t *testing.T) {
+	fams := gather(t, New(&fakeSource{}))
+	for _, name := range []string{"vmroam_cache_dropped_packets_total", "vmroam_cache_dropped_bytes_total"} {
+		for _, r := range []string{"max-bytes", "max-packets", "max-age", "global-cap", "too-big", "discarded"} {
+			if v, ok := fams.Value(name, "reason", r); !ok || v != 0 {
+				t.Errorf("%s{reason=%q} = %v (present %v), want 0", name, r, v, ok)
+			}
+		}
+	}
+	for _, st := range []string{"address", "routes", "wireguard", "nftables"} {
+		if v, ok := fams.Value("vmroam_reconcile_errors_total", "step", st); !ok || v != 0 {
+			t.Errorf("vmroam_reconcile_errors_total{step=%q} = %v (present %v), want 0", st, v, ok)
+		}
 	}
 }
 
