@@ -78,7 +78,15 @@ type Panel struct {
 			UID string `json:"uid"`
 		} `json:"datasource"`
 	} `json:"targets"`
-	Panels []Panel `json:"panels"`
+	Panels  []Panel `json:"panels"`
+	GridPos struct {
+		X, Y, W, H int
+	} `json:"gridPos"`
+	FieldConfig struct {
+		Defaults struct {
+			Unit string `json:"unit"`
+		} `json:"defaults"`
+	} `json:"fieldConfig"`
 }
 
 // DashboardSpec is the part of the dashboard the tests and the renderer read.
