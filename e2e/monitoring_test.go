@@ -61,8 +61,11 @@ func TestMonitoringOnALab(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var dropped, lost float64 // what the last two alerts below count
 	for _, h := range l.Hosts {
 		fams := scrape(t, l, h)
+		dropped += fams.Sum("vmroam_cache_dropped_packets_total")
+		lost += fams.Sum("vmroam_cache_unclaimed_packets_total")
 		n := 0
 		for _, e := range exprs {
 			names, err := monitoring.MetricNames(e.Query)
@@ -81,7 +84,8 @@ func TestMonitoringOnALab(t *testing.T) {
 	if !prom {
 		return
 	}
-	checkPrometheus(t, l, h3, start, handover(dst).Seconds())
+	checkPrometheus(t, l, h3, start, handover(dst).Seconds(), map[string]bool{
+		"VmroamCacheDroppedPackets": dropped > 0, "VmroamCacheLostPackets": lost > 0})
 }
 
 // startPrometheus runs Prometheus in h's namespace, scraping every host's
@@ -189,9 +193,10 @@ func grafanaVars(q string, rng time.Duration) string {
 }
 
 // checkPrometheus checks what the lab's Prometheus made of the run: every
-// rule evaluates, every dashboard query runs and each panel shows data,
-// the handover panel shows h2's handover; then it draws the dashboard.
-func checkPrometheus(t *testing.T, l *lab.Lab, h *lab.Host, start time.Time, handoverS float64) {
+// rule evaluates, the alerts in fire are firing exactly when their value
+// is true, every dashboard query runs and each panel shows data, the
+// handover panel shows h2's handover; then it draws the dashboard.
+func checkPrometheus(t *testing.T, l *lab.Lab, h *lab.Host, start time.Time, handoverS float64, fire map[string]bool) {
 	// Prometheus has scraped the migration's end.
 	eventually(t, 20*time.Second, "Prometheus has h1's completed migration", func() error {
 		var v struct {
@@ -236,6 +241,9 @@ func checkPrometheus(t *testing.T, l *lab.Lab, h *lab.Host, start time.Time, han
 			}
 			if r.State != "inactive" {
 				firing = append(firing, r.Name+" "+r.State)
+			}
+			if want, ok := fire[r.Name]; ok && want != (r.State == "firing") {
+				t.Errorf("alert %s is %s; the agents' counters say it should fire: %v", r.Name, r.State, want)
 			}
 		}
 	}
