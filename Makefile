@@ -17,7 +17,7 @@ SYSCONFDIR ?= /etc
 # overrides (`systemctl edit vmroam`) go to /etc/systemd/system.
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all build deps test test-long soak unit lint vet fmt-check fuzz-check bench bench-migration demo fuzz sim install install-xen install-libvirt clean
+.PHONY: all build deps test test-long soak unit lint vet fmt-check fuzz-check bench bench-migration demo dashboard-picture fuzz sim install install-xen install-libvirt clean
 
 all: build
 
@@ -58,6 +58,11 @@ test-long: deps
 SOAK ?= 10m
 soak: deps
 	VMROAM_SOAK=$(SOAK) $(GO) test -race -count=1 -timeout 60m -run '^TestSoak$$' -v ./e2e/
+
+# Redraws docs/monitoring-dashboard.png: the dashboard's queries over a lab
+# migration, evaluated by a real Prometheus (Debian's prometheus package).
+dashboard-picture: deps
+	VMROAM_DASHBOARD_PNG=$(CURDIR)/docs/monitoring-dashboard.png $(GO) test -count=1 -run '^TestMonitoringOnALab$$' -v ./e2e/
 
 # Unit tests only (no namespaces needed).
 unit:
