@@ -5,15 +5,17 @@
 # Xen's hotplug scripts (xen-utils-common) and the ifconfig vif-route calls
 # (net-tools), rsvg-convert (librsvg2-bin), which renders the migration
 # timeline picture in its test, and for the systemd unit's test systemd-analyze
-# (systemd; a Debian container has none), setpriv (util-linux), and promtool
+# (systemd; a Debian container has none), setpriv (util-linux), promtool
 # and prometheus (prometheus), which check the alerting rules and evaluate the
-# dashboard's queries over a lab run. Each entry is package:what-it-provides, a command or,
+# dashboard's queries over a lab run, and for the QEMU guest (lab/qemu.go,
+# scripts/make-guest.sh) qemu-system-x86, cpio and dpkg-deb. Each entry is
+# package:what-it-provides, a command or,
 # starting with /, a file. Does nothing when all are there.
 set -euo pipefail
 need=()
 for pkg_what in iproute2:ip wireguard-tools:wg iperf3:iperf3 procps:sysctl iputils-ping:ping nftables:nft \
 	xen-utils-common:/etc/xen/scripts/vif-route net-tools:ifconfig librsvg2-bin:rsvg-convert systemd:systemd-analyze util-linux:setpriv \
-	prometheus:promtool; do
+	prometheus:promtool qemu-system-x86:qemu-system-x86_64 cpio:cpio dpkg:dpkg-deb; do
 	what=${pkg_what#*:}
 	case $what in
 	/*) [ -e "$what" ] ;;
