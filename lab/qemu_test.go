@@ -1,0 +1,155 @@
+package lab
+
+import (
+	"context"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseGuestCounters(t *testing.T) {
+	page := "boot_id 1b2c\nuptime 12.50 11.00\n== snmp\n" +
+		"Ip: Forwarding DefaultTTL\nIp: 2 64\n" +
+		"Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\nUdp: 25000 1 3 7 2\n" +
+		"== dev\nInter-|   Receive |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls carrier compressed\n" +
+		"  eth0: 100 10 1 2 0 0 0 0 200 20 3 4 0 0 0 0\n"
+	c, err := parseGuestCounters([]byte(page))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.BootID != "1b2c" || c.Uptime != 12500*time.Millisecond {
+		t.Errorf("boot id %q uptime %v", c.BootID, c.Uptime)
+	}
+	if u := c.SNMP["Udp"]; u["InDatagrams"] != 25000 || u["RcvbufErrors"] != 2 || u["InErrors"] != 3 {
+		t.Errorf("Udp %v", u)
+	}
+	if want := (IfStats{100, 10, 1, 2, 200, 20, 3, 4}); c.Dev["eth0"] != want {
+		t.Errorf("eth0 %+v, want %+v", c.Dev["eth0"], want)
+	}
+	if _, err := parseGuestCounters([]byte("boot_id x\n")); err == nil {
+		t.Error("a page without snmp and dev parsed")
+	}
+}
+
+// TestQEMUGuestMigrate boots a real QEMU guest on h1, sends it UDP from a
+// namespace VM on h3, live-migrates it to h2 over the underlay while the
+// test moves h3's route, and reads the guest's counters back: same boot,
+// still counting, answering at h2.
+func TestQEMUGuestMigrate(t *testing.T) {
+	requireLab(t)
+	if err := RequireQEMU(); err != nil {
+		t.Skipf("QEMU guest: %v", err)
+	}
+	begin := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	img, err := BuildGuestImage(ctx, "../scripts/make-guest.sh", "")
+	if err != nil {
+		t.Skipf("QEMU guest image cannot be built here: %v", err)
+	}
+	t.Logf("guest image %s (%v), accel %s", img.Dir, time.Since(begin).Round(time.Millisecond), Accel())
+
+	l := newLab(t, 3)
+	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
+	gvip, cvip := netip.MustParseAddr("100.64.7.10"), netip.MustParseAddr("100.64.7.2")
+	client, err := l.AddVM("qc", h3, cvip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	route := func(h *Host, vip netip.Addr, via *Host, op string) {
+		t.Helper()
+		if _, err := l.Exec(h.NS, "ip", "route", op, hostPrefix(vip).String(), "via", via.Underlay.String()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	route(h1, cvip, h3, "add")
+	route(h2, cvip, h3, "add")
+	route(h3, gvip, h1, "add")
+
+	boot := time.Now()
+	g, err := l.StartGuest(img, "qg", h1, gvip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Stop)
+	bootTime := time.Since(boot)
+	if err := l.WaitPing(client, gvip, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	// Steady state into the guest: 12,500 datagrams/s of 100 bytes, none lost.
+	c0, err := g.Counters(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := g.IperfUDP(client, 2*time.Second, 12500, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1, err := g.Counters(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	udpIn := c1.SNMP["Udp"]["InDatagrams"] - c0.SNMP["Udp"]["InDatagrams"]
+	t.Logf("UDP into the guest: %d datagrams, %d lost (%.3f%%); tap tx %d (dropped %d), guest eth0 rx %d (dropped %d), Udp InDatagrams %d, RcvbufErrors %d",
+		res.Packets, res.LostPackets, res.LostPercent,
+		c1.Tap.TxPackets-c0.Tap.TxPackets, c1.Tap.TxDrop-c0.Tap.TxDrop,
+		c1.Dev["eth0"].RxPackets-c0.Dev["eth0"].RxPackets, c1.Dev["eth0"].RxDrop-c0.Dev["eth0"].RxDrop,
+		udpIn, c1.SNMP["Udp"]["RcvbufErrors"]-c0.SNMP["Udp"]["RcvbufErrors"])
+	if res.Packets < 20000 {
+		t.Errorf("iperf3 sent %d datagrams in 2 s, want about 25,000", res.Packets)
+	}
+	if res.LostPackets != 0 {
+		t.Errorf("%d of %d datagrams lost in steady state", res.LostPackets, res.Packets)
+	}
+	// The guest's kernel saw every datagram iperf3 counted.
+	if udpIn < int64(res.Packets-res.LostPackets) {
+		t.Errorf("guest Udp InDatagrams grew by %d, iperf3 counted %d received", udpIn, res.Packets-res.LostPackets)
+	}
+
+	// Live migration h1 -> h2.
+	if err := g.Incoming(h2); err != nil {
+		t.Fatal(err)
+	}
+	mig := time.Now()
+	m, err := g.Migrate(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	migTime := time.Since(mig)
+	route(h3, gvip, h2, "replace")
+	if g.Host != h2 {
+		t.Fatalf("guest on %v after Migrate, want h2", g.Host)
+	}
+	if m.Total <= 0 || m.RAMBytes <= 0 || m.Stop.IsZero() || m.Resume.Before(m.Stop) {
+		t.Errorf("migration report %+v", m)
+	}
+	t.Logf("migration: total %v, downtime %v, setup %v, STOP->RESUME %v, %d MB RAM",
+		m.Total, m.Downtime, m.Setup, m.Paused(), m.RAMBytes>>20)
+	if err := l.WaitPing(client, gvip, 10*time.Second); err != nil {
+		t.Fatalf("guest not answering at h2: %v", err)
+	}
+	c2, err := g.Counters(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c2.BootID != c0.BootID {
+		t.Errorf("boot id %s after migration, %s before: the guest rebooted", c2.BootID, c0.BootID)
+	}
+	if c2.Uptime <= c1.Uptime {
+		t.Errorf("guest uptime %v after migration, %v before", c2.Uptime, c1.Uptime)
+	}
+	if c2.SNMP["Udp"]["InDatagrams"] < c1.SNMP["Udp"]["InDatagrams"] {
+		t.Errorf("guest Udp InDatagrams went back from %d to %d", c1.SNMP["Udp"]["InDatagrams"], c2.SNMP["Udp"]["InDatagrams"])
+	}
+	// The source QEMU and its tap are gone; h2 has the tap.
+	if out, err := l.Exec(h1.NS, "ip", "-o", "link"); err != nil || strings.Contains(string(out), g.Tap) {
+		t.Errorf("tap %s still on h1 (%v): %s", g.Tap, err, out)
+	}
+	if _, err := l.Exec(h2.NS, "ip", "link", "show", g.Tap); err != nil {
+		t.Errorf("no tap on h2: %v", err)
+	}
+	t.Logf("timings: boot %v, migrate call %v, test %v", bootTime.Round(time.Millisecond),
+		migTime.Round(time.Millisecond), time.Since(begin).Round(time.Millisecond))
+}
