@@ -27,9 +27,17 @@ import (
 // underlay address.
 const MigratePort = 4444
 
+// guestRmem is the guest's net.core.rmem_default: a socket queue long
+// enough (tens of thousands of small datagrams) that iperf3 in a TCG guest
+// on a busy machine catches up instead of losing.
+const guestRmem = 16 << 20
+
 // guestMemMB is the guest's RAM: enough for the kernel, busybox and iperf3,
 // small enough to migrate in well under a second.
 const guestMemMB = 192
+
+// tapQueueLen is the length of each tap's queue to QEMU, in packets.
+const tapQueueLen = 10000
 
 // GuestImage is a kernel and initramfs made by scripts/make-guest.sh.
 type GuestImage struct {
@@ -118,6 +126,9 @@ type Guest struct {
 	vm   *VM   // Name, Vif = Tap, Host, VIPs: what plugVif needs
 	cur  *qemu // the running QEMU
 	next *qemu // the destination made by Incoming, until Migrate
+	// retired sums the final counters of the taps of the hosts the guest
+	// left, so that Counters' Tap grows across migrations as the guest's do.
+	retired IfStats
 }
 
 // qemu is one QEMU process of a guest.
@@ -196,7 +207,9 @@ func (g *Guest) startQEMU(h *Host, incoming string) (*qemu, error) {
 	mtu := strconv.Itoa(VifMTU)
 	for _, s := range [][]string{
 		{"tuntap", "add", "dev", g.Tap, "mode", "tap"},
-		{"link", "set", g.Tap, "address", g.TapMAC.String(), "mtu", mtu},
+		// A long queue to QEMU rides out the moments a TCG guest on a busy
+		// machine falls behind (tun's default is 500 packets).
+		{"link", "set", g.Tap, "address", g.TapMAC.String(), "mtu", mtu, "txqueuelen", strconv.Itoa(tapQueueLen)},
 	} {
 		if err := l.ip(h.NS, s...); err != nil {
 			g.delTap(h)
@@ -226,9 +239,10 @@ func (g *Guest) startQEMU(h *Host, incoming string) (*qemu, error) {
 		"-serial", "file:" + console,
 		"-qmp", "unix:" + sock + ",server=on,wait=off",
 		"-kernel", g.img.Kernel, "-initrd", g.img.Initrd,
-		"-append", "console=ttyS0 quiet panic=-1 vmroam.ip=" + g.VIP.String() + " vmroam.gw=" + GatewayV4.String(),
+		"-append", "console=ttyS0 quiet panic=-1 vmroam.ip=" + g.VIP.String() + " vmroam.gw=" + GatewayV4.String() +
+			" vmroam.rmem=" + strconv.Itoa(guestRmem),
 		"-netdev", "tap,id=n0,ifname=" + g.Tap + ",script=no,downscript=no",
-		"-device", "virtio-net-pci,netdev=n0,romfile=,mac=" + g.MAC.String() + ",host_mtu=" + mtu,
+		"-device", "virtio-net-pci,netdev=n0,romfile=,mac=" + g.MAC.String() + ",host_mtu=" + mtu + ",rx_queue_size=1024",
 	}
 	if incoming != "" {
 		args = append(args, "-incoming", incoming)
@@ -417,6 +431,16 @@ func (g *Guest) Migrate(ctx context.Context) (Migration, error) {
 		Stop:     stop.Time,
 		Resume:   resume.Time,
 	}
+	// The source is paused for good: what its tap counted is final once
+	// QEMU stops reading it, so take it just before the tap goes.
+	ctxQuit, cancelQuit := context.WithTimeout(context.Background(), 5*time.Second)
+	_, _ = src.q.cmd(ctxQuit, "quit", nil)
+	cancelQuit()
+	if st, err := g.tapStats(src.host); err == nil {
+		g.retired = g.retired.add(st)
+	} else {
+		g.l.logf("lab %s: guest %s: source tap: %v", g.l.ID, g.Name, err)
+	}
 	g.cur, g.next = dst, nil
 	g.Host, g.vm.Host = dst.host, dst.host
 	src.stop(g)
@@ -443,6 +467,11 @@ type IfStats struct {
 	TxBytes, TxPackets, TxErrs, TxDrop int64
 }
 
+func (a IfStats) add(b IfStats) IfStats {
+	return IfStats{a.RxBytes + b.RxBytes, a.RxPackets + b.RxPackets, a.RxErrs + b.RxErrs, a.RxDrop + b.RxDrop,
+		a.TxBytes + b.TxBytes, a.TxPackets + b.TxPackets, a.TxErrs + b.TxErrs, a.TxDrop + b.TxDrop}
+}
+
 // GuestCounters is what the guest's kernel counted, read over the network
 // from its /cgi-bin/counters, and the counters of its tap on its host.
 type GuestCounters struct {
@@ -451,7 +480,9 @@ type GuestCounters struct {
 	// SNMP is /proc/net/snmp by protocol and field: SNMP["Udp"]["RcvbufErrors"].
 	SNMP map[string]map[string]int64
 	Dev  map[string]IfStats // /proc/net/dev by interface ("eth0")
-	Tap  IfStats            // the host side: its Tx is what went to the guest
+	// Tap is the host side, summed over the taps of every host the guest
+	// ran on: its Tx is what the hosts handed to QEMU.
+	Tap IfStats
 }
 
 // Counters reads the guest's counters from its host's namespace (one short
@@ -465,20 +496,58 @@ func (g *Guest) Counters(ctx context.Context) (GuestCounters, error) {
 	if err != nil {
 		return GuestCounters{}, fmt.Errorf("lab: guest %s counters: %w", g.Name, err)
 	}
-	c.Tap, err = g.tapStats()
+	tap, err := g.tapStats(g.Host)
 	if err != nil {
 		return GuestCounters{}, err
 	}
+	c.Tap = g.retired.add(tap)
 	return c, nil
 }
 
-func (g *Guest) tapStats() (IfStats, error) {
+// Loss places the datagrams of one UDP run into the guest that did not
+// reach its socket, from what the sender sent and the guest's counters
+// before and after the run. Other traffic in the same window (a ping, the
+// counters' own TCP connection) is counted too: a few packets.
+type Loss struct {
+	Sent int64 // datagrams sent
+	// BeforeTap: sent but never offered to one of the guest's taps: lost
+	// on the way, before or in vmroam.
+	BeforeTap int64
+	// TapDrop: offered to a tap that dropped it (tx_dropped): its queue to
+	// QEMU was full, or QEMU had closed it (the source after migration).
+	TapDrop int64
+	// InQEMU: handed to a tap but not received by the guest's NIC, e.g.
+	// queued on the source's tap while the guest was paused for good.
+	InQEMU       int64
+	NICDrop      int64 // the guest's eth0 rx_dropped
+	InGuest      int64 // received by eth0 but not delivered to a UDP socket
+	RcvbufErrors int64 // of those, the socket's buffer was full (Udp RcvbufErrors)
+}
+
+// PlaceLoss computes Loss for sent datagrams between counters before and after.
+func PlaceLoss(sent int64, before, after GuestCounters) Loss {
+	tapTx := after.Tap.TxPackets - before.Tap.TxPackets
+	tapDrop := after.Tap.TxDrop - before.Tap.TxDrop
+	rx := after.Dev["eth0"].RxPackets - before.Dev["eth0"].RxPackets
+	udp := after.SNMP["Udp"]["InDatagrams"] - before.SNMP["Udp"]["InDatagrams"]
+	return Loss{
+		Sent:         sent,
+		BeforeTap:    sent - tapTx - tapDrop,
+		TapDrop:      tapDrop,
+		InQEMU:       tapTx - rx,
+		NICDrop:      after.Dev["eth0"].RxDrop - before.Dev["eth0"].RxDrop,
+		InGuest:      rx - udp,
+		RcvbufErrors: after.SNMP["Udp"]["RcvbufErrors"] - before.SNMP["Udp"]["RcvbufErrors"],
+	}
+}
+
+func (g *Guest) tapStats(h *Host) (IfStats, error) {
 	names := []string{"rx_bytes", "rx_packets", "rx_errors", "rx_dropped", "tx_bytes", "tx_packets", "tx_errors", "tx_dropped"}
 	args := []string{"cat"}
 	for _, n := range names {
 		args = append(args, "/sys/class/net/"+g.Tap+"/statistics/"+n)
 	}
-	out, err := g.l.Exec(g.Host.NS, args...)
+	out, err := g.l.Exec(h.NS, args...)
 	if err != nil {
 		return IfStats{}, err
 	}
@@ -573,11 +642,24 @@ func parseGuestCounters(b []byte) (GuestCounters, error) {
 	return c, nil
 }
 
+// GuestUDP is one iperf3 UDP run into a guest.
+type GuestUDP struct {
+	Sent     int64 // datagrams the client sent
+	Received int64 // datagrams the guest's iperf3 read
+	// Lost is iperf3's lost_packets: the holes in the sequence it read.
+	Lost int64
+	// Unread were sent after the last datagram iperf3 read: still on the
+	// way or queued when the run ended (iperf3 stops reading then), or
+	// lost at the very end.
+	Unread  int64
+	SentBPS float64 // offered load
+}
+
 // IperfUDP sends UDP into the guest's iperf3 server from VM from for dur
-// at pps datagrams of length bytes per second, and returns what iperf3
-// measured (the server's counts, fetched with --get-server-output rather
-// than over the guest's slow serial console).
-func (g *Guest) IperfUDP(from *VM, dur time.Duration, pps, length int) (UDPResult, error) {
+// at pps datagrams of length bytes per second. The server's counts come
+// back over the network (--get-server-output), not over the guest's slow
+// serial console.
+func (g *Guest) IperfUDP(from *VM, dur time.Duration, pps, length int) (GuestUDP, error) {
 	secs := max(1, int((dur+time.Second-1)/time.Second))
 	bps := int64(pps) * int64(length) * 8
 	args := []string{"iperf3", "-c", g.VIP.String(), "-p", "5201", "-u", "-l", strconv.Itoa(length),
@@ -588,25 +670,45 @@ func (g *Guest) IperfUDP(from *VM, dur time.Duration, pps, length int) (UDPResul
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second+30*time.Second)
 	defer cancel()
 	out, runErr := g.l.ExecContext(ctx, from.NS, args...)
-	var res iperfResult
+	var res struct {
+		Error string `json:"error"`
+		End   struct {
+			SumSent struct {
+				Packets       int64   `json:"packets"`
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_sent"`
+			SumReceived struct {
+				Packets     int64 `json:"packets"`
+				LostPackets int64 `json:"lost_packets"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
 	if err := json.Unmarshal(jsonPart(out), &res); err != nil {
 		if runErr != nil {
-			return UDPResult{}, runErr
+			return GuestUDP{}, runErr
 		}
-		return UDPResult{}, fmt.Errorf("lab: iperf3 output: %w: %s", err, out)
+		return GuestUDP{}, fmt.Errorf("lab: iperf3 output: %w: %s", err, out)
 	}
 	if res.Error != "" {
-		return UDPResult{}, fmt.Errorf("lab: iperf3 %s -> guest %s: %s", from.Name, g.Name, res.Error)
+		return GuestUDP{}, fmt.Errorf("lab: iperf3 %s -> guest %s: %s", from.Name, g.Name, res.Error)
 	}
 	if runErr != nil {
-		return UDPResult{}, runErr
+		return GuestUDP{}, runErr
 	}
-	return UDPResult{
-		SentBPS:     res.End.SumSent.BitsPerSecond,
-		ReceivedBPS: res.End.Sum.BitsPerSecond * (1 - res.End.Sum.LostPercent/100),
-		Packets:     res.End.Sum.Packets,
-		LostPackets: res.End.Sum.LostPackets,
-		LostPercent: res.End.Sum.LostPercent,
-		JitterMs:    res.End.Sum.JitterMs,
+	if res.End.SumSent.Packets == 0 {
+		return GuestUDP{}, fmt.Errorf("lab: iperf3 %s -> guest %s: no sum_sent packets (iperf3 older than 3.12?): %s", from.Name, g.Name, out)
+	}
+	return GuestUDP{
+		Sent:     res.End.SumSent.Packets,
+		Received: res.End.SumReceived.Packets - res.End.SumReceived.LostPackets,
+		Lost:     res.End.SumReceived.LostPackets,
+		Unread:   res.End.SumSent.Packets - res.End.SumReceived.Packets,
+		SentBPS:  res.End.SumSent.BitsPerSecond,
 	}, nil
+}
+
+// String lists where the datagrams went, for logs.
+func (x Loss) String() string {
+	return fmt.Sprintf("sent %d: before the tap %d, tap drops %d, tap->NIC %d, NIC drops %d, NIC->socket %d (RcvbufErrors %d)",
+		x.Sent, x.BeforeTap, x.TapDrop, x.InQEMU, x.NICDrop, x.InGuest, x.RcvbufErrors)
 }
