@@ -1,6 +1,7 @@
 // Package lab builds the namespace lab: hosts as network namespaces on one
-// bridge, VMs as namespaces behind a vif, and agents as processes inside the
-// host namespaces. The end-to-end tests, the benchmarks and the demo use it.
+// bridge, VMs as namespaces behind a vif (or as QEMU guests on a tap, see
+// StartGuest), and agents as processes inside the host namespaces. The
+// end-to-end tests, the benchmarks and the demo use it.
 //
 // Everything is done by shelling out to iproute2 (`ip`) and `sysctl -w` run
 // through `ip netns exec`, so each step can be repeated by hand. Every error

@@ -33,9 +33,8 @@ done
 kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
 [ -n "$kpkg" ] || { echo "make-guest: linux-image-cloud-amd64 unknown to apt (run apt-get update)" >&2; exit 1; }
 pkgs=("$kpkg" busybox-static iperf3 libiperf0)
-versions=$(for p in "${pkgs[@]}"; do
-	printf '%s=%s\n' "$p" "$(apt-cache policy "$p" | awk '/Candidate:/ {print $2}')"
-done)
+versions=$(apt-cache policy "${pkgs[@]}" | awk '/^[^ ]/ {p = $1; sub(/:$/, "", p)} /Candidate:/ {print p "=" $2}')
+[ "$(echo "$versions" | grep -c '=[^(]')" -eq ${#pkgs[@]} ] || { echo "make-guest: no candidate for some of ${pkgs[*]}: $versions" >&2; exit 1; }
 key=$( (cat "$0"; echo "$versions") | sha256sum | cut -c1-16)
 out=$cache/$key
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ]; then
