@@ -383,7 +383,7 @@ func (g *Guest) Migrate(ctx context.Context) (Migration, error) {
 	if _, err := src.q.cmd(ctx, "migrate", map[string]any{"uri": uri}); err != nil {
 		return fail(err)
 	}
-	var info struct {
+	type migInfo struct {
 		Status    string `json:"status"`
 		TotalTime int64  `json:"total-time"`
 		Downtime  int64  `json:"downtime"`
@@ -393,16 +393,25 @@ func (g *Guest) Migrate(ctx context.Context) (Migration, error) {
 			Transferred int64 `json:"transferred"`
 		} `json:"ram"`
 	}
+	var info migInfo
+	// QEMU 7.2 says "completed" a moment before it has filled in the times.
+	var completed time.Time
 	for {
 		b, err := src.q.cmd(ctx, "query-migrate", nil)
 		if err != nil {
 			return fail(err)
 		}
+		info = migInfo{}
 		if err := json.Unmarshal(b, &info); err != nil {
 			return fail(fmt.Errorf("query-migrate: %w: %s", err, b))
 		}
 		if info.Status == "completed" {
-			break
+			if completed.IsZero() {
+				completed = time.Now()
+			}
+			if info.TotalTime > 0 || time.Since(completed) > time.Second {
+				break
+			}
 		}
 		if info.Status == "failed" || info.Status == "cancelled" {
 			_, _ = src.q.cmd(ctx, "cont", nil)
