@@ -111,8 +111,9 @@ func Accel() string {
 	return "tcg"
 }
 
-// Guest is a QEMU VM with one IPv4 VIP. Host is where it runs; its methods
-// must not be called concurrently.
+// Guest is a QEMU VM with one IPv4 VIP. Host is where it runs. Its methods
+// must not be called concurrently, except IperfUDP, which may run while
+// the guest migrates.
 type Guest struct {
 	Name   string
 	VIP    netip.Addr

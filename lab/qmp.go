@@ -176,13 +176,6 @@ func (q *qmp) waitEvent(ctx context.Context, name string, since time.Time) (QMPE
 	}
 }
 
-// Events returns a copy of every event received so far.
-func (q *qmp) Events() []QMPEvent {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return append([]QMPEvent(nil), q.events...)
-}
-
 // close closes the socket and waits for the reader to stop.
 func (q *qmp) close() {
 	q.conn.Close()
