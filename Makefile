@@ -118,6 +118,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseAnnouncement$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./xenhook/
 	$(GO) test -run '^$$' -fuzz '^FuzzDomainVIPs$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./xenhook/
 	$(GO) test -run '^$$' -fuzz '^FuzzDomidOfVif$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./xenhook/
+	$(GO) test -run '^$$' -fuzz '^FuzzProxmoxVIPs$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./xenhook/
 	$(GO) test -run '^$$' -fuzz '^FuzzHandler$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./wgagent/control/
 	$(GO) test -run '^$$' -fuzz '^FuzzFlowHash$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./lab/wanem/
 

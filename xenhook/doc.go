@@ -1,8 +1,10 @@
 // Package xenhook turns hypervisor events into agent calls: Xen's hotplug
 // hook (scripts/xen/vmroam.hook), the xenstore watches that say a domain is
 // being suspended for migration or is arriving from one, libvirt's qemu
-// hook (scripts/libvirt/qemu, which runs `vmroam hook libvirt`), and the
-// frames by which a resumed VM announces itself on its interface. It owns
+// hook (scripts/libvirt/qemu, which runs `vmroam hook libvirt`), Proxmox
+// VE's guest hookscript (scripts/proxmox/vmroam-hookscript, which runs
+// `vmroam hook proxmox`), and the frames by which a resumed VM announces
+// itself on its interface. It owns
 // no state the agent relies on; what it remembers only keeps it from
 // reporting the same event twice.
 //
