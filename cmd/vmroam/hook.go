@@ -14,14 +14,26 @@ import (
 )
 
 const hookUsage = `Usage: vmroam hook libvirt DOMAIN OP SUBOP EXTRA  (domain XML on stdin)
+       vmroam hook proxmox VMID PHASE
 
-libvirt's qemu hook (scripts/libvirt/qemu, installed by make install-libvirt)
-runs this; people do not. It tells the agent about the domain's VIPs:
-prepare and start -> pre-provision, started -> attach, release -> detach.
-It exits 0 whatever happens, so as never to stop a VM, and reports errors on
-stderr and to syslog. The agent is found through $VMROAM_SOCKET, else
-` + control.DefaultSocket + `; libvirt clears its hooks' environment, so under
-libvirt the agent must listen there.
+Hypervisor hooks run these; people do not. They tell the agent about a VM's
+VIPs as it starts, migrates and stops, exit 0 whatever happens, so as never
+to stop a VM, and report errors on stderr and to syslog (daemon.err, tag
+vmroam-hook).
+
+libvirt's qemu hook (scripts/libvirt/qemu, make install-libvirt): prepare
+and start -> pre-provision, started -> attach, release -> detach; VIPs from
+the domain XML.
+
+A Proxmox VE hookscript (scripts/proxmox/vmroam-hookscript, make
+install-proxmox): pre-start -> pre-provision, post-start -> attach,
+post-stop -> detach; VIPs from the VM's config (` + pveDefaultDir + `/nodes/*/qemu-server/VMID.conf):
+"vmroam-vip: ADDRESS [netN]" lines of its description, else its
+cloud-init ipconfigN addresses, each behind tapVMIDiN.
+
+The agent is found through $VMROAM_SOCKET, else ` + control.DefaultSocket + `;
+libvirt clears its hooks' environment, so under libvirt the agent must
+listen there.
 `
 
 const (
@@ -50,16 +62,18 @@ var hookSyslog = func(line string) {
 
 func runHook(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return usagef("hook: want a hypervisor: libvirt")
+		return usagef("hook: want a hypervisor: libvirt or proxmox")
 	}
 	switch args[0] {
 	case "libvirt":
 		return runHookLibvirt(ctx, args[1:], stdout, stderr)
+	case "proxmox":
+		return runHookProxmox(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help":
 		fmt.Fprint(stdout, hookUsage)
 		return nil
 	}
-	return usagef("hook: unknown hypervisor %q (want libvirt)", args[0])
+	return usagef("hook: unknown hypervisor %q (want libvirt or proxmox)", args[0])
 }
 
 // runHookLibvirt handles one call of libvirt's qemu hook. It writes
@@ -76,7 +90,7 @@ func runHookLibvirt(ctx context.Context, args []string, stdout, stderr io.Writer
 		return usagef("hook libvirt: want DOMAIN OP SUBOP EXTRA, got %d arguments", len(args))
 	}
 	ev := xenhook.LibvirtEvent{Domain: args[0], Op: args[1], SubOp: args[2], Extra: args[3]}
-	h := &hookRun{ev: ev, stderr: stderr}
+	h := &hookRun{event: fmt.Sprintf("domain %s, %s %s", ev.Domain, ev.Op, ev.SubOp), stderr: stderr}
 
 	// Read everything libvirt writes, even when the event needs none of
 	// it: a hook that leaves its stdin unread can fail libvirt's write.
@@ -100,6 +114,14 @@ func runHookLibvirt(ctx context.Context, args []string, stdout, stderr io.Writer
 	if len(actions) == 0 {
 		return nil
 	}
+	h.run(ctx, actions)
+	return nil
+}
+
+// run tells the agent about actions, one after the other, reporting each.
+// A failure is reported and the next one tried: the VM goes on starting or
+// stopping whatever the agent says.
+func (h *hookRun) run(ctx context.Context, actions []xenhook.Action) {
 	ctx, cancel := context.WithTimeout(ctx, hookTimeout)
 	defer cancel()
 	c := client("")
@@ -107,8 +129,8 @@ func runHookLibvirt(ctx context.Context, args []string, stdout, stderr io.Writer
 		switch a.Verb {
 		case "prepare":
 			// Only a head start for the handover (the agent connects to
-			// the VIP's host now): attach at "started" is what routes the
-			// VIP here, so a failure here must not stop the VM.
+			// the VIP's host now): the attach once QEMU runs is what
+			// routes the VIP here, so a failure here must not stop the VM.
 			v, err := c.Prepare(ctx, a.VIP)
 			if err != nil {
 				h.infof("prepare %s: %v; the handover will connect at the claim instead", a.VIP, err)
@@ -146,18 +168,16 @@ func runHookLibvirt(ctx context.Context, args []string, stdout, stderr io.Writer
 			h.errorf("unknown action %q for %s", a.Verb, a.VIP)
 		}
 	}
-	return nil
 }
 
 // hookRun reports what one hook call did, each line naming the event.
 type hookRun struct {
-	ev     xenhook.LibvirtEvent
+	// event names the VM and the event ("domain web1, started begin").
+	event  string
 	stderr io.Writer
 }
 
-func (h *hookRun) prefix() string {
-	return fmt.Sprintf("domain %s, %s %s", h.ev.Domain, h.ev.Op, h.ev.SubOp)
-}
+func (h *hookRun) prefix() string { return h.event }
 
 func (h *hookRun) infof(format string, args ...any) {
 	fmt.Fprintf(h.stderr, "vmroam hook: %s: %s\n", h.prefix(), fmt.Sprintf(format, args...))

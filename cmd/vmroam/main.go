@@ -48,6 +48,8 @@ Usage:
                                  and say what to fix
   vmroam hook libvirt DOMAIN OP SUBOP EXTRA
                                  libvirt's qemu hook runs this; people do not
+  vmroam hook proxmox VMID PHASE
+                                 a Proxmox VE hookscript runs this; people do not
   vmroam version                 print the version
 
 Client commands find the agent through --socket, else $VMROAM_SOCKET, else
