@@ -11,13 +11,14 @@ FUZZTIME ?= 60s
 FUZZFLAGS ?= -fuzzminimizetime 10s
 XEN_SCRIPT_DIR ?= /etc/xen/scripts
 LIBVIRT_HOOK_DIR ?= /etc/libvirt/hooks
+PROXMOX_SNIPPETS_DIR ?= /var/lib/vz/snippets
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 # Units of locally installed programs: $(PREFIX)/lib/systemd/system. Local
 # overrides (`systemctl edit vmroam`) go to /etc/systemd/system.
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all build deps test test-long soak unit lint vet fmt-check fuzz-check bench bench-migration demo dashboard-picture fuzz sim install install-xen install-libvirt clean
+.PHONY: all build deps test test-long soak unit lint vet fmt-check fuzz-check bench bench-migration demo dashboard-picture fuzz sim install install-xen install-libvirt install-proxmox clean
 
 all: build
 
@@ -151,6 +152,13 @@ install-xen:
 install-libvirt:
 	install -d $(DESTDIR)$(LIBVIRT_HOOK_DIR)/qemu.d
 	install -m 0755 scripts/libvirt/qemu $(DESTDIR)$(LIBVIRT_HOOK_DIR)/qemu.d/vmroam
+
+# The Proxmox VE hookscript, into the snippets of the "local" storage (on
+# every node: a migration's target runs it too). A VM uses it after
+# qm set VMID --hookscript local:snippets/vmroam.sh.
+install-proxmox:
+	install -d $(DESTDIR)$(PROXMOX_SNIPPETS_DIR)
+	install -m 0755 scripts/proxmox/vmroam-hookscript $(DESTDIR)$(PROXMOX_SNIPPETS_DIR)/vmroam.sh
 
 clean:
 	rm -rf bin

@@ -1,7 +1,10 @@
 package xenhook
 
 import (
+	"bytes"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -159,4 +162,104 @@ func TestProxmoxActions(t *testing.T) {
 			}
 		})
 	}
+}
+
+// pveHookscript runs scripts/proxmox/vmroam-hookscript with sh, as Proxmox
+// does (PVE/GuestHelpers.pm: `<script> <vmid> <phase>`, stdin /dev/null,
+// PATH=/sbin:/bin:/usr/sbin:/usr/bin), with bin first on PATH, and returns
+// its stderr. It fails the test when the script exits non-zero: at
+// pre-start that would abort the VM's start.
+func pveHookscript(t *testing.T, bin string, args ...string) string {
+	t.Helper()
+	sh, err := exec.LookPath("sh")
+	if err != nil {
+		t.Skip("no sh on PATH")
+	}
+	script, err := filepath.Abs("../scripts/proxmox/vmroam-hookscript")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(script); err != nil || st.Mode()&0o111 == 0 {
+		t.Fatalf("%s: %v: want an executable (Proxmox refuses others)", script, err)
+	}
+	cmd := exec.Command(sh, append([]string{script}, args...)...)
+	cmd.Env = []string{"PATH=" + bin + ":/sbin:/bin:/usr/sbin:/usr/bin", "LC_ALL=C"}
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("hookscript %q: %v (Proxmox would abort a start)\nstderr: %s", args, err, errb.String())
+	}
+	if out.Len() != 0 {
+		t.Errorf("hookscript %q: stdout %q: vmroam writes nothing there", args, out.String())
+	}
+	return errb.String()
+}
+
+// fakePVEBin makes a bin directory with a vmroam that records its arguments
+// (one per line) and PATH and exits with code, and a logger that records
+// what it is asked to log.
+func fakePVEBin(t *testing.T, code int) (bin, rec string) {
+	t.Helper()
+	rec = t.TempDir()
+	bin = filepath.Join(rec, "bin")
+	if err := os.Mkdir(bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeScript(t, filepath.Join(bin, "vmroam"), fmt.Sprintf(`
+printf '%%s\n' "$@" >%[1]q/argv
+printf '%%s\n' "$PATH" >%[1]q/path
+echo "vmroam: something to say" >&2
+exit %[2]d
+`, rec, code))
+	writeScript(t, filepath.Join(bin, "logger"), fmt.Sprintf(`printf '%%s\n' "$*" >>%q/syslog`, rec))
+	return bin, rec
+}
+
+func TestProxmoxHookscript(t *testing.T) {
+	bin, rec := fakePVEBin(t, 0)
+	for _, phase := range []string{"pre-start", "post-start", "pre-stop", "post-stop"} {
+		stderr := pveHookscript(t, bin, "100", phase)
+		if !strings.Contains(stderr, "something to say") {
+			t.Errorf("%s: vmroam's stderr lost: %q", phase, stderr)
+		}
+		if got, want := lines(t, filepath.Join(rec, "argv")), []string{"hook", "proxmox", "100", phase}; !slices.Equal(got, want) {
+			t.Errorf("vmroam ran with %q, want %q", got, want)
+		}
+	}
+	// make install puts vmroam in /usr/local/bin, not on Proxmox's PATH.
+	if p := lines(t, filepath.Join(rec, "path")); len(p) != 1 || !strings.HasSuffix(p[0], ":/usr/local/sbin:/usr/local/bin") {
+		t.Errorf("vmroam ran with PATH %q: /usr/local/bin not added", p)
+	}
+	if _, err := os.Stat(filepath.Join(rec, "syslog")); err == nil {
+		t.Errorf("the script logged although vmroam succeeded: %q", lines(t, filepath.Join(rec, "syslog")))
+	}
+}
+
+func TestProxmoxHookscriptNeverFails(t *testing.T) {
+	t.Run("vmroam fails", func(t *testing.T) {
+		bin, rec := fakePVEBin(t, 3)
+		stderr := pveHookscript(t, bin, "100", "pre-start")
+		if !strings.Contains(stderr, "vmroam hook: ERROR: vmroam hook proxmox 100 pre-start exited 3") {
+			t.Errorf("stderr %q", stderr)
+		}
+		if log := lines(t, filepath.Join(rec, "syslog")); len(log) != 1 || !strings.Contains(log[0], "-p daemon.err -t vmroam-hook") {
+			t.Errorf("syslog %q", log)
+		}
+	})
+	t.Run("vmroam missing", func(t *testing.T) {
+		for _, d := range []string{"/usr/local/sbin", "/usr/local/bin", "/sbin", "/bin", "/usr/sbin", "/usr/bin"} {
+			if _, err := os.Stat(filepath.Join(d, "vmroam")); err == nil {
+				t.Skipf("a real vmroam is installed (%s)", d)
+			}
+		}
+		bin, rec := fakePVEBin(t, 0)
+		os.Remove(filepath.Join(bin, "vmroam"))
+		stderr := pveHookscript(t, bin, "100", "pre-start")
+		if !strings.Contains(stderr, "vmroam hook: ERROR: vmroam is not on PATH") || !strings.Contains(stderr, "VIPs of VM 100 not handled at pre-start") {
+			t.Errorf("stderr %q", stderr)
+		}
+		if log := lines(t, filepath.Join(rec, "syslog")); len(log) != 1 || !strings.Contains(log[0], "vmroam is not on PATH") {
+			t.Errorf("syslog %q", log)
+		}
+	})
 }

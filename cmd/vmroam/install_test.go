@@ -134,3 +134,36 @@ func TestMakeInstall(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestMakeInstallProxmox stages `make install-proxmox`: the hookscript, as
+// the repository has it and executable (Proxmox refuses a hookscript that
+// is not), in the local storage's snippets or PROXMOX_SNIPPETS_DIR.
+func TestMakeInstallProxmox(t *testing.T) {
+	makeTool, err := exec.LookPath("make")
+	if err != nil {
+		t.Skip("make not found")
+	}
+	want, err := os.ReadFile(filepath.Join(repoRoot, "scripts", "proxmox", "vmroam-hookscript"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for dir, extra := range map[string][]string{
+		"var/lib/vz/snippets":     nil,
+		"mnt/pve/cephfs/snippets": {"PROXMOX_SNIPPETS_DIR=/mnt/pve/cephfs/snippets"},
+	} {
+		dest := t.TempDir()
+		args := append([]string{"-C", repoRoot, "install-proxmox", "DESTDIR=" + dest}, extra...)
+		if out, err := exec.Command(makeTool, args...).CombinedOutput(); err != nil {
+			t.Fatalf("make %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		path := filepath.Join(dest, dir, "vmroam.sh")
+		st, err := os.Stat(path)
+		if err != nil {
+			t.Errorf("make %s: %v", strings.Join(args, " "), err)
+			continue
+		}
+		if got, err := os.ReadFile(path); err != nil || !bytes.Equal(got, want) || st.Mode().Perm() != 0o755 {
+			t.Errorf("%s: %v, mode %v: want the hookscript, mode 0755", path, err, st.Mode())
+		}
+	}
+}
