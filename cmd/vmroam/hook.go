@@ -27,9 +27,10 @@ the domain XML.
 
 A Proxmox VE hookscript (scripts/proxmox/vmroam-hookscript, make
 install-proxmox): pre-start -> pre-provision, post-start -> attach,
-post-stop -> detach; VIPs from the VM's config (` + pveDefaultDir + `/nodes/*/qemu-server/VMID.conf):
-"vmroam-vip: ADDRESS [netN]" lines of its description, else its
-cloud-init ipconfigN addresses, each behind tapVMIDiN.
+post-stop -> detach; VIPs from the VM's config,
+` + pveDefaultDir + `/nodes/*/qemu-server/VMID.conf: the "vmroam-vip: ADDRESS [netN]"
+lines of its description, else its cloud-init ipconfigN addresses, each
+behind tapVMIDiN.
 
 The agent is found through $VMROAM_SOCKET, else ` + control.DefaultSocket + `;
 libvirt clears its hooks' environment, so under libvirt the agent must

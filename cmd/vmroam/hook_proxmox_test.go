@@ -98,9 +98,8 @@ func (h *pveHost) newCalls() []string {
 func pveHook(t *testing.T, host *pveHost, from, vmid, phase string) (code int, stdout, stderr string, syslog []string) {
 	t.Helper()
 	t.Setenv(control.SocketEnv, host.socket)
-	if from != "" {
-		t.Setenv("PVE_MIGRATED_FROM", from)
-	} else {
+	t.Setenv("PVE_MIGRATED_FROM", from) // restored at the test's end
+	if from == "" {
 		os.Unsetenv("PVE_MIGRATED_FROM")
 	}
 	var mu sync.Mutex
