@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/lab"
 	"github.com/vmroam/vmroam/wgagent/control"
@@ -323,4 +325,62 @@ func TestKeyRotation(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestHandoverNeedsTheClaim: a peer that asks for a VIP's cache without
+// having claimed the VIP in gossip gets nothing. h2 is a real member and
+// WireGuard peer of h1 (its request comes from its own overlay address, so
+// it passes the connection's checks) and asks for h1's VIP at a higher
+// epoch: h1 refuses, naming the missing claim, keeps the VIP and streams
+// nothing. Before the check, h1 streamed its cache and made h2 the owner
+// on the request's word alone.
+func TestHandoverNeedsTheClaim(t *testing.T) {
+	l, m, _ := migrationLab(t, 2)
+	h1, h2 := l.Hosts[0], l.Hosts[1]
+	epoch := uint64(0)
+	for _, v := range status(t, l, h1).VIPs {
+		if v.VIP == m.VIPs[0].String() {
+			epoch = v.Epoch
+		}
+	}
+	if epoch == 0 {
+		t.Fatalf("h1 has no record of %s", m.VIPs[0])
+	}
+	var req bytes.Buffer
+	w := cache.NewWriter(&req)
+	if err := w.Request(cache.Request{VIP: m.VIPs[0], Epoch: epoch + 1, Claimer: h2.Name, Ticks: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(l.Dir, "forged-request")
+	if err := os.WriteFile(file, req.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// From h2's namespace to h1's overlay address: through the tunnel,
+	// from h2's overlay address.
+	out, err := l.Exec(h2.NS, "timeout", "20", "bash", "-c",
+		"exec 3<>/dev/tcp/"+h1.Overlay.Addr().String()+"/7947 && cat "+file+" >&3 && cat <&3")
+	if err != nil {
+		t.Fatalf("h2 to h1's handover port: %v\n%s", err, out)
+	}
+	f, err := cache.NewReader(bytes.NewReader(out)).Next()
+	if err != nil {
+		t.Fatalf("h1's answer (%d bytes): %v", len(out), err)
+	}
+	if f.Type != cache.FrameRefuse || !strings.Contains(f.Refuse.Reason, "no claim of") {
+		t.Fatalf("h1 answered a request without a claim with %v %q, want a refusal naming the missing claim", f.Type, f.Refuse.Reason)
+	}
+	for _, h := range []*lab.Host{h1, h2} {
+		st := status(t, l, h)
+		if owner := vipOwner(st, m.VIPs[0]); owner != h1.Name {
+			t.Errorf("%s: %s owned by %q, want h1", h.Name, m.VIPs[0], owner)
+		}
+	}
+	for _, v := range status(t, l, h1).VIPs {
+		if v.VIP == m.VIPs[0].String() && (!v.Local || v.State != control.VIPLocal || v.Epoch != epoch) {
+			t.Errorf("h1: %s is %+v, want local at epoch %d", v.VIP, v, epoch)
+		}
+	}
 }

@@ -498,6 +498,27 @@ func (c *Cluster) Claim(vip netip.Addr) Record {
 	return r
 }
 
+// Tell sends r straight to the member called name, best effort, besides
+// the broadcast that carries it to everyone: a claim reaches the VIP's old
+// owner within one one-way delay instead of at the next gossip round. The
+// old owner hands its cache over only to the owner its table names
+// (DESIGN.md, "Migration"), so the claim must be there by the time the
+// claimer's request is. The receiver merges r as any gossiped record.
+func (c *Cluster) Tell(name string, r Record) error {
+	if err := r.validate(); err != nil {
+		return fmt.Errorf("gossip: tell %s: %w", name, err)
+	}
+	for _, n := range c.ml.Members() {
+		if n.Name == name {
+			if err := c.ml.SendBestEffort(n, EncodeRecords([]Record{r})); err != nil {
+				return fmt.Errorf("gossip: tell %s: %w", name, err)
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("gossip: tell %s: no such member", name)
+}
+
 // Release writes a tombstone (Owner "") at the next epoch if this member is
 // the current owner of vip, broadcasts it and returns it and true; it
 // returns false if this member did not own vip.

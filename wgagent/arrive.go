@@ -48,6 +48,13 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 	}
 	r := a.cluster.Claim(vip)
 	claimed := time.Now()
+	if old.Owner != "" && old.Owner != a.cfg.Name {
+		// The old owner streams only once its table names us: tell it
+		// now rather than at the next gossip round.
+		if err := a.cluster.Tell(old.Owner, r); err != nil {
+			a.log.Debug("claim not told to the old owner directly; gossip carries it", "vip", vip, "to", old.Owner, "err", err)
+		}
+	}
 	req := cache.Request{VIP: vip, Epoch: r.Epoch, Claimer: a.cfg.Name, Ticks: true}
 	pc := a.takePrepared(vip, old.Owner)
 	var stream *cache.Queue

@@ -131,6 +131,9 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	if err := a.checkClaimer(conn, req.Claimer); err != nil {
 		return refuse("%v", err)
 	}
+	if err := a.waitForClaim(req); err != nil {
+		return refuse("%v", err)
+	}
 
 	var c *vipCtl
 	asked := time.Now()
@@ -261,6 +264,35 @@ func (a *Agent) checkClaimer(conn net.Conn, claimer string) error {
 		return fmt.Errorf("%s is the overlay address of peer %q, not of %q", remote.Addr(), peer, claimer)
 	}
 	return nil
+}
+
+// claimWait bounds how long a handover request waits for the claim it
+// follows to reach this host's table: the claimer tells this host directly
+// (gossip.Cluster.Tell), so it is there within a round trip unless that
+// datagram was lost; then the broadcast brings it at the next gossip
+// rounds (200 ms apart on a LAN, 500 ms on a WAN).
+const claimWait = 2 * time.Second
+
+// waitForClaim returns once the gossip table names req's claimer the VIP's
+// owner at req's epoch, and an error if it names another owner at that
+// epoch or a later one, or nothing newer within claimWait. A member with
+// the gossip key can claim any VIP, but the cache goes only where the
+// whole cluster routes the VIP, never on the word of the request alone.
+func (a *Agent) waitForClaim(req cache.Request) error {
+	deadline := time.Now().Add(claimWait)
+	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 10*time.Millisecond) {
+		r, ok := a.cluster.Table().Get(req.VIP)
+		switch {
+		case ok && r.Owner == req.Claimer && r.Epoch == req.Epoch:
+			return nil
+		case ok && r.Epoch >= req.Epoch:
+			return fmt.Errorf("the gossip table names %q the owner of %s at epoch %d, not %q at epoch %d", r.Owner, req.VIP, r.Epoch, req.Claimer, req.Epoch)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no claim of %s by %q at epoch %d reached this host within %v (the table has epoch %d)", req.VIP, req.Claimer, req.Epoch, claimWait, r.Epoch)
+		}
+		time.Sleep(pause)
+	}
 }
 
 // readHandoverRequest reads the next frame from a peer's connection: its
