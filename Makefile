@@ -42,11 +42,12 @@ vet:
 fmt-check:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
-# Every test: unit tests, then the namespace end-to-end suite on its own
-# (it measures traffic, so it should not share two cores with the rest),
-# race detector on.
+# Every test: unit tests, then the lab's own tests and the namespace
+# end-to-end suite, each on its own (they measure traffic, QEMU guests among
+# them, so they should not share two cores with the rest), race detector on.
 test: deps lint
-	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /e2e)
+	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v -e /e2e -e '/lab$$')
+	$(GO) test -race -count=1 -timeout 20m ./lab/
 	$(GO) test -race -count=1 -timeout 30m ./e2e/
 
 # The opt-in long end-to-end tests (minutes each): 50 migrations in a row.
