@@ -146,6 +146,12 @@ type Agent struct {
 	// restoreOnce re-arms awaitKeep's waits once joined.
 	restoreOnce sync.Once
 
+	// refused are other hosts' records the last reconcile did not follow
+	// (claims.go); guarded by mu. localAddrs are this host's addresses as
+	// last read.
+	refused    []refusedRecord
+	localAddrs atomic.Pointer[hostAddrs]
+
 	// configProblems are mistakes in the config found after start (a
 	// network that clashes); status shows them until a restart or a
 	// reload that declares the networks again.

@@ -141,25 +141,26 @@ func (a *Agent) checkDev(dev string) error {
 		return badRequest("--dev %s is the cache's interface, not a VM's", dev)
 	case !linkExists(dev):
 		return badRequest("interface %s not found on this host", dev)
+	case a.isUnderlayDev(dev):
+		return badRequest("--dev %s carries this host's underlay (gossip and WireGuard to the other hosts), not a VM's interface", dev)
 	}
 	return nil
 }
 
-// checkVIP refuses addresses that cannot be a VM's: not unicast, or a
-// host's overlay address.
+// checkVIP refuses addresses that cannot be a VM's, by the rule every
+// host applies to others' records too (claimRules.refuse): a host's own
+// or another host's address, an address of this host's interfaces, not
+// unicast, or outside --vip-prefixes.
 func (a *Agent) checkVIP(vip netip.Addr) error {
-	switch {
-	case !vip.IsValid():
+	if !vip.IsValid() {
 		return badRequest("a VIP is required")
-	case vip.IsUnspecified() || vip.IsLoopback() || vip.IsMulticast() || vip.IsLinkLocalUnicast() || vip == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
-		return badRequest("%s cannot be a VIP: not a unicast address", vip)
-	case vip == a.cfg.Address.Addr():
-		return badRequest("%s is this host's overlay address", vip)
 	}
-	for _, m := range a.cluster.Members() {
-		if m.MetaErr == nil && m.Meta.Address == vip {
-			return badRequest("%s is the overlay address of host %s", vip, m.Name)
-		}
+	members := a.cluster.Members()
+	if err := a.refreshLocalAddrs(members); err != nil {
+		return fmt.Errorf("check %s: %w", vip, err)
+	}
+	if why := a.claimRules(members).refuse(vip); why != "" {
+		return badRequest("%s cannot be a VIP: %s", vip, why)
 	}
 	return nil
 }
@@ -267,6 +268,7 @@ func (b backend) Status(context.Context) (control.Status, error) {
 		st.VIPs = append(st.VIPs, a.vipLocked(r))
 	}
 	st.Problems = slices.Clone(a.problems)
+	st.RefusedRecords = refusedStatus(a.refused)
 	st.Networks = a.networksStatus()
 	st.Migrations = a.migrationsLocked()
 	if a.intercept != nil {

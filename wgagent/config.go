@@ -37,6 +37,10 @@ type Config struct {
 	// length, e.g. 100.100.0.1/16. The whole prefix is routed into the
 	// tunnel.
 	Address netip.Prefix
+	// VIPPrefixes are where VIPs may be: an attach or another host's
+	// record outside them is refused. Empty: the overlay prefix (of
+	// Address) and the declared virtual networks.
+	VIPPrefixes []netip.Prefix
 	// Interface names the WireGuard interface.
 	Interface string
 	// MTU of the WireGuard interface.
@@ -200,6 +204,12 @@ func (c *Config) Validate() error {
 		add("--address is required (this host's overlay address with the overlay prefix, e.g. 100.100.0.1/16)")
 	} else if c.Address.Addr() == c.Address.Masked().Addr() && c.Address.Bits() < c.Address.Addr().BitLen() {
 		add("--address %s is the overlay prefix itself; give this host's address in it, e.g. %s", c.Address, nextAddr(c.Address))
+	}
+	for _, p := range c.VIPPrefixes {
+		// The rule of a virtual network's prefix: a range VMs can use.
+		if err := gossip.ValidNetworkPrefix(p); err != nil {
+			add("--vip-prefixes %s: %v", p, err)
+		}
 	}
 	for _, p := range []struct {
 		name string

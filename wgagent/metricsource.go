@@ -50,6 +50,7 @@ func (s metricsSource) Snapshot() (metrics.Snapshot, error) {
 		snap.VIPs[string(a.vipLocked(r).State)]++
 	}
 	snap.Problems = len(a.problems)
+	snap.RecordsRefused = a.refusedByOwnerLocked()
 	a.mu.Unlock()
 	gs := a.cluster.Stats()
 	snap.GossipMembers = gs.Members

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -78,6 +79,15 @@ func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 	a.conflictProblems(problem)
 	members := a.cluster.Members()
 	records := a.cluster.Table().Records()
+	// Others' records are followed only where they could be a VM's: a
+	// refused one changes no route, no peer and no local attachment.
+	if verify || a.localAddrs.Load() == nil {
+		if err := a.refreshLocalAddrs(members); err != nil {
+			failed("address", "%v", err)
+		}
+	}
+	records, refused := followedRecords(records, a.cfg.Name, a.claimRules(members))
+	a.noteRefusedLocked(refused, problem)
 	a.reconcileOwnership(records)
 	a.expirePrepared(false)
 	a.rememberPeers(members)
@@ -237,17 +247,30 @@ func (a *Agent) rememberPeers(members []gossip.Member) {
 func isPeerState(s gossip.MemberState) bool { return s == "alive" || s == "suspect" }
 
 func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, problem func(string, ...any)) []wantPeer {
-	owned := map[string][]netip.Prefix{}
-	for _, r := range records {
-		if r.Owner != "" {
-			owned[r.Owner] = append(owned[r.Owner], hostPrefix(r.VIP))
+	self := a.key.PublicKey()
+	// A member's overlay address is only ever in its own AllowedIPs:
+	// WireGuard would move it to whichever peer lists it, and with it the
+	// host's tunnel traffic and its handover port. So an address two
+	// members announce (or one announces this host's) is nobody's, and no
+	// record moves one.
+	announced := map[netip.Addr][]string{a.cfg.Address.Addr(): {a.cfg.Name}}
+	for _, m := range members {
+		if !m.Local && isPeerState(m.State) && m.MetaErr == nil {
+			announced[m.Meta.Address] = append(announced[m.Meta.Address], m.Name)
 		}
 	}
-	self := a.key.PublicKey()
+	owned := map[string][]netip.Prefix{}
+	for _, r := range records {
+		if r.Owner == "" {
+			continue
+		}
+		if names, ok := announced[r.VIP]; ok {
+			problem("host %s claims %s, the overlay address of %s: refused", r.Owner, r.VIP, strings.Join(names, " and "))
+			continue
+		}
+		owned[r.Owner] = append(owned[r.Owner], hostPrefix(r.VIP))
+	}
 	byKey := map[wgtypes.Key]string{}
-	// A member may not take another's overlay address (or this host's):
-	// WireGuard would move it to its own peer.
-	byAddr := map[netip.Addr]string{a.cfg.Address.Addr(): a.cfg.Name}
 	var out []wantPeer
 	for _, m := range members {
 		if m.Local || !isPeerState(m.State) {
@@ -275,12 +298,11 @@ func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, prob
 			problem("members %s and %s share one WireGuard key; ignoring %s", other, m.Name, m.Name)
 			continue
 		}
-		if other, dup := byAddr[m.Meta.Address]; dup {
-			problem("members %s and %s announce one overlay address %s; ignoring %s", other, m.Name, m.Meta.Address, m.Name)
+		if names := announced[m.Meta.Address]; len(names) > 1 {
+			problem("%s announce one overlay address %s; ignoring %s", strings.Join(names, " and "), m.Meta.Address, m.Name)
 			continue
 		}
 		byKey[k] = m.Name
-		byAddr[m.Meta.Address] = m.Name
 		allowed := append([]netip.Prefix{hostPrefix(m.Meta.Address)}, owned[m.Name]...)
 		out = append(out, wantPeer{name: m.Name, key: k, endpoint: m.Meta.Endpoint, allowedIPs: allowed})
 	}

@@ -57,6 +57,7 @@ var configKeys = []configKey{
 	{name: "cache-interface", field: "CacheInterface"},
 	{name: "handover-port", field: "HandoverPort"},
 	{name: "network", field: "Networks", live: true},
+	{name: "vip-prefixes", field: "VIPPrefixes"},
 	{name: "alloc-settle", field: "AllocSettle", live: true},
 	{name: "alloc-quarantine", field: "AllocQuarantine", live: true},
 	{name: "activation", field: "Activation", live: true},

@@ -55,6 +55,7 @@ type agentFlags struct {
 	cacheIface        string
 	handoverPort      int
 	networks          listFlag
+	vipPrefixes       listFlag
 	filter            bool
 	xenstore          string
 	activation        string
@@ -101,6 +102,7 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.StringVar(&f.cacheIface, "cache-interface", d.CacheInterface, "`name` of the cache's TUN device")
 	fs.IntVar(&f.handoverPort, "handover-port", d.HandoverPort, "TCP `port` on the overlay address for handovers between agents")
 	fs.Var(&f.networks, "network", "`NAME=CIDR,...` virtual networks to declare cluster-wide once joined, comma-separated or repeated (like 'vmroam network add')")
+	fs.Var(&f.vipPrefixes, "vip-prefixes", "`CIDR,...` where VIPs may be, comma-separated or repeated: an attach or another host's claim outside them is refused (default: the --address prefix and the declared virtual networks)")
 	fs.DurationVar(&f.allocSettle, "alloc-settle", d.AllocSettle, "how long 'vip allocate' waits for a competing claim before it trusts an address (longer than gossip takes)")
 	fs.DurationVar(&f.allocQuarantine, "alloc-quarantine", d.AllocQuarantine, "how long a released address is not handed out again")
 	fs.StringVar(&f.xenstore, "xenstore", d.Xenstore, "xenstored's socket `path`, to start caching the moment a Xen domain is asked to suspend: auto (use /run/xenstored/socket if there), off, or a path")
@@ -235,6 +237,13 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 			return cfg, usagef("--network %q: want NAME=CIDR, e.g. blue=100.64.1.0/24", n)
 		}
 		cfg.Networks = append(cfg.Networks, wgagent.NetworkConfig{Name: name, Prefix: p})
+	}
+	for _, s := range f.vipPrefixes {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return cfg, usagef("--vip-prefixes %q: want CIDR, e.g. 100.64.0.0/10", s)
+		}
+		cfg.VIPPrefixes = append(cfg.VIPPrefixes, p)
 	}
 	if f.keyFile != "" {
 		if cfg.GossipKeys, err = gossip.LoadKeyFile(f.keyFile); err != nil {

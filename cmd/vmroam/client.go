@@ -282,6 +282,8 @@ func runVIP(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		switch v.State {
 		case control.VIPReleased:
 			fmt.Fprintf(stdout, "%s released (epoch %d)\n", v.VIP, v.Epoch)
+		case control.VIPCaching, control.VIPForwarding:
+			fmt.Fprintf(stdout, "%s\n", detachedCached(ctx, client(socket), v))
 		case control.VIPRemote:
 			fmt.Fprintf(stdout, "%s is not attached here (owner %s, epoch %d); nothing to do\n", v.VIP, v.Owner, v.Epoch)
 		default:
@@ -358,4 +360,17 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	fmt.Fprintf(stdout, "%s is %s\n", v.VIP, v.State)
 	return nil
+}
+
+// detachedCached says what happens to a VIP detached here while the cache
+// holds it: its packets wait for the host it moves to, then it is released.
+func detachedCached(ctx context.Context, c *control.Client, v control.VIP) string {
+	if v.State == control.VIPForwarding {
+		return fmt.Sprintf("%s detached: %s claimed it (epoch %d); its cached packets go there", v.VIP, v.Owner, v.Epoch)
+	}
+	age := "--cache-max-age"
+	if st, err := c.Status(ctx); err == nil && st.Config != nil {
+		age += " (" + st.Config.CacheMaxAge + ")"
+	}
+	return fmt.Sprintf("%s detached: its packets are cached for the host it moves to; if none claims it within %s, they are dropped and %s is released", v.VIP, age, v.VIP)
 }

@@ -162,6 +162,8 @@ func (h *hookRun) run(ctx context.Context, actions []xenhook.Action) {
 				h.errorf("vip detach %s: still attached here (on %s)", a.VIP, v.Dev)
 			case v.State == control.VIPReleased:
 				h.infof("%s released (epoch %d)", v.VIP, v.Epoch)
+			case v.State == control.VIPCaching || v.State == control.VIPForwarding:
+				h.infof("%s detached: cached for the host it moves to (for at most --cache-max-age, then released)", v.VIP)
 			default:
 				h.infof("%s is not attached here (state %s, owner %s); nothing to do", v.VIP, v.State, orDash(v.Owner))
 			}

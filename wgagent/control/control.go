@@ -4,6 +4,7 @@
 package control
 
 import (
+	"fmt"
 	"net/netip"
 	"time"
 )
@@ -40,12 +41,30 @@ type Status struct {
 	// Problems are conditions the operator should know about (a VIP's
 	// interface missing, a reconcile that failed), newest state only.
 	Problems []string `json:"problems"`
+	// RefusedRecords are other hosts' location records this host does
+	// not follow: their VIP cannot be one (a host's address, loopback,
+	// link-local, outside --vip-prefixes). Each is a problem too.
+	RefusedRecords []RefusedRecord `json:"refused_records"`
 	// HandoverRefused counts connections to the handover port that did
 	// not come from a WireGuard peer's overlay address (refused unread).
 	HandoverRefused uint64 `json:"handover_refused"`
 	// Config holds the settings a reload (SIGHUP) can change, as in
 	// effect now; nil from agents that predate it.
 	Config *Config `json:"config,omitempty"`
+}
+
+// RefusedRecord is a record of another host that this host refuses to
+// follow: it changes no route and no WireGuard peer here.
+type RefusedRecord struct {
+	VIP    string `json:"vip"`
+	Owner  string `json:"owner"`
+	Epoch  uint64 `json:"epoch"`
+	Reason string `json:"reason"` // what the VIP is instead: "the overlay address of host h2"
+}
+
+// Problem is r as a line of Status.Problems.
+func (r RefusedRecord) Problem() string {
+	return fmt.Sprintf("host %s claims %s (epoch %d), which cannot be a VIP: %s; refused, nothing routed", r.Owner, r.VIP, r.Epoch, r.Reason)
 }
 
 // Config is the effective value of every setting the agent applies on a

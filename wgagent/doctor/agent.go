@@ -48,7 +48,17 @@ func askAgent(ctx context.Context, cfg Config) agentView {
 	v := agentView{status: &st}
 	v.results = append(v.results, Result{Check: "agent", Level: OK,
 		Found: fmt.Sprintf("agent %s answers on %s: %d peers, %d VIPs, %s WireGuard on %s", st.Name, cfg.Socket, len(st.Peers), len(st.VIPs), st.Impl, st.Interface)})
+	refused := map[string]bool{}
+	for _, r := range st.RefusedRecords {
+		refused[r.Problem()] = true
+		v.results = append(v.results, Result{Check: "records", Level: Warn,
+			Found: fmt.Sprintf("host %s claims %s (epoch %d), which cannot be a VIP: %s; this host refuses the record and routes nothing for it", r.Owner, r.VIP, r.Epoch, r.Reason),
+			Fix:   fmt.Sprintf("if %s is one of yours, detach %s there (vmroam vip detach %s); if not, whoever holds the gossip key is hostile: rotate it (vmroam keys, docs/security.md) and set --peer-allowlist", r.Owner, r.VIP, r.VIP)})
+	}
 	for _, p := range st.Problems {
+		if refused[p] {
+			continue // a finding of its own above
+		}
 		v.results = append(v.results, Result{Check: "agent", Level: Warn, Found: "the agent reports: " + p,
 			Fix: "see the agent's log (journalctl -u vmroam); it retries on every reconcile"})
 	}

@@ -507,6 +507,7 @@ func TestAgent(t *testing.T) {
 	want(t, one(t, askAgent(context.Background(), cfg).results), Fail, "no agent answers on "+stale, "systemctl start vmroam")
 
 	hs := time.Now().Add(-10 * time.Second)
+	refused := control.RefusedRecord{VIP: "169.254.169.254", Owner: "evil", Epoch: 1, Reason: "a link-local address"}
 	cfg.Socket = serveAgent(t, control.Status{
 		Name: "h1", Interface: "vmr0", Impl: "userspace", Started: time.Now().Add(-5 * time.Minute),
 		Peers: []control.Peer{
@@ -515,23 +516,26 @@ func TestAgent(t *testing.T) {
 			{Name: "h4", Endpoint: "198.18.0.4:51820", State: "dead"},
 			{Name: "h5", Endpoint: "198.18.0.5:51820", State: "alive", LastHandshake: &hs, SessionCheck: "gave up"},
 		},
-		Problems:  []string{"VIP 100.100.10.1: interface vif9.0 not found"},
-		Conflicts: []control.Conflict{{VIP: "100.100.10.2", Epoch: 4, Owners: []string{"h1", "h2"}, Winner: "h2"}},
-		Gossip:    control.Gossip{Encrypted: false},
+		Problems:       []string{"VIP 100.100.10.1: interface vif9.0 not found", refused.Problem()},
+		RefusedRecords: []control.RefusedRecord{refused},
+		Conflicts:      []control.Conflict{{VIP: "100.100.10.2", Epoch: 4, Owners: []string{"h1", "h2"}, Winner: "h2"}},
+		Gossip:         control.Gossip{Encrypted: false},
 	})
 	v = askAgent(context.Background(), cfg)
 	if v.status == nil || v.status.Name != "h1" {
 		t.Fatalf("status = %+v", v.status)
 	}
-	if len(v.results) != 6 {
-		t.Fatalf("want 6 findings, got %+v", v.results)
+	// The refused record is one finding of its own, not also a problem's.
+	if len(v.results) != 7 {
+		t.Fatalf("want 7 findings, got %+v", v.results)
 	}
 	want(t, v.results[0], OK, "agent h1 answers on "+cfg.Socket+": 4 peers, 0 VIPs, userspace WireGuard on vmr0", "")
-	want(t, v.results[1], Warn, "the agent reports: VIP 100.100.10.1: interface vif9.0 not found", "journalctl -u vmroam")
-	want(t, v.results[2], Warn, "VIP 100.100.10.2 claimed by h1 and h2 at epoch 4 (h2 wins)", "vmroam vip attach 100.100.10.2 --dev IFACE")
-	want(t, v.results[3], Warn, "gossip is not encrypted", "--encrypt-key-file")
-	want(t, v.results[4], Warn, "the WireGuard session with peer h5 carries no round trip", "let the handover port")
-	want(t, v.results[5], Warn, "no WireGuard handshake with peer h3 (198.18.0.3:51821)", "let UDP port 51821 through")
+	want(t, v.results[1], Warn, "host evil claims 169.254.169.254 (epoch 1), which cannot be a VIP: a link-local address", "rotate it (vmroam keys")
+	want(t, v.results[2], Warn, "the agent reports: VIP 100.100.10.1: interface vif9.0 not found", "journalctl -u vmroam")
+	want(t, v.results[3], Warn, "VIP 100.100.10.2 claimed by h1 and h2 at epoch 4 (h2 wins)", "vmroam vip attach 100.100.10.2 --dev IFACE")
+	want(t, v.results[4], Warn, "gossip is not encrypted", "--encrypt-key-file")
+	want(t, v.results[5], Warn, "the WireGuard session with peer h5 carries no round trip", "let the handover port")
+	want(t, v.results[6], Warn, "no WireGuard handshake with peer h3 (198.18.0.3:51821)", "let UDP port 51821 through")
 }
 
 // TestRun makes a namespace healthy, then breaks everything doctor claims to

@@ -70,6 +70,7 @@ type Snapshot struct {
 	CacheMaxBytes    int64          // the cap on CacheQueuedBytes; <= 0 or math.MaxInt64: none
 	Conflicts        int            // VIPs claimed by two owners at one epoch, open now
 	Problems         int            // conditions status reports now
+	RecordsRefused   map[string]int // other hosts' records refused now, by owner
 }
 
 // Peer is one other member and, while it is a WireGuard peer, its tunnel.
@@ -252,7 +253,7 @@ type stateCollector struct {
 	vips, conflicts                      *prometheus.Desc
 	gossipMembers, gossipErrors, refused *prometheus.Desc
 	cacheUnclaimed, cacheQueued, problem *prometheus.Desc
-	cacheMax                             *prometheus.Desc
+	cacheMax, recordsRefused             *prometheus.Desc
 }
 
 func newStateCollector(src Source) *stateCollector {
@@ -276,12 +277,14 @@ func newStateCollector(src Source) *stateCollector {
 		cacheUnclaimed: prometheus.NewDesc("vmroam_cache_unclaimed_packets_total", "Packets the cache device read for a VIP that no migration here was taking: lost.", nil, nil),
 		cacheQueued:    prometheus.NewDesc("vmroam_cache_queued_bytes", "Packet bytes held by all the cache's queues now.", nil, nil),
 		problem:        prometheus.NewDesc("vmroam_problems", "Problems `vmroam status` reports now (a reconcile step failing, a member that cannot be a peer, a config clash).", nil, nil),
+		recordsRefused: prometheus.NewDesc("vmroam_records_refused", "Other hosts' location records this host refuses to follow now (their VIP is a host's address, loopback, link-local or outside --vip-prefixes), by owner.", []string{"owner"}, nil),
 	}
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.peers, c.handshakeAge, c.peerRx, c.peerTx, c.peerState, c.checkFailures,
-		c.vips, c.conflicts, c.gossipMembers, c.gossipErrors, c.refused, c.cacheUnclaimed, c.cacheQueued, c.cacheMax, c.problem} {
+		c.vips, c.conflicts, c.gossipMembers, c.gossipErrors, c.refused, c.cacheUnclaimed, c.cacheQueued, c.cacheMax, c.problem,
+		c.recordsRefused} {
 		ch <- d
 	}
 }
@@ -350,4 +353,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.conflicts, float64(s.Conflicts))
 	counter(c.refused, float64(s.GossipRefused))
 	gauge(c.problem, float64(s.Problems))
+	for owner, n := range s.RecordsRefused {
+		gauge(c.recordsRefused, float64(n), owner)
+	}
 }

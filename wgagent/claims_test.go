@@ -1,0 +1,130 @@
+package wgagent
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/vmroam/vmroam/gossip"
+)
+
+// TestClaimRefuse: every kind of address the rule refuses, each with the
+// reason an operator reads, and the VIPs it lets through.
+func TestClaimRefuse(t *testing.T) {
+	rules := claimRules{
+		prefixes: []netip.Prefix{netip.MustParsePrefix("100.100.0.0/16"), netip.MustParsePrefix("fd76:6d72::/64")},
+		hosts: map[netip.Addr]string{
+			netip.MustParseAddr("100.100.0.2"): "the overlay address of host h2",
+			netip.MustParseAddr("198.18.0.2"):  "the underlay address of host h2",
+		},
+		local: map[netip.Addr]string{netip.MustParseAddr("100.100.9.9"): "br0"},
+	}
+	for _, tc := range []struct {
+		vip  string
+		want string // "" = a VIP
+	}{
+		{"100.100.10.1", ""},
+		{"fd76:6d72::a1", ""},
+		{"100.100.0.2", "the overlay address of host h2"},
+		{"198.18.0.2", "the underlay address of host h2"},
+		{"100.100.9.9", "an address of this host's interface br0"},
+		{"127.0.0.1", "loopback"},
+		{"::1", "loopback"},
+		{"169.254.169.254", "link-local"},
+		{"169.254.0.1", "link-local"},
+		{"fe80::1", "link-local"},
+		{"224.0.0.251", "not a unicast address"},
+		{"ff02::1", "not a unicast address"},
+		{"0.0.0.0", "not a unicast address"},
+		{"::", "not a unicast address"},
+		{"255.255.255.255", "broadcast"},
+		{"::ffff:100.100.10.1", "IPv4-mapped"},
+		{"100.101.0.1", "outside the overlay (--vip-prefixes 100.100.0.0/16,fd76:6d72::/64)"},
+		{"203.0.113.7", "outside the overlay"},
+		{"fd76:6d73::1", "outside the overlay"},
+	} {
+		got := rules.refuse(netip.MustParseAddr(tc.vip))
+		if (tc.want == "") != (got == "") || !strings.Contains(got, tc.want) {
+			t.Errorf("refuse(%s) = %q, want %q", tc.vip, got, tc.want)
+		}
+	}
+	if got := rules.refuse(netip.Addr{}); got == "" {
+		t.Error("the zero address passed")
+	}
+}
+
+// TestClaimRulesGathered: the rules name this host's and every member's
+// overlay and underlay addresses (metadata and gossip address), and the
+// interface addresses last read.
+func TestClaimRulesGathered(t *testing.T) {
+	a, _ := testAgent(t, "")
+	a.cfg.BindAddr = netip.MustParseAddr("198.18.0.1")
+	a.cfg.VIPPrefixes = []netip.Prefix{netip.MustParsePrefix("100.100.0.0/16")}
+	a.localAddrs.Store(&hostAddrs{byAddr: map[netip.Addr]string{netip.MustParseAddr("100.100.9.9"): "br0"}})
+	m2 := member("h2", testKey(t).PublicKey(), 2)
+	m2.Addr = netip.MustParseAddrPort("198.18.0.22:7946")
+	bad := gossip.Member{Name: "h5", Addr: netip.MustParseAddrPort("198.18.0.5:7946"), MetaErr: errors.New("bad metadata")}
+	rules := a.claimRules([]gossip.Member{m2, bad})
+	for vip, want := range map[string]string{
+		"100.100.0.1": "this host's overlay address",
+		"198.18.0.1":  "this host's underlay address",
+		"100.100.0.2": "the overlay address of host h2",
+		"198.18.0.2":  "the underlay address of host h2",
+		"198.18.0.22": "the underlay address of host h2",
+		"198.18.0.5":  "the underlay address of host h5",
+		"100.100.9.9": "interface br0",
+		"100.100.3.3": "",
+	} {
+		got := rules.refuse(netip.MustParseAddr(vip))
+		if (want == "") != (got == "") || !strings.Contains(got, want) {
+			t.Errorf("refuse(%s) = %q, want %q", vip, got, want)
+		}
+	}
+}
+
+// TestFollowedRecords: another host's record for an address that cannot
+// be a VIP is refused; this host's own records and tombstones are kept.
+func TestFollowedRecords(t *testing.T) {
+	rules := claimRules{
+		prefixes: []netip.Prefix{netip.MustParsePrefix("100.100.0.0/16")},
+		hosts:    map[netip.Addr]string{netip.MustParseAddr("100.100.0.2"): "the overlay address of host h2"},
+	}
+	ok := gossip.Record{VIP: netip.MustParseAddr("100.100.10.1"), Owner: "h2", Epoch: 1}
+	own := gossip.Record{VIP: netip.MustParseAddr("100.100.10.2"), Owner: "h1", Epoch: 1}
+	tomb := gossip.Record{VIP: netip.MustParseAddr("127.0.0.1"), Epoch: 2}
+	steal := gossip.Record{VIP: netip.MustParseAddr("100.100.0.2"), Owner: "evil", Epoch: 7}
+	meta := gossip.Record{VIP: netip.MustParseAddr("169.254.169.254"), Owner: "evil", Epoch: 1}
+	followed, refused := followedRecords([]gossip.Record{ok, steal, own, meta, tomb}, "h1", rules)
+	if len(followed) != 3 || followed[0] != ok || followed[1] != own || followed[2] != tomb {
+		t.Fatalf("followed %v", followed)
+	}
+	if len(refused) != 2 || refused[0].Record != steal || refused[1].Record != meta || !strings.Contains(refused[0].why, "host h2") {
+		t.Fatalf("refused %+v", refused)
+	}
+	st := refusedStatus(refused)
+	if p := st[0].Problem(); !strings.Contains(p, "host evil claims 100.100.0.2 (epoch 7)") || !strings.Contains(p, "the overlay address of host h2") {
+		t.Errorf("problem line %q", p)
+	}
+}
+
+// TestWantPeersOverlayRecord: a record naming a member's overlay address
+// (which followedRecords refuses first) still never reaches another
+// member's AllowedIPs.
+func TestWantPeersOverlayRecord(t *testing.T) {
+	a, _ := testAgent(t, "")
+	m2, m3 := member("h2", testKey(t).PublicKey(), 2), member("h3", testKey(t).PublicKey(), 3)
+	records := []gossip.Record{
+		{VIP: m2.Meta.Address, Owner: "h3", Epoch: 9},
+		{VIP: a.cfg.Address.Addr(), Owner: "h3", Epoch: 9},
+		{VIP: netip.MustParseAddr("100.100.10.1"), Owner: "h3", Epoch: 1},
+	}
+	var problems []string
+	peers := a.wantPeers([]gossip.Member{m2, m3}, records, func(f string, args ...any) { problems = append(problems, f) })
+	if len(peers) != 2 || len(peers[0].allowedIPs) != 1 || len(peers[1].allowedIPs) != 2 || len(problems) != 2 {
+		t.Fatalf("peers %+v problems %q", peers, problems)
+	}
+	if peers[1].allowedIPs[1] != netip.MustParsePrefix("100.100.10.1/32") {
+		t.Fatalf("h3's AllowedIPs %v", peers[1].allowedIPs)
+	}
+}
