@@ -26,7 +26,8 @@ type Agent struct {
 //
 //	agent --name h1 --bind 198.18.0.1 --address 100.100.0.1/16 --interface vr1a2bw1
 //	      --wg-impl userspace --data-dir DIR/h1 --socket DIR/h1.sock
-//	      --encrypt-key-file DIR/gossip.key --join 198.18.0.2:7946 --join ...
+//	      --encrypt-key-file DIR/gossip.key --vip-prefixes 100.100.0.0/16,fd76:6d72::/64
+//	      --join 198.18.0.2:7946 --join ...
 //
 // Every other host's underlay address appears in its own --join flag.
 func (l *Lab) AgentArgs(h *Host, extra ...string) []string {
@@ -40,6 +41,7 @@ func (l *Lab) AgentArgs(h *Host, extra ...string) []string {
 		"--data-dir", h.DataDir,
 		"--socket", h.Socket,
 		"--encrypt-key-file", l.KeyFile,
+		"--vip-prefixes", OverlayPrefix.String() + "," + VIPPrefix6.String(),
 	}
 	for _, o := range l.Hosts {
 		if o != h {

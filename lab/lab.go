@@ -75,8 +75,9 @@ var (
 	UnderlayPrefix = netip.MustParsePrefix("198.18.0.0/24") // the hosts' subnet with one bridge; see SitePrefix
 	WANPrefix      = netip.MustParsePrefix("198.18.0.0/16") // every site's subnet; hosts route it to their site's router leg
 	OverlayPrefix  = netip.MustParsePrefix("100.100.0.0/16")
-	GatewayV4      = netip.MustParseAddr("169.254.0.1") // anycast gateway on every vif
-	GatewayV6      = netip.MustParseAddr("fe80::1")     // IPv6 gateway on every vif
+	VIPPrefix6     = netip.MustParsePrefix("fd76:6d72::/64") // the IPv6 VIPs tests use, outside the overlay prefix
+	GatewayV4      = netip.MustParseAddr("169.254.0.1")      // anycast gateway on every vif
+	GatewayV6      = netip.MustParseAddr("fe80::1")          // IPv6 gateway on every vif
 )
 
 // netnsDir is where iproute2 keeps named network namespaces.

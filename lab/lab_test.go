@@ -89,7 +89,7 @@ func TestNewLayout(t *testing.T) {
 	args := strings.Join(l.AgentArgs(h2, "--site", "x"), " ")
 	want := "agent --name h2 --bind 198.18.0.2 --address 100.100.0.2/16 --interface " + h2.Iface +
 		" --wg-impl userspace --data-dir " + h2.DataDir + " --socket " + h2.Socket +
-		" --encrypt-key-file " + l.KeyFile + " --join 198.18.0.1:7946 --site x"
+		" --encrypt-key-file " + l.KeyFile + " --vip-prefixes 100.100.0.0/16,fd76:6d72::/64 --join 198.18.0.1:7946 --site x"
 	if args != want {
 		t.Fatalf("AgentArgs:\n got %s\nwant %s", args, want)
 	}
@@ -269,7 +269,7 @@ func TestBadInput(t *testing.T) {
 		t.Fatal("New with 0 hosts succeeded")
 	}
 	l := newLab(t, 1)
-	if len(l.AgentArgs(l.Hosts[0])) != 17 { // no --join with one host
+	if len(l.AgentArgs(l.Hosts[0])) != 19 { // no --join with one host
 		t.Fatalf("AgentArgs: %v", l.AgentArgs(l.Hosts[0]))
 	}
 	if _, err := l.AddVM("Bad_Name", l.Hosts[0], netip.MustParseAddr("100.100.10.1")); err == nil {
