@@ -52,6 +52,7 @@ func sampleSnapshot() Snapshot {
 		CacheMaxBytes:    1 << 20,
 		Conflicts:        1,
 		Problems:         1,
+		RecordsRefused:   map[string]int{"evil": 3},
 	}
 }
 
@@ -109,10 +110,13 @@ vmroam_cache_queued_bytes 4096
 # HELP vmroam_problems Problems ` + "`vmroam status`" + ` reports now (a reconcile step failing, a member that cannot be a peer, a config clash).
 # TYPE vmroam_problems gauge
 vmroam_problems 1
+# HELP vmroam_records_refused Other hosts' location records this host refuses to follow now (their VIP is a host's address, loopback, link-local or outside --vip-prefixes), by owner.
+# TYPE vmroam_records_refused gauge
+vmroam_records_refused{owner="evil"} 3
 `
 	names := []string{"vmroam_peers", "vmroam_peer_receive_bytes_total", "vmroam_peer_transmit_bytes_total", "vmroam_vips",
 		"vmroam_gossip_members", "vmroam_gossip_message_errors_total", "vmroam_cache_unclaimed_packets_total",
-		"vmroam_cache_queued_bytes", "vmroam_problems"}
+		"vmroam_cache_queued_bytes", "vmroam_problems", "vmroam_records_refused"}
 	if err := testutil.GatherAndCompare(m.Gatherer(), strings.NewReader(want), names...); err != nil {
 		t.Fatal(err)
 	}
