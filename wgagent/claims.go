@@ -29,8 +29,10 @@ type claimRules struct {
 	// hosts says, for every overlay and underlay address of a member
 	// (this host included), whose it is: "the overlay address of host h2".
 	hosts map[netip.Addr]string
-	// local maps this host's interface addresses to their interface.
-	local map[netip.Addr]string
+	// local maps this host's interface addresses to their interface's
+	// index, which ifName names.
+	local  map[netip.Addr]int
+	ifName func(int) string
 }
 
 var broadcast4 = netip.AddrFrom4([4]byte{255, 255, 255, 255})
@@ -55,8 +57,8 @@ func (c claimRules) refuse(vip netip.Addr) string {
 	if who, ok := c.hosts[vip]; ok {
 		return who
 	}
-	if dev, ok := c.local[vip]; ok {
-		return "an address of this host's interface " + dev
+	if i, ok := c.local[vip]; ok {
+		return "an address of this host's interface " + c.ifName(i)
 	}
 	if !slices.ContainsFunc(c.prefixes, func(p netip.Prefix) bool { return p.Contains(vip) }) {
 		return fmt.Sprintf("outside the overlay (--vip-prefixes %s)", prefixList(c.prefixes))
@@ -78,7 +80,7 @@ func prefixList(ps []netip.Prefix) string {
 // claimRules gathers the rules as they stand: the config, the members
 // known now and this host's addresses as last read (refreshLocalAddrs).
 func (a *Agent) claimRules(members []gossip.Member) claimRules {
-	c := claimRules{hosts: map[netip.Addr]string{}}
+	c := claimRules{hosts: map[netip.Addr]string{}, ifName: linkName}
 	if l := a.localAddrs.Load(); l != nil {
 		c.local = l.byAddr
 	}
@@ -113,12 +115,16 @@ func (a *Agent) claimRules(members []gossip.Member) claimRules {
 	return c
 }
 
-// hostAddrs are this host's interface addresses, by address, and the
-// interfaces that carry the underlay: the one with the advertised or bound
-// address, and those on a subnet with a member's underlay address.
+// hostAddrs are this host's interface addresses and the interfaces that
+// carry the underlay: those on a subnet that holds this host's advertised
+// or bound address or a member's. A host-length address (/32, /128) makes
+// no subnet: Xen's vif-route puts dom0's own address on every VM
+// interface that way. Interfaces are kept by index, named only when a
+// refusal says which: listing the links too (one message each, hundreds
+// on a busy host) would be a second dump at every attach.
 type hostAddrs struct {
-	byAddr   map[netip.Addr]string
-	underlay map[string]bool
+	byAddr   map[netip.Addr]int
+	underlay map[int]bool
 }
 
 // refreshLocalAddrs reads this host's addresses again. It is a netlink
@@ -129,15 +135,7 @@ func (a *Agent) refreshLocalAddrs(members []gossip.Member) error {
 	if err != nil {
 		return fmt.Errorf("list this host's addresses: %w", err)
 	}
-	l := &hostAddrs{byAddr: map[netip.Addr]string{}, underlay: map[string]bool{}}
-	links, err := netlink.LinkList()
-	if err != nil {
-		return fmt.Errorf("list this host's interfaces: %w", err)
-	}
-	names := map[int]string{}
-	for _, link := range links {
-		names[link.Attrs().Index] = link.Attrs().Name
-	}
+	l := &hostAddrs{byAddr: map[netip.Addr]int{}, underlay: map[int]bool{}}
 	under := []netip.Addr{a.cfg.advertise().Unmap(), a.cfg.BindAddr.Unmap()}
 	for _, m := range members {
 		if !m.Local && m.MetaErr == nil {
@@ -150,19 +148,15 @@ func (a *Agent) refreshLocalAddrs(members []gossip.Member) error {
 			continue
 		}
 		ip = ip.Unmap()
-		dev, ok := names[ad.LinkIndex]
-		if !ok {
-			dev = fmt.Sprintf("#%d", ad.LinkIndex)
-		}
-		l.byAddr[ip] = dev
+		l.byAddr[ip] = ad.LinkIndex
 		ones, _ := ad.Mask.Size()
-		subnet := netip.PrefixFrom(ip, ones).Masked()
-		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || dev == a.cfg.Interface {
+		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || ones == ip.BitLen() {
 			continue
 		}
+		subnet := netip.PrefixFrom(ip, ones).Masked()
 		for _, u := range under {
-			if u.IsValid() && (u == ip || subnet.Contains(u)) {
-				l.underlay[dev] = true
+			if u.IsValid() && subnet.Contains(u) {
+				l.underlay[ad.LinkIndex] = true
 			}
 		}
 	}
@@ -173,7 +167,19 @@ func (a *Agent) refreshLocalAddrs(members []gossip.Member) error {
 // isUnderlayDev says whether dev carries the underlay, as last read.
 func (a *Agent) isUnderlayDev(dev string) bool {
 	l := a.localAddrs.Load()
-	return l != nil && l.underlay[dev]
+	if l == nil {
+		return false
+	}
+	link, err := netlink.LinkByName(dev)
+	return err == nil && l.underlay[link.Attrs().Index]
+}
+
+// linkName names the interface with index i, for a message.
+func linkName(i int) string {
+	if link, err := netlink.LinkByIndex(i); err == nil {
+		return link.Attrs().Name
+	}
+	return fmt.Sprintf("#%d", i)
 }
 
 // refusedRecord is a record of another host that this one does not follow.

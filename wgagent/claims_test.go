@@ -3,10 +3,14 @@ package wgagent
 import (
 	"errors"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"testing"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/internal/netnstest"
 )
 
 // TestClaimRefuse: every kind of address the rule refuses, each with the
@@ -18,7 +22,8 @@ func TestClaimRefuse(t *testing.T) {
 			netip.MustParseAddr("100.100.0.2"): "the overlay address of host h2",
 			netip.MustParseAddr("198.18.0.2"):  "the underlay address of host h2",
 		},
-		local: map[netip.Addr]string{netip.MustParseAddr("100.100.9.9"): "br0"},
+		local:  map[netip.Addr]int{netip.MustParseAddr("100.100.9.9"): 7},
+		ifName: func(i int) string { return map[int]string{7: "br0"}[i] },
 	}
 	for _, tc := range []struct {
 		vip  string
@@ -61,7 +66,7 @@ func TestClaimRulesGathered(t *testing.T) {
 	a, _ := testAgent(t, "")
 	a.cfg.BindAddr = netip.MustParseAddr("198.18.0.1")
 	a.cfg.VIPPrefixes = []netip.Prefix{netip.MustParsePrefix("100.100.0.0/16")}
-	a.localAddrs.Store(&hostAddrs{byAddr: map[netip.Addr]string{netip.MustParseAddr("100.100.9.9"): "br0"}})
+	a.localAddrs.Store(&hostAddrs{byAddr: map[netip.Addr]int{netip.MustParseAddr("100.100.9.9"): 1}})
 	m2 := member("h2", testKey(t).PublicKey(), 2)
 	m2.Addr = netip.MustParseAddrPort("198.18.0.22:7946")
 	bad := gossip.Member{Name: "h5", Addr: netip.MustParseAddrPort("198.18.0.5:7946"), MetaErr: errors.New("bad metadata")}
@@ -73,7 +78,7 @@ func TestClaimRulesGathered(t *testing.T) {
 		"198.18.0.2":  "the underlay address of host h2",
 		"198.18.0.22": "the underlay address of host h2",
 		"198.18.0.5":  "the underlay address of host h5",
-		"100.100.9.9": "interface br0",
+		"100.100.9.9": "interface lo", // index 1
 		"100.100.3.3": "",
 	} {
 		got := rules.refuse(netip.MustParseAddr(vip))
@@ -126,5 +131,69 @@ func TestWantPeersOverlayRecord(t *testing.T) {
 	}
 	if peers[1].allowedIPs[1] != netip.MustParsePrefix("100.100.10.1/32") {
 		t.Fatalf("h3's AllowedIPs %v", peers[1].allowedIPs)
+	}
+}
+
+// TestHostAddrs reads a namespace's addresses: the interface on the
+// underlay's subnet carries it, a VM interface with dom0's address as a
+// /32 (Xen's vif-route) does not, and every address names its interface.
+// checkAttach then refuses --dev on the underlay and a VIP that is this
+// host's address.
+func TestHostAddrs(t *testing.T) {
+	netnstest.Run(t, func() {
+		for _, args := range [][]string{
+			// veths: this kernel may have no dummy devices.
+			{"link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"},
+			{"addr", "add", "198.18.0.1/24", "dev", "eth0"},
+			{"link", "add", "vif5.0", "type", "veth", "peer", "name", "vm5"},
+			{"addr", "add", "198.18.0.1/32", "dev", "vif5.0"},
+			{"link", "add", "br0", "type", "veth", "peer", "name", "br0p"},
+			{"addr", "add", "100.100.9.9/24", "dev", "br0"},
+		} {
+			if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+				t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+			}
+		}
+		a, _ := testAgent(t, "")
+		a.cfg.BindAddr = netip.MustParseAddr("198.18.0.1")
+		a.cfg.Interface = "vmr0"
+		if err := a.refreshLocalAddrs(nil); err != nil {
+			t.Fatal(err)
+		}
+		l := a.localAddrs.Load()
+		idx := func(name string) int {
+			link, err := netlink.LinkByName(name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return link.Attrs().Index
+		}
+		if !l.underlay[idx("eth0")] || len(l.underlay) != 1 {
+			t.Errorf("underlay interfaces %v, want eth0 (%d) only", l.underlay, idx("eth0"))
+		}
+		if l.byAddr[netip.MustParseAddr("100.100.9.9")] != idx("br0") {
+			t.Errorf("addresses %v", l.byAddr)
+		}
+		if err := a.checkDev("eth0"); err == nil || !strings.Contains(err.Error(), "carries this host's underlay") {
+			t.Errorf("checkDev(eth0) = %v", err)
+		}
+		if err := a.checkDev("vif5.0"); err != nil {
+			t.Errorf("checkDev(vif5.0) = %v", err)
+		}
+		a.cfg.VIPPrefixes = []netip.Prefix{netip.MustParsePrefix("100.100.0.0/16")}
+		if got := a.claimRules(nil).refuse(netip.MustParseAddr("100.100.9.9")); !strings.Contains(got, "interface br0") {
+			t.Errorf("refuse(100.100.9.9) = %q", got)
+		}
+	})
+}
+
+// BenchmarkRefreshLocalAddrs is what an attach adds to read this host's
+// addresses (two netlink dumps), in the namespace the benchmark runs in.
+func BenchmarkRefreshLocalAddrs(b *testing.B) {
+	a := &Agent{cfg: Config{Name: "h1", BindAddr: netip.MustParseAddr("198.18.0.1"), Interface: "vmr0"}}
+	for b.Loop() {
+		if err := a.refreshLocalAddrs(nil); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
