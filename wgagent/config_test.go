@@ -41,6 +41,9 @@ func TestValidate(t *testing.T) {
 		{"metrics without port", func(c *Config) { c.MetricsAddr = "127.0.0.1" }, "--metrics-addr"},
 		{"metrics port 0", func(c *Config) { c.MetricsAddr = "127.0.0.1:0" }, "--metrics-addr"},
 		{"metrics port name", func(c *Config) { c.MetricsAddr = "127.0.0.1:http" }, "--metrics-addr"},
+		{"loopback VIPs", func(c *Config) { c.VIPPrefixes = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")} }, "--vip-prefixes 127.0.0.0/8"},
+		{"link-local VIPs", func(c *Config) { c.VIPPrefixes = []netip.Prefix{netip.MustParsePrefix("169.254.0.0/16")} }, "--vip-prefixes 169.254.0.0/16"},
+		{"unmasked VIP prefix", func(c *Config) { c.VIPPrefixes = []netip.Prefix{netip.MustParsePrefix("100.100.0.1/16")} }, "host bits"},
 	}
 	for _, tc := range cases {
 		c := validConfig()
@@ -51,6 +54,11 @@ func TestValidate(t *testing.T) {
 		}
 	}
 	c := validConfig()
+	c.VIPPrefixes = []netip.Prefix{netip.MustParsePrefix("100.100.0.0/16"), netip.MustParsePrefix("fd76:6d72::/64")}
+	if err := c.Validate(); err != nil {
+		t.Errorf("--vip-prefixes refused: %v", err)
+	}
+	c = validConfig()
 	c.GossipKeys, c.InsecureGossip = nil, true
 	if err := c.Validate(); err != nil {
 		t.Errorf("--insecure-gossip without keys refused: %v", err)

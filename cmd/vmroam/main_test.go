@@ -137,6 +137,7 @@ mtu = 1380
 insecure-gossip = false
 encrypt-key-file = "`+kf+`"
 reconcile-interval = "5s"
+vip-prefixes = ["100.100.0.0/16", "fd76:6d72::/64"]
 `), 0o600)
 	cfg, err := agentConfig([]string{"--config", conf, "--mtu", "1400"}, &bytes.Buffer{}, &bytes.Buffer{})
 	if err != nil {
@@ -153,6 +154,12 @@ reconcile-interval = "5s"
 	}
 	if cfg.ReconcileInterval != 5*time.Second || len(cfg.GossipKeys) != 1 {
 		t.Errorf("interval %v, keys %d", cfg.ReconcileInterval, len(cfg.GossipKeys))
+	}
+	if len(cfg.VIPPrefixes) != 2 || cfg.VIPPrefixes[1].String() != "fd76:6d72::/64" {
+		t.Errorf("vip-prefixes = %v", cfg.VIPPrefixes)
+	}
+	if _, err := agentConfig([]string{"--config", conf, "--vip-prefixes", "100.100.0.0"}, &bytes.Buffer{}, &bytes.Buffer{}); err == nil || !strings.Contains(err.Error(), "--vip-prefixes") {
+		t.Errorf("--vip-prefixes without a length: %v", err)
 	}
 
 	os.WriteFile(conf, []byte("bnid = \"198.18.0.7\"\n"), 0o600)
