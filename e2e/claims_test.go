@@ -201,6 +201,9 @@ func TestHostileClaims(t *testing.T) {
 				if !slices.Contains(st.Problems, r.Problem()) {
 					return fmt.Errorf("%s: no problem line for %s: %q", h.Name, vip, st.Problems)
 				}
+				if j := slices.IndexFunc(st.VIPs, func(v control.VIP) bool { return v.VIP == vip.String() }); j < 0 || st.VIPs[j].State != control.VIPRefused {
+					return fmt.Errorf("%s: %s not shown as refused among the VIPs: %+v", h.Name, vip, st.VIPs)
+				}
 			}
 		}
 		return nil

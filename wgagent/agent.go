@@ -149,7 +149,7 @@ type Agent struct {
 	// refused are other hosts' records the last reconcile did not follow
 	// (claims.go); guarded by mu. localAddrs are this host's addresses as
 	// last read.
-	refused    []refusedRecord
+	refused    map[netip.Addr]refusedRecord
 	localAddrs atomic.Pointer[hostAddrs]
 
 	// configProblems are mistakes in the config found after start (a

@@ -174,6 +174,10 @@ func (a *Agent) vipStatus(vip netip.Addr) control.VIP {
 
 func (a *Agent) vipLocked(r gossip.Record) control.VIP {
 	v := control.VIP{VIP: r.VIP.String(), Owner: r.Owner, Epoch: r.Epoch}
+	if a.isRefusedLocked(r) {
+		v.State = control.VIPRefused
+		return v
+	}
 	if c := a.ctls[r.VIP]; c != nil {
 		c.mu.Lock()
 		state, dev := c.state, c.dev
@@ -268,7 +272,7 @@ func (b backend) Status(context.Context) (control.Status, error) {
 		st.VIPs = append(st.VIPs, a.vipLocked(r))
 	}
 	st.Problems = slices.Clone(a.problems)
-	st.RefusedRecords = refusedStatus(a.refused)
+	st.RefusedRecords = refusedStatus(a.refusedLocked())
 	st.Networks = a.networksStatus()
 	st.Migrations = a.migrationsLocked()
 	if a.intercept != nil {

@@ -2,6 +2,7 @@ package wgagent
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -220,15 +221,31 @@ func (a *Agent) noteRefusedLocked(refused []refusedRecord, problem func(string, 
 	for _, r := range refusedStatus(refused) {
 		problem("%s", r.Problem())
 	}
+	now := make(map[netip.Addr]refusedRecord, len(refused))
 	for _, r := range refused {
-		if !slices.ContainsFunc(a.refused, func(o refusedRecord) bool { return o.Record == r.Record }) {
+		now[r.VIP] = r
+		if a.refused[r.VIP].Record != r.Record {
 			a.log.Warn("refused another host's record: its VIP cannot be one; nothing routed", "vip", r.VIP, "owner", r.Owner, "epoch", r.Epoch, "reason", r.why)
 		}
 	}
-	a.refused = refused
+	a.refused = now
 }
 
-// refusedByOwner counts the records refused now, by owner. a.mu held.
+// refusedLocked is what the last reconcile refused, by VIP. a.mu held.
+func (a *Agent) refusedLocked() []refusedRecord {
+	out := slices.Collect(maps.Values(a.refused))
+	slices.SortFunc(out, func(x, y refusedRecord) int { return x.VIP.Compare(y.VIP) })
+	return out
+}
+
+// isRefusedLocked says whether r is a record the last reconcile refused.
+// a.mu held.
+func (a *Agent) isRefusedLocked(r gossip.Record) bool {
+	o, ok := a.refused[r.VIP]
+	return ok && o.Record == r
+}
+
+// refusedByOwnerLocked counts the records refused now, by owner. a.mu held.
 func (a *Agent) refusedByOwnerLocked() map[string]int {
 	out := map[string]int{}
 	for _, r := range a.refused {

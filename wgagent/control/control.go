@@ -146,6 +146,9 @@ const (
 	VIPCaching    VIPState = "caching"
 	VIPForwarding VIPState = "forwarding"
 	VIPHolding    VIPState = "holding"
+	// VIPRefused: another host's claim this host does not follow, since
+	// the address cannot be a VIP (see RefusedRecord).
+	VIPRefused VIPState = "refused"
 )
 
 // Conflict is a VIP that two hosts claimed at the same epoch.

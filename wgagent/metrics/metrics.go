@@ -101,7 +101,7 @@ type Source interface {
 // them, so that a query or an alert finds the series.
 var (
 	peerStates = []string{"alive", "suspect", "dead", "left"}
-	vipStates  = []string{"local", "reserved", "remote", "released", "awaiting", "caching", "forwarding", "holding"}
+	vipStates  = []string{"local", "reserved", "remote", "released", "awaiting", "caching", "forwarding", "holding", "refused"}
 	// Drop reasons (cache.DropReason) and reconcile steps, exported at 0
 	// from the start so that rate() and increase() see the first one.
 	dropReasons    = []string{"max-bytes", "max-packets", "max-age", "global-cap", "too-big", "discarded"}

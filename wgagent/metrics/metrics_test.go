@@ -90,6 +90,7 @@ vmroam_vips{state="awaiting"} 0
 vmroam_vips{state="caching"} 1
 vmroam_vips{state="forwarding"} 0
 vmroam_vips{state="holding"} 0
+vmroam_vips{state="refused"} 0
 vmroam_vips{state="local"} 2
 vmroam_vips{state="released"} 0
 vmroam_vips{state="remote"} 3
