@@ -197,3 +197,17 @@ func BenchmarkRefreshLocalAddrs(b *testing.B) {
 		}
 	}
 }
+
+// TestWantPeersRefusedPoser: a member the allowlist refuses that announces
+// a listed host's overlay address takes nothing from that host: it is no
+// would-be peer, so the address stays the listed host's.
+func TestWantPeersRefusedPoser(t *testing.T) {
+	k2 := testKey(t).PublicKey()
+	a, _ := testAgent(t, k2.String()+" h2\n")
+	m2, poser := member("h2", k2, 2), member("poser", testKey(t).PublicKey(), 9)
+	poser.Meta.Address = m2.Meta.Address
+	peers := a.wantPeers([]gossip.Member{poser, m2}, nil, func(string, ...any) {})
+	if len(peers) != 1 || peers[0].name != "h2" || peers[0].allowedIPs[0] != netip.PrefixFrom(m2.Meta.Address, 32) {
+		t.Fatalf("peers %+v", peers)
+	}
+}

@@ -248,30 +248,8 @@ func isPeerState(s gossip.MemberState) bool { return s == "alive" || s == "suspe
 
 func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, problem func(string, ...any)) []wantPeer {
 	self := a.key.PublicKey()
-	// A member's overlay address is only ever in its own AllowedIPs:
-	// WireGuard would move it to whichever peer lists it, and with it the
-	// host's tunnel traffic and its handover port. So an address two
-	// members announce (or one announces this host's) is nobody's, and no
-	// record moves one.
-	announced := map[netip.Addr][]string{a.cfg.Address.Addr(): {a.cfg.Name}}
-	for _, m := range members {
-		if !m.Local && isPeerState(m.State) && m.MetaErr == nil {
-			announced[m.Meta.Address] = append(announced[m.Meta.Address], m.Name)
-		}
-	}
-	owned := map[string][]netip.Prefix{}
-	for _, r := range records {
-		if r.Owner == "" {
-			continue
-		}
-		if names, ok := announced[r.VIP]; ok {
-			problem("host %s claims %s, the overlay address of %s: refused", r.Owner, r.VIP, strings.Join(names, " and "))
-			continue
-		}
-		owned[r.Owner] = append(owned[r.Owner], hostPrefix(r.VIP))
-	}
 	byKey := map[wgtypes.Key]string{}
-	var out []wantPeer
+	var cands []gossip.Member
 	for _, m := range members {
 		if m.Local || !isPeerState(m.State) {
 			continue
@@ -298,13 +276,37 @@ func (a *Agent) wantPeers(members []gossip.Member, records []gossip.Record, prob
 			problem("members %s and %s share one WireGuard key; ignoring %s", other, m.Name, m.Name)
 			continue
 		}
+		byKey[k] = m.Name
+		cands = append(cands, m)
+	}
+	// A member's overlay address is only ever in its own AllowedIPs:
+	// WireGuard would move it to whichever peer lists it, and with it the
+	// host's tunnel traffic and its handover port. So an address two
+	// would-be peers announce (or one announces this host's) is nobody's,
+	// whichever came first, and no record moves one.
+	announced := map[netip.Addr][]string{a.cfg.Address.Addr(): {a.cfg.Name}}
+	for _, m := range cands {
+		announced[m.Meta.Address] = append(announced[m.Meta.Address], m.Name)
+	}
+	owned := map[string][]netip.Prefix{}
+	for _, r := range records {
+		if r.Owner == "" {
+			continue
+		}
+		if names, ok := announced[r.VIP]; ok {
+			problem("host %s claims %s, the overlay address of %s: refused", r.Owner, r.VIP, strings.Join(names, " and "))
+			continue
+		}
+		owned[r.Owner] = append(owned[r.Owner], hostPrefix(r.VIP))
+	}
+	var out []wantPeer
+	for _, m := range cands {
 		if names := announced[m.Meta.Address]; len(names) > 1 {
 			problem("%s announce one overlay address %s; ignoring %s", strings.Join(names, " and "), m.Meta.Address, m.Name)
 			continue
 		}
-		byKey[k] = m.Name
 		allowed := append([]netip.Prefix{hostPrefix(m.Meta.Address)}, owned[m.Name]...)
-		out = append(out, wantPeer{name: m.Name, key: k, endpoint: m.Meta.Endpoint, allowedIPs: allowed})
+		out = append(out, wantPeer{name: m.Name, key: wgtypes.Key(m.Meta.PublicKey), endpoint: m.Meta.Endpoint, allowedIPs: allowed})
 	}
 	return out
 }
