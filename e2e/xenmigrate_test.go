@@ -615,3 +615,74 @@ func vipStateOn(t testing.TB, l *lab.Lab, h *lab.Host, vip netip.Addr) string {
 	}
 	return ""
 }
+
+// TestXenGatewayAfterVifRoute: Xen's real vif-route replaces a vif's first
+// IPv4 address with dom0's own, so the anycast gateway 169.254.0.1 that a
+// guest routes through would be gone; the agent puts it back beside dom0's
+// address when the hook attaches the VIP, and the guest, asking for its
+// gateway anew, reaches its peer and is reached. A guest configured the
+// Xen way instead (its gateway is dom0's address) keeps working after a
+// move to another host, whose vif-route gives the vif that host's dom0
+// address: proxy ARP answers for the old one.
+func TestXenGatewayAfterVifRoute(t *testing.T) {
+	requireXenScripts(t)
+	l := newLabWith(t, 3, fastBinary)
+	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
+	for _, h := range l.Hosts {
+		if _, err := l.StartAgent(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hotplug := newXenHotplug(t, fastBinary)
+	m, c := addPair(t, l, h1, "vif7.0", h3)
+	addrs := func(h *lab.Host, dev string) string {
+		out, _ := l.Exec(h.NS, "ip", "-4", "-o", "addr", "show", "dev", dev)
+		return string(out)
+	}
+	dom0 := func(h *lab.Host) string {
+		out, err := l.Exec(h.NS, "ip", "-4", "-o", "addr", "show", "primary", "dev", "eth0")
+		f := strings.Fields(string(out))
+		if err != nil || len(f) < 4 {
+			t.Fatalf("%s: eth0's address: %v %s", h.Name, err, out)
+		}
+		return strings.Split(f[3], "/")[0]
+	}
+	reach := func(what string) {
+		t.Helper()
+		// The guest forgets its gateway's MAC and must ask again.
+		if out, err := l.Exec(m.NS, "ip", "neigh", "flush", "dev", "eth0"); err != nil {
+			t.Fatalf("flush the VM's neighbours: %v %s", err, out)
+		}
+		if err := l.WaitPing(m, c.VIPs[0], 20*time.Second); err != nil {
+			t.Fatalf("%s: the VM does not reach its peer: %v\nvif: %s", what, err, addrs(m.Host, m.Vif))
+		}
+		if err := l.WaitPing(c, m.VIPs[0], 20*time.Second); err != nil {
+			t.Fatalf("%s: the peer does not reach the VM: %v", what, err)
+		}
+	}
+
+	hotplug.vifRoute(t, l, h1, "online", m.Vif, "backend/vif/7/0", vipM.String())
+	eventually(t, 10*time.Second, "169.254.0.1 back on h1's vif beside dom0's address", func() error {
+		if a := addrs(h1, m.Vif); !strings.Contains(a, "169.254.0.1/32") || !strings.Contains(a, dom0(h1)+"/32") {
+			return fmt.Errorf("vif addresses: %s", a)
+		}
+		return nil
+	})
+	reach("gateway 169.254.0.1 after vif-route")
+
+	// The Xen way: the guest routes through h1's dom0 address, then moves
+	// to h2, whose vif-route gives the new vif h2's.
+	if out, err := l.Exec(m.NS, "ip", "-4", "route", "replace", "default", "via", dom0(h1), "dev", "eth0", "onlink"); err != nil {
+		t.Fatalf("the VM's default route via dom0: %v %s", err, out)
+	}
+	reach("gateway dom0 on h1")
+	if err := l.MoveVM(m, h2); err != nil {
+		t.Fatal(err)
+	}
+	hotplug.vifRoute(t, l, h2, "online", m.Vif, "backend/vif/7/0", vipM.String())
+	waitMigrated(t, l, h2, vipM)
+	if a := addrs(h2, m.Vif); !strings.Contains(a, dom0(h2)+"/32") {
+		t.Fatalf("h2's vif-route did not give the vif h2's dom0 address: %s", a)
+	}
+	reach("gateway h1's dom0 after a move to h2")
+}

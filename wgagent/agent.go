@@ -79,6 +79,9 @@ type Agent struct {
 
 	carrierMu    sync.Mutex
 	carrierWatch map[string]*cache.Orderer
+	// gatewaysDone: VM interfaces given their gateway addresses, and for
+	// which families (gateway.go). a.mu.
+	gatewaysDone map[string]gatewayFamilies
 
 	mu       sync.Mutex // guards the fields below and serializes reconciles
 	attached map[netip.Addr]attachment
@@ -193,6 +196,7 @@ func New(cfg Config) (*Agent, error) {
 		standbyHits:   map[netip.Addr]bool{},
 		refusedLogged: map[string]string{},
 		carrierWatch:  map[string]*cache.Orderer{},
+		gatewaysDone:  map[string]gatewayFamilies{},
 		linkStop:      make(chan struct{}),
 	}
 	a.metrics = metrics.New(metricsSource{a})

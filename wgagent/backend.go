@@ -29,6 +29,9 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 		return control.VIP{}, err
 	}
 	a.mu.Lock()
+	// A hotplug script that ran before the attach may have replaced the
+	// interface's addresses: look at its gateway anew (gateway.go).
+	delete(a.gatewaysDone, dev)
 	at, ok := a.attached[vip]
 	if ok && at.Dev != dev {
 		if at.Dev == "" {

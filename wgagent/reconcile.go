@@ -106,6 +106,7 @@ func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 			failed("address", "address: %v", err)
 		}
 	}
+	a.reconcileGatewaysLocked(verify, failed)
 	// Routes before peers: a VIP that moves to a host reached over the
 	// LAN must leave the tunnel at once for the new host's LAN route; if
 	// the tunnel first pointed it at the new host too, packets still in

@@ -105,7 +105,7 @@ var (
 	// Drop reasons (cache.DropReason) and reconcile steps, exported at 0
 	// from the start so that rate() and increase() see the first one.
 	dropReasons    = []string{"max-bytes", "max-packets", "max-age", "global-cap", "too-big", "discarded"}
-	reconcileSteps = []string{"address", "routes", "wireguard", "nftables"}
+	reconcileSteps = []string{"address", "gateway", "routes", "wireguard", "nftables"}
 )
 
 // HandoverBuckets are the handover histogram's upper bounds: 0.5 ms
