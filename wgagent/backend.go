@@ -8,6 +8,8 @@ import (
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
 )
@@ -147,7 +149,24 @@ func (a *Agent) checkDev(dev string) error {
 	case a.isUnderlayDev(dev):
 		return badRequest("--dev %s carries this host's underlay (gossip and WireGuard to the other hosts), not a VM's interface", dev)
 	}
+	if bridge := bridgeOf(dev); bridge != "" {
+		return badRequest("--dev %s is a port of bridge %s: the agent routes a VIP to its VM's interface, and a VM does not get what is routed to a bridge port; "+
+			"take it out of the bridge (ip link set %s nomaster), as Xen's vif-route does, or give the VM a routed interface", dev, bridge, dev)
+	}
 	return nil
+}
+
+// bridgeOf names the bridge (or other master) that dev is a port of, ""
+// if none or if dev cannot be read.
+func bridgeOf(dev string) string {
+	l, err := netlink.LinkByName(dev)
+	if err != nil || l.Attrs().MasterIndex == 0 {
+		return ""
+	}
+	if m, err := netlink.LinkByIndex(l.Attrs().MasterIndex); err == nil {
+		return m.Attrs().Name
+	}
+	return fmt.Sprintf("#%d", l.Attrs().MasterIndex)
 }
 
 // checkVIP refuses addresses that cannot be a VM's, by the rule every

@@ -48,3 +48,32 @@ func TestEnsureGateway(t *testing.T) {
 		}
 	})
 }
+
+// TestBridgeOf: a VM interface in a bridge (Proxmox's taps, libvirt's
+// bridged interfaces) is named with its bridge, so that `vip attach`
+// refuses it with a reason; one out of it is not.
+func TestBridgeOf(t *testing.T) {
+	netnstest.Run(t, func() {
+		for _, args := range [][]string{
+			{"link", "add", "vmbr0", "type", "bridge"},
+			{"link", "add", "tap100i0", "type", "veth", "peer", "name", "vm100"},
+			{"link", "set", "tap100i0", "master", "vmbr0"},
+		} {
+			if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+				t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+			}
+		}
+		if b := bridgeOf("tap100i0"); b != "vmbr0" {
+			t.Errorf("bridgeOf(tap100i0) = %q, want vmbr0", b)
+		}
+		if b := bridgeOf("vm100"); b != "" {
+			t.Errorf("bridgeOf(vm100) = %q, want none", b)
+		}
+		if out, err := exec.Command("ip", "link", "set", "tap100i0", "nomaster").CombinedOutput(); err != nil {
+			t.Fatalf("nomaster: %v %s", err, out)
+		}
+		if b := bridgeOf("tap100i0"); b != "" {
+			t.Errorf("out of the bridge: bridgeOf = %q, want none", b)
+		}
+	})
+}
