@@ -68,7 +68,10 @@ type Agent struct {
 	trigger chan struct{} // a reconcile is wanted; buffered 1
 
 	// The migration cache; nil intercept when --cache=false.
-	intercept  *cache.Interceptor
+	intercept *cache.Interceptor
+	// cacheDev is intercept's interface name, "" without a cache: what
+	// routes to the cache name.
+	cacheDev   string
 	budget     *cache.Budget
 	handoverLn net.Listener
 	linkStop   chan struct{}
@@ -266,6 +269,7 @@ func New(cfg Config) (*Agent, error) {
 		if a.intercept, err = cache.OpenInterceptor(cfg.CacheInterface, 9000, a.log); err != nil {
 			return nil, err
 		}
+		a.cacheDev = a.intercept.Name()
 		lc := net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
 			return handoverSockopts(c, cfg.Interface)
 		}}

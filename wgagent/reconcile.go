@@ -498,7 +498,7 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: c.fenceVia, Metric: divertMetric(vip)})
 		default:
 			diverted[vip] = true
-			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: divertMetric(vip)})
+			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: a.cacheDev, Metric: divertMetric(vip)})
 		}
 		c.mu.Unlock()
 	}
@@ -508,8 +508,8 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 		case r.Owner == a.cfg.Name:
 			if at, ok := a.attached[r.VIP]; ok && at.Dev != "" {
 				routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: at.Dev, Metric: metricLocalVIP})
-				if a.intercept != nil {
-					routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: a.intercept.Name(), Metric: metricStandby})
+				if a.cacheDev != "" {
+					routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: a.cacheDev, Metric: metricStandby})
 				}
 			}
 		case r.Owner != "" && lan[r.Owner].Dev != "":
