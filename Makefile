@@ -17,8 +17,14 @@ SYSCONFDIR ?= /etc
 # Units of locally installed programs: $(PREFIX)/lib/systemd/system. Local
 # overrides (`systemctl edit vmroam`) go to /etc/systemd/system.
 UNITDIR ?= $(PREFIX)/lib/systemd/system
+# `make package` writes the .deb and .rpm to PKGDIR, with nfpm built from
+# the version packaging/tools/go.mod pins.
+PKGDIR ?= bin/package
+NFPM ?= bin/nfpm
+# The packages' file times and the man page's date: the last commit's.
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
 
-.PHONY: all build deps test test-long soak unit lint vet fmt-check fuzz-check bench bench-migration demo dashboard-picture fuzz sim install install-xen install-libvirt install-proxmox clean
+.PHONY: all build deps test test-long soak unit lint vet fmt-check fuzz-check bench bench-migration demo dashboard-picture fuzz sim install install-xen install-libvirt install-proxmox package clean
 
 all: build
 
@@ -160,6 +166,24 @@ install-libvirt:
 install-proxmox:
 	install -d $(DESTDIR)$(PROXMOX_SNIPPETS_DIR)
 	install -m 0755 scripts/proxmox/vmroam-hookscript $(DESTDIR)$(PROXMOX_SNIPPETS_DIR)/vmroam.sh
+
+# The .deb and .rpm (packaging/nfpm.yaml says what they hold): a static
+# binary in /usr/bin, the unit with its paths, the example config as a
+# conffile, the Xen and libvirt hooks in /usr/lib/vmroam (not linked into
+# place: not enabled), the docs and the man page, made from the binary's
+# --help. Their version is VERSION's (packaging/version.sh).
+package:
+	$(GO) -C packaging/tools build -o $(abspath $(NFPM)) github.com/goreleaser/nfpm/v2/cmd/nfpm
+	rm -rf $(PKGDIR)/files && rm -f $(PKGDIR)/vmroam_*.deb $(PKGDIR)/vmroam-*.rpm
+	install -d $(PKGDIR)/files
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(PKGDIR)/files/vmroam ./cmd/vmroam
+	sed -e 's|/usr/local/bin/vmroam|/usr/bin/vmroam|g' scripts/systemd/vmroam.service > $(PKGDIR)/files/vmroam.service
+	$(GO) run ./scripts/genman -date $$(date -u -d @$(SOURCE_DATE_EPOCH) +%F) $(PKGDIR)/files/vmroam > $(PKGDIR)/files/vmroam.1
+	gzip -9n $(PKGDIR)/files/vmroam.1
+	for p in deb rpm; do \
+		PKG_VERSION=$$(packaging/version.sh $(VERSION)) PKG_ARCH=$$($(GO) env GOARCH) PKG_FILES=$(PKGDIR)/files \
+		SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(NFPM) package --config packaging/nfpm.yaml --packager $$p --target $(PKGDIR)/ || exit 1; \
+	done
 
 clean:
 	rm -rf bin

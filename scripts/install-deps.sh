@@ -7,15 +7,18 @@
 # timeline picture in its test, and for the systemd unit's test systemd-analyze
 # (systemd; a Debian container has none), setpriv (util-linux), promtool
 # and prometheus (prometheus), which check the alerting rules and evaluate the
-# dashboard's queries over a lab run, and for the QEMU guest (lab/qemu.go,
-# scripts/make-guest.sh) qemu-system-x86, cpio and dpkg-deb. Each entry is
+# dashboard's queries over a lab run, for the QEMU guest (lab/qemu.go,
+# scripts/make-guest.sh) qemu-system-x86, cpio and dpkg-deb, and for the
+# package's test rpm and rpm2cpio (with cpio: to look into the .rpm) and groff
+# (groff-base, to render the man page). Each entry is
 # package:what-it-provides, a command or,
 # starting with /, a file. Does nothing when all are there.
 set -euo pipefail
 need=()
 for pkg_what in iproute2:ip wireguard-tools:wg iperf3:iperf3 procps:sysctl iputils-ping:ping nftables:nft \
 	xen-utils-common:/etc/xen/scripts/vif-route net-tools:ifconfig librsvg2-bin:rsvg-convert systemd:systemd-analyze util-linux:setpriv \
-	prometheus:promtool qemu-system-x86:qemu-system-x86_64 cpio:cpio dpkg:dpkg-deb; do
+	prometheus:promtool qemu-system-x86:qemu-system-x86_64 cpio:cpio dpkg:dpkg-deb \
+	rpm:rpm rpm2cpio:rpm2cpio groff-base:groff; do
 	what=${pkg_what#*:}
 	case $what in
 	/*) [ -e "$what" ] ;;
