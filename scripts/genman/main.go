@@ -196,6 +196,8 @@ func generate(bin, date string) ([]byte, error) {
 		fmt.Fprintf(&b, ".PP\n%s\n", roff(strings.Join(strings.Fields(para), " ")))
 	}
 	b.WriteString(".SH COMMANDS\n")
+	// Commands that share a help (hook libvirt, hook proxmox) show it once.
+	shown := map[string]string{}
 	for _, c := range commands(entries) {
 		fmt.Fprintf(&b, ".SS \"vmroam %s\"\n", roff(c.name))
 		if c.what != "" {
@@ -208,6 +210,11 @@ func generate(bin, date string) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
+		if first, ok := shown[text]; ok {
+			fmt.Fprintf(&b, ".PP\nIts help is that of \\fBvmroam %s\\fR above.\n", roff(first))
+			continue
+		}
+		shown[text] = c.name
 		literal(&b, text)
 	}
 	b.WriteString(`.SH FILES
@@ -238,7 +245,8 @@ func commandHelp(bin, name, host string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if !strings.HasPrefix(text, "Usage: vmroam "+name) {
+	usage, _, _ := strings.Cut(text, "\n\n")
+	if !strings.HasPrefix(usage, "Usage: vmroam ") || !strings.Contains(usage, "vmroam "+name+" ") && !strings.HasSuffix(usage, "vmroam "+name) {
 		return "", fmt.Errorf("vmroam %s --help does not begin with its usage: %q", name, firstLine(text))
 	}
 	if name == "agent" && host != "" {

@@ -150,8 +150,15 @@ func TestManPageCoversEveryCommand(t *testing.T) {
 			t.Error(err)
 			continue
 		}
-		// The section holds the help as it is, every line.
-		if !strings.Contains(body, roff(strings.TrimRight(out, "\n"))) {
+		// The section holds the help as it is, every line, or names the
+		// section that does.
+		want := roff(strings.TrimRight(out, "\n"))
+		if strings.Contains(body, want) {
+			continue
+		}
+		_, first, ok := strings.Cut(body, "Its help is that of \\fBvmroam ")
+		first, _, _ = strings.Cut(first, "\\fR above.")
+		if !ok || !strings.Contains(sections(text)[strings.ReplaceAll(first, `\-`, "-")], want) {
 			t.Errorf("section vmroam %s does not hold its --help:\n%s", c, body)
 		}
 	}
