@@ -169,8 +169,8 @@ install-proxmox:
 
 # The .deb and .rpm (packaging/nfpm.yaml says what they hold): a static
 # binary in /usr/bin, the unit with its paths, the example config as a
-# conffile, the Xen and libvirt hooks in /usr/lib/vmroam (not linked into
-# place: not enabled), the docs and the man page, made from the binary's
+# conffile, the Xen, libvirt and Proxmox VE hooks in /usr/lib/vmroam (not
+# linked into place: not enabled), the docs and the man page, made from the binary's
 # --help. Their version is VERSION's (packaging/version.sh).
 package:
 	$(GO) -C packaging/tools build -o $(abspath $(NFPM)) github.com/goreleaser/nfpm/v2/cmd/nfpm

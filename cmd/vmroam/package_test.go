@@ -31,6 +31,7 @@ var debFiles = []pkgFile{
 	{"/etc/vmroam/vmroam.toml", 0o644, "docs/vmroam.example.toml"},
 	{"/usr/lib/vmroam/xen/vmroam.hook", 0o755, "scripts/xen/vmroam.hook"},
 	{"/usr/lib/vmroam/libvirt/qemu", 0o755, "scripts/libvirt/qemu"},
+	{"/usr/lib/vmroam/proxmox/vmroam-hookscript", 0o755, "scripts/proxmox/vmroam-hookscript"},
 	{"/usr/share/man/man1/vmroam.1.gz", 0o644, ""},
 	{"/usr/share/doc/vmroam/README.package", 0o644, "packaging/README.package"},
 	{"/usr/share/doc/vmroam/README.md", 0o644, "README.md"},
@@ -39,6 +40,8 @@ var debFiles = []pkgFile{
 	{"/usr/share/doc/vmroam/metrics.md", 0o644, "docs/metrics.md"},
 	{"/usr/share/doc/vmroam/security.md", 0o644, "docs/security.md"},
 	{"/usr/share/doc/vmroam/vmroam.example.toml", 0o644, "docs/vmroam.example.toml"},
+	{"/usr/share/doc/vmroam/monitoring/vmroam.rules.yml", 0o644, "monitoring/vmroam.rules.yml"},
+	{"/usr/share/doc/vmroam/monitoring/vmroam-dashboard.json", 0o644, "monitoring/vmroam-dashboard.json"},
 	{"/usr/share/doc/vmroam/copyright", 0o644, "LICENSE"},
 }
 
@@ -233,7 +236,7 @@ func checkDeb(t *testing.T, pkg string) {
 		before[p] = exists(p)
 	}
 	// Hooks are enabled by linking them: the package must not.
-	hookLinks := []string{"/etc/xen/scripts/vif-post.d/vmroam.hook", "/etc/libvirt/hooks/qemu.d/vmroam", "/etc/systemd/system/multi-user.target.wants/vmroam.service"}
+	hookLinks := []string{"/etc/xen/scripts/vif-post.d/vmroam.hook", "/etc/libvirt/hooks/qemu.d/vmroam", "/var/lib/vz/snippets/vmroam.sh", "/etc/systemd/system/multi-user.target.wants/vmroam.service"}
 	for _, p := range hookLinks {
 		before[p] = exists(p)
 	}
