@@ -429,3 +429,63 @@ func TestPackageVersion(t *testing.T) {
 		}
 	}
 }
+
+// TestMaintainerScripts runs the packages' scripts with every argument dpkg
+// and rpm give them, with a systemctl that records its calls, once as if
+// systemd ran (/run/systemd/system, on a /run of their own) and once as
+// if not: they reload systemd and stop the agent when they should, never
+// enable or start it, and a failing systemctl does not fail them.
+func TestMaintainerScripts(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("not root: cannot give the scripts a /run of their own")
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skip("unshare not found (Debian package util-linux)")
+	}
+	dir := t.TempDir()
+	calls := filepath.Join(dir, "calls")
+	fake := "#!/bin/sh\necho \"$*\" >> " + calls + "\nexit 1\n"
+	if err := os.WriteFile(filepath.Join(dir, "systemctl"), []byte(fake), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const reload, stop = "daemon-reload", "stop vmroam.service"
+	for _, c := range []struct {
+		script, arg, want string // want: under systemd
+	}{
+		{"postinstall.sh", "configure", reload}, // dpkg
+		{"postinstall.sh", "1", reload},         // rpm: install
+		{"postinstall.sh", "2", reload},         // rpm: upgrade
+		{"preremove.sh", "remove", stop},
+		{"preremove.sh", "upgrade", ""},
+		{"preremove.sh", "0", stop},
+		{"preremove.sh", "1", ""},
+		{"postremove.sh", "remove", reload},
+		{"postremove.sh", "purge", reload},
+		{"postremove.sh", "upgrade", ""},
+		{"postremove.sh", "0", reload},
+		{"postremove.sh", "1", ""},
+	} {
+		for _, systemd := range []bool{true, false} {
+			os.Remove(calls)
+			setup := "mount -t tmpfs vmroam-pkg-test /run"
+			if systemd {
+				setup += " && mkdir -p /run/systemd/system"
+			}
+			script := filepath.Join(repoRoot, "packaging", c.script)
+			cmd := exec.Command(unshare, "--mount", "--propagation", "private", "sh", "-c", setup+` && PATH="$0:$PATH" exec sh "$1" "$2"`, dir, script, c.arg)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Errorf("%s %s (systemd %v): %v\n%s", c.script, c.arg, systemd, err, out)
+				continue
+			}
+			got, _ := os.ReadFile(calls)
+			want := c.want
+			if !systemd {
+				want = ""
+			}
+			if strings.TrimSpace(string(got)) != want {
+				t.Errorf("%s %s (systemd %v) called systemctl %q, want %q", c.script, c.arg, systemd, got, want)
+			}
+		}
+	}
+}
