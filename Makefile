@@ -167,16 +167,16 @@ install-proxmox:
 	install -d $(DESTDIR)$(PROXMOX_SNIPPETS_DIR)
 	install -m 0755 scripts/proxmox/vmroam-hookscript $(DESTDIR)$(PROXMOX_SNIPPETS_DIR)/vmroam.sh
 
-# The .deb and .rpm (packaging/nfpm.yaml says what they hold): a static
-# binary in /usr/bin, the unit with its paths, the example config as a
-# conffile, the Xen, libvirt and Proxmox VE hooks in /usr/lib/vmroam (not
-# linked into place: not enabled), the docs and the man page, made from the binary's
-# --help. Their version is VERSION's (packaging/version.sh).
+# The .deb and .rpm (packaging/nfpm.yaml says what they hold): a static,
+# stripped binary in /usr/bin, the unit with its paths, the example config
+# as a conffile, the Xen, libvirt and Proxmox VE hooks in /usr/lib/vmroam
+# (not linked into place: not enabled), the docs and the man page, made
+# from the binary's --help. Their version is VERSION's (packaging/version.sh).
 package:
 	$(GO) -C packaging/tools build -o $(abspath $(NFPM)) github.com/goreleaser/nfpm/v2/cmd/nfpm
 	rm -rf $(PKGDIR)/files && rm -f $(PKGDIR)/vmroam_*.deb $(PKGDIR)/vmroam-*.rpm
 	install -d $(PKGDIR)/files
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(PKGDIR)/files/vmroam ./cmd/vmroam
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o $(PKGDIR)/files/vmroam ./cmd/vmroam
 	sed -e 's|/usr/local/bin/vmroam|/usr/bin/vmroam|g' scripts/systemd/vmroam.service > $(PKGDIR)/files/vmroam.service
 	$(GO) run ./scripts/genman -date $$(date -u -d @$(SOURCE_DATE_EPOCH) +%F) $(PKGDIR)/files/vmroam > $(PKGDIR)/files/vmroam.1
 	gzip -9n $(PKGDIR)/files/vmroam.1
