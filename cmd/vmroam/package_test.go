@@ -179,16 +179,18 @@ func checkRPM(t *testing.T, pkg string) {
 // (other work on this machine may be installing packages).
 func dpkg(t *testing.T, args ...string) string {
 	t.Helper()
-	deadline := time.Now().Add(90 * time.Second)
+	start := time.Now()
+	deadline := start.Add(90 * time.Second)
 	for {
 		cmd := exec.Command("dpkg", args...)
 		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
 		out, err := cmd.CombinedOutput()
 		if err == nil {
+			t.Logf("dpkg %s: %v (with any wait for the lock)", strings.Join(args, " "), time.Since(start).Round(100*time.Millisecond))
 			return string(out)
 		}
 		if !bytes.Contains(out, []byte("lock")) || time.Now().After(deadline) {
-			t.Fatalf("dpkg %s: %v\n%s", strings.Join(args, " "), err, out)
+			t.Fatalf("dpkg %s (after %v): %v\n%s", strings.Join(args, " "), time.Since(start).Round(100*time.Millisecond), err, out)
 		}
 		time.Sleep(time.Second)
 	}
