@@ -48,7 +48,9 @@ var debFiles = []pkgFile{
 // rpmPaths is what the .rpm holds, directories too: the .deb's files with
 // the unit and the license where RPM distributions keep them.
 func rpmPaths() []string {
-	paths := []string{"/etc/vmroam", "/usr/lib/vmroam", "/usr/lib/systemd/system/vmroam.service", "/usr/share/licenses/vmroam/LICENSE"}
+	paths := []string{"/etc/vmroam", "/usr/lib/vmroam", "/usr/lib/vmroam/xen", "/usr/lib/vmroam/libvirt", "/usr/lib/vmroam/proxmox",
+		"/usr/share/doc/vmroam", "/usr/share/doc/vmroam/monitoring",
+		"/usr/lib/systemd/system/vmroam.service", "/usr/share/licenses/vmroam", "/usr/share/licenses/vmroam/LICENSE"}
 	for _, f := range debFiles {
 		switch f.path {
 		case "/lib/systemd/system/vmroam.service", "/usr/share/doc/vmroam/copyright":
@@ -172,6 +174,60 @@ func checkRPM(t *testing.T, pkg string) {
 	unit, err := os.ReadFile(filepath.Join(dir, "usr", "lib", "systemd", "system", "vmroam.service"))
 	if err != nil || !bytes.Contains(unit, []byte("\nExecStart=/usr/bin/vmroam agent --config /etc/vmroam/vmroam.toml\n")) {
 		t.Errorf("the .rpm's unit (%v):\n%s", err, unit)
+	}
+	rpmRoot(t, rpmTool, pkg)
+}
+
+// rpmRoot installs the .rpm into an empty root with rpm, edits its config
+// and erases it: rpm keeps the edited config as .rpmsave and leaves
+// nothing else of the package's. The scripts do not run (the root has no
+// shell; TestMaintainerScripts runs them).
+func rpmRoot(t *testing.T, rpmTool, pkg string) {
+	if os.Geteuid() != 0 {
+		t.Log("not root: the .rpm is not installed into a scratch root")
+		return
+	}
+	root := t.TempDir()
+	command(t, rpmTool, "--root", root, "--initdb")
+	var db []string // rpm's own files
+	filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			db = append(db, path)
+		}
+		return nil
+	})
+	command(t, rpmTool, "--root", root, "-i", "--nodeps", "--noscripts", pkg)
+	for _, p := range rpmPaths() {
+		if !exists(filepath.Join(root, p)) {
+			t.Errorf("rpm -i put no %s", p)
+		}
+	}
+	conf := filepath.Join(root, "etc", "vmroam", "vmroam.toml")
+	if err := os.WriteFile(conf, []byte("# mine\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	command(t, rpmTool, "--root", root, "-e", "--noscripts", "vmroam")
+
+	// What may stay: rpm's database, the edited config and the system's
+	// directories, which a real system's packages own.
+	keep := append(db, conf+".rpmsave")
+	system := []string{"/etc", "/usr", "/usr/bin", "/usr/lib", "/usr/lib/systemd", "/usr/lib/systemd/system",
+		"/usr/share", "/usr/share/doc", "/usr/share/licenses", "/usr/share/man", "/usr/share/man/man1"}
+	filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || path == root {
+			return err
+		}
+		rel := strings.TrimPrefix(path, root)
+		switch {
+		case slices.Contains(keep, path), slices.Contains(system, rel):
+		case d.IsDir() && slices.ContainsFunc(keep, func(k string) bool { return strings.HasPrefix(k, path+"/") }):
+		default:
+			t.Errorf("rpm -e left %s", rel)
+		}
+		return nil
+	})
+	if got, err := os.ReadFile(conf + ".rpmsave"); err != nil || string(got) != "# mine\n" {
+		t.Errorf("rpm -e did not keep the edited config as .rpmsave: %q, %v", got, err)
 	}
 }
 
