@@ -107,10 +107,10 @@ func wantVersion(t *testing.T, binVersion string) string {
 	return strings.TrimSpace(command(t, filepath.Join(repoRoot, "packaging", "version.sh"), binVersion)) + "-1"
 }
 
-// TestPackage builds the .deb and the .rpm with `make package`, looks into
-// the .rpm, then installs the .deb on this machine, checks what it put
-// where, and purges it: only what the operator made may stay.
-// VMROAM_PACKAGE_TEST=0 skips it.
+// TestPackage builds the .deb and the .rpm with `make package`, reads the
+// .rpm with rpm and installs and erases it in a scratch root, then installs
+// the .deb on this machine, checks what it put where, and purges it: only
+// what the operator made may stay. VMROAM_PACKAGE_TEST=0 skips it.
 func TestPackage(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: make package and dpkg take seconds")
@@ -124,7 +124,7 @@ func TestPackage(t *testing.T) {
 }
 
 // checkRPM reads the .rpm with rpm itself: its files, config file, scripts
-// and version, and runs the binary it holds.
+// and version; it runs the binary it holds.
 func checkRPM(t *testing.T, pkg string) {
 	rpmTool, err := exec.LookPath("rpm")
 	if err != nil {
