@@ -92,9 +92,36 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 
 // fetchHandover asks the old owner for its cache, on the prepared
 // connection pc if there is one (req already sent on it), and feeds the
-// stream queue. Whatever happens, it ends by telling the orderer the source
-// is closed.
+// stream queue (fetch.run).
 func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *preparedConn, stream *cache.Queue, o *cache.Orderer, stop chan struct{}) {
+	f := &fetch{c: c, from: from, req: req, pc: pc, stream: stream, o: o, stop: stop,
+		settle: a.live().CacheSettle, log: a.log,
+		connect: func() (net.Conn, time.Duration) { return a.connectHandover(c, from, stop) }}
+	f.run()
+}
+
+// fetch is the new host's side of one handover: it needs nothing of the
+// agent but a way to connect to the old owner, so that every answer a
+// source can give is tested over a pipe (arrive_test.go).
+type fetch struct {
+	c      *vipCtl
+	from   string // the old owner
+	req    cache.Request
+	pc     *preparedConn // nil: not prepared
+	stream *cache.Queue
+	o      *cache.Orderer
+	stop   chan struct{} // closed: the migration no longer wants the cache
+	settle time.Duration // Config.CacheSettle, the least settle
+	log    *slog.Logger
+	// connect connects to the old owner's handover port, retrying until
+	// it gives up (nil) or stop closes; it returns the connect's round trip.
+	connect func() (net.Conn, time.Duration)
+}
+
+// run fetches the cache. Whatever happens, it ends by telling the orderer
+// the source is closed.
+func (f *fetch) run() {
+	c, from, req, pc, stream, o, stop := f.c, f.from, f.req, f.pc, f.stream, f.o, f.stop
 	defer o.Closed()
 	var conn net.Conn
 	var rd *cache.Reader
@@ -107,8 +134,8 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 		if prepared {
 			conn, dialRTT = pc.conn, pc.dialRTT
 			pc = nil
-		} else if conn, dialRTT = a.connectHandover(c, from, stop); conn == nil {
-			a.noteCacheLost(c, from, stop, "no connection", nil)
+		} else if conn, dialRTT = f.connect(); conn == nil {
+			c.noteCacheLost(f.log, from, stop, "no connection", nil)
 			return
 		}
 		// Long enough for a source that makes the request wait; the
@@ -153,7 +180,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 			}()
 			if prepared {
 				copies = asked.preview.Copies()
-				a.log.Info("handover: requested on the prepared connection", "vip", c.vip, "from", from, "rtt", rtt, "copies_ahead", copies)
+				f.log.Info("handover: requested on the prepared connection", "vip", c.vip, "from", from, "rtt", rtt, "copies_ahead", copies)
 			}
 			break
 		}
@@ -169,22 +196,22 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 			// the preview has taken all it will (the close ends it).
 			asked.preview.Await()
 			req.Resume = asked.preview.Resume()
-			a.log.Info("handover: the prepared connection failed; connecting anew", "vip", c.vip, "from", from, "err", err, "resume", req.Resume.Seq)
+			f.log.Info("handover: the prepared connection failed; connecting anew", "vip", c.vip, "from", from, "err", err, "resume", req.Resume.Seq)
 			continue
 		}
 		if req.Ticks && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
 			// An agent from before ticks closes on a request with flags.
-			a.log.Warn("handover: the old host does not know ticks (an older vmroam?); asking again without, so a loss in the stream may reorder", "vip", c.vip, "from", from)
+			f.log.Warn("handover: the old host does not know ticks (an older vmroam?); asking again without, so a loss in the stream may reorder", "vip", c.vip, "from", from)
 			req.Ticks = false
 			continue
 		}
-		a.noteCacheLost(c, from, stop, "handover request", err)
+		c.noteCacheLost(f.log, from, stop, "handover request", err)
 		return
 	}
 	o.ExpectTicks(req.Ticks)
 	// The answer's round trip is the path's, unless the source made the
 	// request wait (see handoverWait); the connect's is one too.
-	o.Settle = max(a.live().CacheSettle, min(rtt, dialRTT)+2*time.Millisecond)
+	o.Settle = max(f.settle, min(rtt, dialRTT)+2*time.Millisecond)
 	st, err := cache.Receiver{Queue: stream, OnTick: o.Tick,
 		OnHeader: func(h cache.Header) error {
 			if h.VIP != req.VIP || h.Epoch != req.Epoch {
@@ -220,7 +247,7 @@ func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *pre
 	c.flush = st
 	c.mu.Unlock()
 	if err != nil {
-		a.noteCacheLost(c, from, stop, "handover stream ended early", err)
+		c.noteCacheLost(f.log, from, stop, "handover stream ended early", err)
 	}
 }
 
@@ -347,7 +374,7 @@ func (c *idleConn) Read(b []byte) (int, error) {
 // cache, unless the handover was stopped on purpose. A stream cut after
 // the end marker brought the whole cache: only stragglers the old host
 // still forwarded may be lost, and that is logged only. c.mu not held.
-func (a *Agent) noteCacheLost(c *vipCtl, from string, stop chan struct{}, why string, err error) {
+func (c *vipCtl) noteCacheLost(log *slog.Logger, from string, stop chan struct{}, why string, err error) {
 	select {
 	case <-stop:
 		return
@@ -358,8 +385,8 @@ func (a *Agent) noteCacheLost(c *vipCtl, from string, stop chan struct{}, why st
 	c.rec.CacheLost = c.rec.CacheLost || !whole
 	c.mu.Unlock()
 	if whole {
-		a.log.Warn("handover: the stream was cut after the whole cache came; stragglers the old host still had are lost", "vip", c.vip, "from", from, "err", err)
+		log.Warn("handover: the stream was cut after the whole cache came; stragglers the old host still had are lost", "vip", c.vip, "from", from, "err", err)
 		return
 	}
-	a.log.Error("handover: the old host's cache is lost; delivering what is held here", "vip", c.vip, "from", from, "why", why, "err", err)
+	log.Error("handover: the old host's cache is lost; delivering what is held here", "vip", c.vip, "from", from, "why", why, "err", err)
 }
