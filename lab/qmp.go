@@ -27,7 +27,8 @@ type qmpMsg struct {
 		Class string `json:"class"`
 		Desc  string `json:"desc"`
 	} `json:"error"`
-	Event     string `json:"event"`
+	ID        *uint64 `json:"id"` // the command's id, echoed in its reply
+	Event     string  `json:"event"`
 	Timestamp struct {
 		Seconds      int64 `json:"seconds"`
 		Microseconds int64 `json:"microseconds"`
@@ -35,19 +36,22 @@ type qmpMsg struct {
 	Data json.RawMessage `json:"data"`
 }
 
-// qmp is a QMP client on a unix socket. Commands run one at a time (QMP
-// answers in order); a reader goroutine splits answers from events, which
+// qmp is a QMP client on a unix socket. Commands run one at a time; each
+// carries an id that QEMU echoes in its reply, so a reply reaches only the
+// command that asked for it: one that gave up on its context leaves no late
+// answer for the next. A reader goroutine splits replies from events, which
 // it keeps, so a caller can look for an event after it happened.
 type qmp struct {
-	conn    net.Conn
-	cmdMu   sync.Mutex    // one command in flight
-	replies chan qmpMsg   // answers, in order
-	done    chan struct{} // closed when the reader stops (QEMU closed the socket)
+	conn  net.Conn
+	cmdMu sync.Mutex    // one command in flight
+	done  chan struct{} // closed when the reader stops (QEMU closed the socket)
 
-	mu     sync.Mutex
-	events []QMPEvent
-	notify chan struct{} // closed and replaced on every event
-	err    error         // why the reader stopped
+	mu      sync.Mutex
+	lastID  uint64
+	pending map[uint64]chan qmpMsg // by id, each buffered 1; removed when cmd returns
+	events  []QMPEvent
+	notify  chan struct{} // closed and replaced on every event
+	err     error         // why the reader stopped
 }
 
 // dialQMP connects to QEMU's QMP socket, retrying until QEMU has made it
@@ -79,7 +83,7 @@ func dialQMP(ctx context.Context, path string) (*qmp, error) {
 	_ = conn.SetReadDeadline(time.Time{})
 	q := &qmp{
 		conn:    conn,
-		replies: make(chan qmpMsg, 1),
+		pending: map[uint64]chan qmpMsg{},
 		done:    make(chan struct{}),
 		notify:  make(chan struct{}),
 	}
@@ -111,10 +115,15 @@ func (q *qmp) read(dec *json.Decoder) {
 			q.mu.Unlock()
 			continue
 		}
-		select {
-		case q.replies <- m:
-		case <-time.After(10 * time.Second): // nobody waits: a command timed out
+		if m.ID == nil {
+			continue // not an answer to one of ours (we always send an id)
 		}
+		q.mu.Lock()
+		if ch, ok := q.pending[*m.ID]; ok {
+			delete(q.pending, *m.ID)
+			ch <- m // buffered 1, one reply per id: never blocks
+		} // else its command gave up: drop the late reply
+		q.mu.Unlock()
 	}
 }
 
@@ -123,7 +132,18 @@ func (q *qmp) read(dec *json.Decoder) {
 func (q *qmp) cmd(ctx context.Context, name string, args any) (json.RawMessage, error) {
 	q.cmdMu.Lock()
 	defer q.cmdMu.Unlock()
-	req := map[string]any{"execute": name}
+	ch := make(chan qmpMsg, 1)
+	q.mu.Lock()
+	q.lastID++
+	id := q.lastID
+	q.pending[id] = ch
+	q.mu.Unlock()
+	defer func() {
+		q.mu.Lock()
+		delete(q.pending, id)
+		q.mu.Unlock()
+	}()
+	req := map[string]any{"execute": name, "id": id}
 	if args != nil {
 		req["arguments"] = args
 	}
@@ -135,7 +155,7 @@ func (q *qmp) cmd(ctx context.Context, name string, args any) (json.RawMessage, 
 		return nil, fmt.Errorf("lab: QMP %s: %w", name, err)
 	}
 	select {
-	case m := <-q.replies:
+	case m := <-ch:
 		if m.Error != nil {
 			return nil, fmt.Errorf("lab: QMP %s: %s: %s", name, m.Error.Class, m.Error.Desc)
 		}
