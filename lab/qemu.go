@@ -355,17 +355,28 @@ func (m Migration) Paused() time.Duration { return m.Resume.Sub(m.Stop) }
 // Migrate live-migrates the guest to the QEMU Incoming started, waits until
 // QEMU says completed and the destination has resumed, then quits the
 // source QEMU and deletes its tap (the old domain is destroyed), and sets
-// Host. On failure the guest keeps running where it was and the
-// destination is stopped.
+// Host. On a failure before QEMU says completed, the migration is
+// cancelled, the guest keeps running where it was and the destination is
+// stopped. After completed, the destination is the only copy of the guest:
+// a later failure (no STOP or RESUME event) still moves the guest there,
+// and Migrate returns the error.
 func (g *Guest) Migrate(ctx context.Context) (Migration, error) {
 	src, dst := g.cur, g.next
 	if src == nil || dst == nil {
 		return Migration{}, fmt.Errorf("lab: guest %s: Migrate without Incoming", g.Name)
 	}
+	wrap := func(err error) error {
+		return fmt.Errorf("lab: guest %s: migrate %s -> %s: %w", g.Name, src.host.Name, dst.host.Name, err)
+	}
+	// fail undoes a migration that has not completed: the source runs on.
 	fail := func(err error) (Migration, error) {
+		if g.cancelMigration(src) == migCompleted {
+			g.moved(src, dst)
+			return Migration{}, wrap(fmt.Errorf("%w (it completed while being cancelled: the guest is on %s)", err, dst.host.Name))
+		}
 		g.next = nil
 		dst.stop(g)
-		return Migration{}, fmt.Errorf("lab: guest %s: migrate %s -> %s: %w", g.Name, src.host.Name, dst.host.Name, err)
+		return Migration{}, wrap(err)
 	}
 	for _, c := range []struct {
 		name string
@@ -384,54 +395,49 @@ func (g *Guest) Migrate(ctx context.Context) (Migration, error) {
 	if _, err := src.q.cmd(ctx, "migrate", map[string]any{"uri": uri}); err != nil {
 		return fail(err)
 	}
-	type migInfo struct {
-		Status    string `json:"status"`
-		TotalTime int64  `json:"total-time"`
-		Downtime  int64  `json:"downtime"`
-		SetupTime int64  `json:"setup-time"`
-		ErrorDesc string `json:"error-desc"`
-		RAM       struct {
-			Transferred int64 `json:"transferred"`
-		} `json:"ram"`
-	}
 	var info migInfo
 	// QEMU 7.2 says "completed" a moment before it has filled in the times.
 	var completed time.Time
+poll:
 	for {
-		b, err := src.q.cmd(ctx, "query-migrate", nil)
+		i, err := queryMigrate(ctx, src)
 		if err != nil {
+			if !completed.IsZero() {
+				break // completed: only the times are missing
+			}
 			return fail(err)
 		}
-		info = migInfo{}
-		if err := json.Unmarshal(b, &info); err != nil {
-			return fail(fmt.Errorf("query-migrate: %w: %s", err, b))
-		}
-		if info.Status == "completed" {
+		info = i
+		switch info.Status {
+		case migCompleted:
 			if completed.IsZero() {
 				completed = time.Now()
 			}
 			if info.TotalTime > 0 || time.Since(completed) > time.Second {
-				break
+				break poll
 			}
-		}
-		if info.Status == "failed" || info.Status == "cancelled" {
-			_, _ = src.q.cmd(ctx, "cont", nil)
+		case migFailed, migCancelled:
 			return fail(fmt.Errorf("status %s: %s", info.Status, info.ErrorDesc))
 		}
 		select {
 		case <-ctx.Done():
-			_, _ = src.q.cmd(context.Background(), "migrate_cancel", nil)
+			if !completed.IsZero() {
+				break poll
+			}
 			return fail(ctx.Err())
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+	// From here on the destination is the only copy of the guest.
 	stop, err := src.q.waitEvent(ctx, "STOP", start)
 	if err != nil {
-		return fail(err)
+		g.moved(src, dst)
+		return Migration{}, wrap(err)
 	}
 	resume, err := dst.q.waitEvent(ctx, "RESUME", start)
 	if err != nil {
-		return fail(err)
+		g.moved(src, dst)
+		return Migration{}, wrap(err)
 	}
 	m := Migration{
 		Total:    time.Duration(info.TotalTime) * time.Millisecond,
@@ -441,6 +447,89 @@ func (g *Guest) Migrate(ctx context.Context) (Migration, error) {
 		Stop:     stop.Time,
 		Resume:   resume.Time,
 	}
+	g.moved(src, dst)
+	g.l.logf("lab %s: guest %s migrated %s -> %s: total %v, downtime %v, STOP->RESUME %v, %d bytes",
+		g.l.ID, g.Name, src.host.Name, dst.host.Name, m.Total, m.Downtime, m.Paused(), m.RAMBytes)
+	return m, nil
+}
+
+// migStatus is query-migrate's status.
+type migStatus string
+
+const (
+	migNone      migStatus = "" // no migration yet: query-migrate returns {}
+	migCompleted migStatus = "completed"
+	migFailed    migStatus = "failed"
+	migCancelled migStatus = "cancelled"
+)
+
+type migInfo struct {
+	Status    migStatus `json:"status"`
+	TotalTime int64     `json:"total-time"`
+	Downtime  int64     `json:"downtime"`
+	SetupTime int64     `json:"setup-time"`
+	ErrorDesc string    `json:"error-desc"`
+	RAM       struct {
+		Transferred int64 `json:"transferred"`
+	} `json:"ram"`
+}
+
+func queryMigrate(ctx context.Context, q *qemu) (migInfo, error) {
+	b, err := q.q.cmd(ctx, "query-migrate", nil)
+	if err != nil {
+		return migInfo{}, err
+	}
+	var info migInfo
+	if err := json.Unmarshal(b, &info); err != nil {
+		return migInfo{}, fmt.Errorf("query-migrate: %w: %s", err, b)
+	}
+	return info, nil
+}
+
+// cancelMigration cancels src's outgoing migration, waits (up to 10 s)
+// until QEMU says it ended, and resumes src unless it completed, which it
+// returns; a migration that had not started counts as cancelled.
+func (g *Guest) cancelMigration(src *qemu) migStatus {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := src.q.cmd(ctx, "migrate_cancel", nil); err != nil {
+		g.l.logf("lab %s: guest %s: %v", g.l.ID, g.Name, err)
+	}
+	st := migCancelled
+wait:
+	for {
+		info, err := queryMigrate(ctx, src)
+		if err != nil {
+			g.l.logf("lab %s: guest %s: waiting for the cancel: %v", g.l.ID, g.Name, err)
+			break
+		}
+		switch info.Status {
+		case migCompleted:
+			return migCompleted
+		case migNone, migFailed, migCancelled:
+			st = info.Status
+			break wait
+		}
+		select {
+		case <-ctx.Done():
+			g.l.logf("lab %s: guest %s: migration still %s after migrate_cancel", g.l.ID, g.Name, info.Status)
+			break wait
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	// QEMU resumes a source it paused itself when it cancels; cont covers
+	// a failure after the pause, and is a no-op on a running guest.
+	ctxCont, cancelCont := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancelCont()
+	if _, err := src.q.cmd(ctxCont, "cont", nil); err != nil {
+		g.l.logf("lab %s: guest %s: cont after migration %q: %v", g.l.ID, g.Name, st, err)
+	}
+	return st
+}
+
+// moved makes dst the guest's QEMU after a completed migration, then quits
+// the source and deletes its tap.
+func (g *Guest) moved(src, dst *qemu) {
 	// The source is paused for good: what its tap counted is final once
 	// QEMU stops reading it, so take it just before the tap goes.
 	ctxQuit, cancelQuit := context.WithTimeout(context.Background(), 5*time.Second)
@@ -454,9 +543,6 @@ func (g *Guest) Migrate(ctx context.Context) (Migration, error) {
 	g.cur, g.next = dst, nil
 	g.Host, g.vm.Host = dst.host, dst.host
 	src.stop(g)
-	g.l.logf("lab %s: guest %s migrated %s -> %s: total %v, downtime %v, STOP->RESUME %v, %d bytes",
-		g.l.ID, g.Name, src.host.Name, dst.host.Name, m.Total, m.Downtime, m.Paused(), m.RAMBytes)
-	return m, nil
 }
 
 // Stop quits every QEMU of the guest and deletes their taps. It is

@@ -106,6 +106,39 @@ func TestQEMUGuestMigrate(t *testing.T) {
 		t.Errorf("guest Udp InDatagrams grew by %d, iperf3 read %d", udpIn, res.Received)
 	}
 
+	// A migration whose context ends once QEMU has set it up is cancelled:
+	// the guest runs on at h1, same boot, and h2's QEMU and tap are gone.
+	if err := g.Incoming(h2); err != nil {
+		t.Fatal(err)
+	}
+	cctx, ccancel := context.WithCancel(ctx)
+	go func(q *qmp, since time.Time) {
+		if _, err := q.waitEvent(cctx, "MIGRATION", since); err == nil {
+			ccancel()
+		}
+	}(g.cur.q, time.Now().Add(-time.Second))
+	_, err = g.Migrate(cctx)
+	ccancel()
+	if err == nil {
+		t.Fatal("Migrate whose context ended during the migration succeeded")
+	}
+	t.Logf("cancelled migration: %v", err)
+	if g.Host != h1 || g.next != nil {
+		t.Fatalf("after a cancelled migration: guest on %v, destination %v; want h1, none", g.Host, g.next)
+	}
+	if err := l.WaitPing(client, gvip, 10*time.Second); err != nil {
+		t.Fatalf("guest not answering at h1 after a cancelled migration: %v", err)
+	}
+	if c1, err = g.Counters(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c1.BootID != c0.BootID {
+		t.Errorf("boot id %s after a cancelled migration, %s before", c1.BootID, c0.BootID)
+	}
+	if _, err := l.Exec(h2.NS, "ip", "link", "show", g.Tap); err == nil {
+		t.Errorf("tap %s still on h2 after a cancelled migration", g.Tap)
+	}
+
 	// Live migration h1 -> h2 in the middle of a 4 s run; the test moves
 	// h3's route once Migrate returns, so datagrams are lost, and placed.
 	if err := g.Incoming(h2); err != nil {
