@@ -3,6 +3,7 @@ package lab
 import (
 	"context"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -41,14 +42,23 @@ func TestQEMUGuestMigrate(t *testing.T) {
 	if err := RequireQEMU(); err != nil {
 		t.Skipf("QEMU guest: %v", err)
 	}
+	// make-guest.sh's tools; with all of them, a failed build is a failure.
+	for _, c := range []string{"apt-get", "apt-cache", "dpkg-deb", "cpio", "gzip", "sha256sum", "iperf3"} {
+		if _, err := exec.LookPath(c); err != nil {
+			t.Skipf("QEMU guest: %s not found (make deps): %v", c, err)
+		}
+	}
 	begin := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	img, err := BuildGuestImage(ctx, "../scripts/make-guest.sh", "")
+	// A first build downloads the packages: its own time, not the test's.
+	bctx, bcancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	img, err := BuildGuestImage(bctx, "../scripts/make-guest.sh", "")
+	bcancel()
 	if err != nil {
-		t.Skipf("QEMU guest image cannot be built here: %v", err)
+		t.Fatalf("QEMU guest image: %v", err)
 	}
 	t.Logf("guest image %s (%v), accel %s", img.Dir, time.Since(begin).Round(time.Millisecond), Accel())
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
 
 	l := newLab(t, 3)
 	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
@@ -148,12 +158,33 @@ func TestQEMUGuestMigrate(t *testing.T) {
 		res GuestUDP
 		err error
 	}
+	tap0, err := g.tapStats(h1)
+	if err != nil {
+		t.Fatal(err)
+	}
 	flow := make(chan flowResult, 1)
 	go func() {
 		r, err := g.IperfUDP(client, 4*time.Second, 12500, 100)
 		flow <- flowResult{r, err}
 	}()
-	time.Sleep(1500 * time.Millisecond)
+	// Migrate once the flow runs: h1's tap has handed the guest 2,500
+	// more packets (0.2 s of it).
+	for {
+		st, err := g.tapStats(h1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.TxPackets-tap0.TxPackets >= 2500 {
+			break
+		}
+		select {
+		case fr := <-flow:
+			t.Fatalf("the flow ended before it reached the guest's tap: %+v, %v", fr.res, fr.err)
+		case <-ctx.Done():
+			t.Fatalf("the flow did not reach the guest's tap: %v", ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 	mig := time.Now()
 	m, err := g.Migrate(ctx)
 	if err != nil {
