@@ -49,6 +49,19 @@ type DomainVIP struct {
 	Dev string
 }
 
+// domainVIP returns v itself; the internal VIP types that embed a
+// DomainVIP (with why its Dev is unknown) get it, for plainVIPs.
+func (v DomainVIP) domainVIP() DomainVIP { return v }
+
+// plainVIPs strips what the internal VIP types add to their DomainVIPs.
+func plainVIPs[V interface{ domainVIP() DomainVIP }](vips []V) []DomainVIP {
+	out := make([]DomainVIP, len(vips))
+	for i, v := range vips {
+		out[i] = v.domainVIP()
+	}
+	return out
+}
+
 // Action is one thing the agent must be told for a LibvirtEvent.
 type Action struct {
 	// Verb is "prepare" (a migration is coming: pre-provision VIP),
@@ -129,11 +142,7 @@ func DomainVIPs(domainXML []byte) ([]DomainVIP, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make([]DomainVIP, len(vips))
-	for i, v := range vips {
-		out[i] = v.DomainVIP
-	}
-	return out, nil
+	return plainVIPs(vips), nil
 }
 
 // namedVIP is a DomainVIP with the interface its metadata names, for

@@ -109,11 +109,16 @@ type pveConfig struct {
 	// ipconfig holds each ipconfig<N>'s value.
 	ipconfig map[int]string
 	descr    []string
+	// warns names the lines skipped: neither blank, nor a comment, nor
+	// `key: value`, nor a [section].
+	warns []string
 }
 
 // parsePVEConfig reads the current config (everything before the first
-// section) of a VM's config file or `qm config` output. Lines that are
-// neither blank, nor a comment, nor `key: value` are an error.
+// section) of a VM's config file or `qm config` output. As Proxmox's own
+// parse_vm_config, it skips a line of any other shape with a warning: one
+// odd line must not keep the hook from detaching the VM's VIPs at
+// post-stop. An empty config is an error.
 func parsePVEConfig(b []byte) (*pveConfig, error) {
 	if len(bytes.TrimSpace(b)) == 0 {
 		return nil, errors.New("VM config: empty")
@@ -127,7 +132,8 @@ func parsePVEConfig(b []byte) (*pveConfig, error) {
 			continue
 		case strings.HasPrefix(line, "["):
 			if !strings.HasSuffix(line, "]") {
-				return nil, fmt.Errorf("VM config: line %d: %.40q is not a [section]", i+1, line)
+				c.warns = append(c.warns, fmt.Sprintf("VM config: line %d: %.40q is not a [section]: skipped", i+1, line))
+				continue
 			}
 			// Pending changes and snapshots: not what runs.
 			return c.finish(descr.String()), nil
@@ -139,7 +145,8 @@ func parsePVEConfig(b []byte) (*pveConfig, error) {
 		key, val, ok := strings.Cut(line, ":")
 		val = strings.TrimSpace(val)
 		if !ok || !validKey(key) || val == "" {
-			return nil, fmt.Errorf("VM config: line %d: %.40q is not `key: value`", i+1, line)
+			c.warns = append(c.warns, fmt.Sprintf("VM config: line %d: %.40q is not `key: value`: skipped", i+1, line))
+			continue
 		}
 		if key == "description" {
 			descr.WriteString(decodeText(val))
@@ -241,25 +248,31 @@ type pveVIP struct {
 // tap<vmid>i<N> when net<N> exists and has a bridge, else "".
 //
 // VIPs come once each, in order (description lines as they come, else by
-// N, ip before ip6). A malformed config, an invalid address or a VIP
-// behind two devices is an error.
-func ProxmoxVIPs(vmid int, conf []byte) ([]DomainVIP, error) {
-	vips, err := proxmoxVIPs(vmid, conf)
+// N, ip before ip6). Lines of the config it cannot read are skipped, each
+// with a warning for the caller to print. An empty config, a malformed
+// vmroam-vip line or ipconfig<N> value, an invalid address or a VIP behind
+// two devices is an error.
+func ProxmoxVIPs(vmid int, conf []byte) (vips []DomainVIP, warnings []string, err error) {
+	v, warnings, err := proxmoxVIPs(vmid, conf)
 	if err != nil {
-		return nil, err
+		return nil, warnings, err
 	}
-	out := make([]DomainVIP, len(vips))
-	for i, v := range vips {
-		out[i] = v.DomainVIP
-	}
-	return out, nil
+	return plainVIPs(v), warnings, nil
 }
 
-func proxmoxVIPs(vmid int, conf []byte) ([]pveVIP, error) {
+func proxmoxVIPs(vmid int, conf []byte) ([]pveVIP, []string, error) {
 	c, err := parsePVEConfig(conf)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
+	vips, err := c.vips(vmid)
+	if err != nil {
+		return nil, c.warns, err
+	}
+	return vips, c.warns, nil
+}
+
+func (c *pveConfig) vips(vmid int) ([]pveVIP, error) {
 	var out []pveVIP
 	add := func(vip netip.Addr, n int) error {
 		if n < 0 {
@@ -419,8 +432,9 @@ func ipconfigAddrs(val string) ([]netip.Addr, error) {
 // the phases that act. An error names what could not be done; the actions
 // returned with it are those that could still be computed (at
 // "post-start", the VIPs whose tap is known), and the caller should carry
-// them out.
-func ProxmoxActions(ev ProxmoxEvent) ([]Action, error) {
+// them out. Warnings name the config's lines that were skipped, for the
+// caller to print.
+func ProxmoxActions(ev ProxmoxEvent) (actions []Action, warnings []string, err error) {
 	var verb string
 	switch ev.Phase {
 	case PhasePreStart:
@@ -430,16 +444,13 @@ func ProxmoxActions(ev ProxmoxEvent) ([]Action, error) {
 	case PhasePostStop:
 		verb = "detach"
 	default:
-		return nil, nil
+		return nil, nil, nil
 	}
-	vips, err := proxmoxVIPs(ev.VMID, ev.Config)
+	vips, warnings, err := proxmoxVIPs(ev.VMID, ev.Config)
 	if err != nil {
-		return nil, fmt.Errorf("xenhook: VM %d, %s: %w", ev.VMID, ev.Phase, err)
+		return nil, warnings, fmt.Errorf("xenhook: VM %d, %s: %w", ev.VMID, ev.Phase, err)
 	}
-	var (
-		actions []Action
-		nodev   []string
-	)
+	var nodev []string
 	for _, v := range vips {
 		switch verb {
 		case "attach":
@@ -455,8 +466,8 @@ func ProxmoxActions(ev ProxmoxEvent) ([]Action, error) {
 		}
 	}
 	if len(nodev) > 0 {
-		return actions, fmt.Errorf("xenhook: VM %d, %s: not attached, the tap is unknown: %s",
+		return actions, warnings, fmt.Errorf("xenhook: VM %d, %s: not attached, the tap is unknown: %s",
 			ev.VMID, ev.Phase, strings.Join(nodev, "; "))
 	}
-	return actions, nil
+	return actions, warnings, nil
 }

@@ -54,13 +54,13 @@ func FuzzProxmoxVIPs(f *testing.F) {
 	f.Add([]byte("ipconfig0: ip=100.64.0.1/24,ip6=fe80::1%eth0/64\n"))
 	f.Fuzz(func(t *testing.T, conf []byte) {
 		const vmid = 100
-		vips, err := ProxmoxVIPs(vmid, conf)
+		vips, _, err := ProxmoxVIPs(vmid, conf)
 		if err != nil {
 			if vips != nil {
 				t.Fatalf("error %v with VIPs %v", err, vips)
 			}
 			for _, p := range []ProxmoxPhase{PhasePreStart, PhasePostStart, PhasePostStop} {
-				if acts, aerr := ProxmoxActions(ProxmoxEvent{VMID: vmid, Phase: p, Config: conf}); aerr == nil || acts != nil {
+				if acts, _, aerr := ProxmoxActions(ProxmoxEvent{VMID: vmid, Phase: p, Config: conf}); aerr == nil || acts != nil {
 					t.Fatalf("%s: actions %v, %v for a config that does not read", p, acts, aerr)
 				}
 			}
@@ -84,9 +84,9 @@ func FuzzProxmoxVIPs(f *testing.F) {
 			}
 		}
 
-		again, err := ProxmoxVIPs(vmid, canonicalPVEConfig(t, vmid, vips))
-		if err != nil || !slices.Equal(again, vips) {
-			t.Fatalf("%v written back reads as %v, %v", vips, again, err)
+		again, warns, err := ProxmoxVIPs(vmid, canonicalPVEConfig(t, vmid, vips))
+		if err != nil || !slices.Equal(again, vips) || len(warns) > 0 {
+			t.Fatalf("%v written back reads as %v, %v, warnings %q", vips, again, err, warns)
 		}
 
 		var prepare, attach, detach []Action
@@ -107,7 +107,7 @@ func FuzzProxmoxVIPs(f *testing.F) {
 			{PhasePreStop, nil, false},
 			{PhasePostStop, detach, false},
 		} {
-			acts, err := ProxmoxActions(ProxmoxEvent{VMID: vmid, Phase: c.p, Config: conf})
+			acts, _, err := ProxmoxActions(ProxmoxEvent{VMID: vmid, Phase: c.p, Config: conf})
 			if !slices.Equal(acts, c.want) || (err != nil) != c.fails {
 				t.Fatalf("%s: %v, %v for %v", c.p, acts, err, vips)
 			}

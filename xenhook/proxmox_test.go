@@ -51,9 +51,12 @@ func TestProxmoxVIPs(t *testing.T) {
 			[]DomainVIP{dv("100.64.0.1", "tap10i0")}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := ProxmoxVIPs(tc.vmid, tc.conf)
+			got, warns, err := ProxmoxVIPs(tc.vmid, tc.conf)
 			if err != nil {
 				t.Fatal(err)
+			}
+			if len(warns) > 0 {
+				t.Errorf("warnings %q", warns)
 			}
 			if !slices.Equal(got, tc.want) {
 				t.Errorf("got  %v\nwant %v", got, tc.want)
@@ -65,10 +68,6 @@ func TestProxmoxVIPs(t *testing.T) {
 func TestProxmoxVIPsRefused(t *testing.T) {
 	for _, tc := range []struct{ name, conf, err string }{
 		{"empty", " \n\n", "VM config: empty"},
-		{"garbage", "\x00\x01 binary junk", "line 1: "},
-		{"a line without key", "name: web1\nthis is not a config\n", `line 2: "this is not a config" is not`},
-		{"a key without value", "name:\n", "line 1: "},
-		{"an unclosed section", "name: a\n[PENDING\n", "is not a [section]"},
 		{"ipconfig not key=value", "ipconfig0: 100.64.0.1/24\n", "ipconfig0: \"100.64.0.1/24\" is not key=value"},
 		{"ipconfig without prefix length", "ipconfig0: ip=100.64.0.1\n", "ipconfig0: ip=\"100.64.0.1\" is not an IPv4 address in CIDR form"},
 		{"ipconfig IPv6 in ip=", "ipconfig0: ip=fd00::1/64\n", "is not an IPv4 address"},
@@ -82,11 +81,44 @@ func TestProxmoxVIPsRefused(t *testing.T) {
 		{"VIP behind two taps", "#vmroam-vip%3A 100.64.0.1 net0\n#vmroam-vip%3A 100.64.0.1 net1\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\nnet1: virtio=BC:24:11:00:00:02,bridge=vmbr0\n", "VIP 100.64.0.1 is behind both tap1i0 and tap1i1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := ProxmoxVIPs(1, []byte(tc.conf))
+			got, _, err := ProxmoxVIPs(1, []byte(tc.conf))
 			if err == nil || !strings.Contains(err.Error(), tc.err) || got != nil {
 				t.Errorf("got %v, %v; want an error saying %q", got, err, tc.err)
 			}
 		})
+	}
+}
+
+// TestProxmoxVIPsSkipsOddLines: as Proxmox's parse_vm_config, a line of
+// no known shape is skipped with a warning, and the rest still reads.
+func TestProxmoxVIPsSkipsOddLines(t *testing.T) {
+	got, warns, err := ProxmoxVIPs(600, readPVE(t, "600-odd.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []DomainVIP{dv("100.64.6.1", "tap600i0")}; !slices.Equal(got, want) {
+		t.Errorf("got  %v\nwant %v", got, want)
+	}
+	want := []string{
+		"VM config: line 3: \"this line is not a config line\" is not `key: value`: skipped",
+		"VM config: line 5: \"name:\" is not `key: value`: skipped",
+		"VM config: line 7: \"\\x00\\x01 binary junk\" is not `key: value`: skipped",
+		"VM config: line 9: \"[PENDING\" is not a [section]: skipped",
+	}
+	if !slices.Equal(warns, want) {
+		t.Errorf("warnings\n%q\nwant\n%q", warns, want)
+	}
+	// At post-stop the VIPs are detached all the same, the warnings returned.
+	acts, awarns, err := ProxmoxActions(ProxmoxEvent{VMID: 600, Phase: PhasePostStop, Config: readPVE(t, "600-odd.conf")})
+	if err != nil || !slices.Equal(awarns, want) {
+		t.Fatalf("post-stop: %v, warnings %q", err, awarns)
+	}
+	if wantActs := []Action{{Verb: "detach", VIP: dv("100.64.6.1", "").VIP}}; !slices.Equal(acts, wantActs) {
+		t.Errorf("post-stop: %v, want %v", acts, wantActs)
+	}
+	// The vmroam-vip lines stay strict: one that does not read is an error.
+	if _, _, err := ProxmoxVIPs(600, []byte("#vmroam-vip%3A web1\nodd line\n")); err == nil {
+		t.Error("a bad vmroam-vip line beside an odd line read")
 	}
 }
 
@@ -141,7 +173,8 @@ func TestProxmoxActions(t *testing.T) {
 		{"post-stop", PhasePostStop, web1, detach, ""},
 		{"a later phase", "pre-migrate", web1, nil, ""},
 		{"pre-stop does not read the config", PhasePreStop, []byte("garbage"), nil, ""},
-		{"post-start with garbage", PhasePostStart, []byte("garbage"), nil, "xenhook: VM 100, post-start: VM config: line 1"},
+		{"post-start with garbage", PhasePostStart, []byte("garbage"), nil, ""},
+		{"post-start, empty config", PhasePostStart, []byte("\n"), nil, "xenhook: VM 100, post-start: VM config: empty"},
 		{"post-start, a tap unknown", PhasePostStart, []byte("#vmroam-vip%3A 100.64.1.5 net0\n#vmroam-vip%3A 100.64.1.6 net1\nnet0: virtio=BC:24:11:2A:3B:4C,bridge=vmbr0\n"),
 			[]Action{{Verb: "attach", VIP: dv("100.64.1.5", "").VIP, Dev: "tap100i0", WhenAnnounced: true}},
 			"xenhook: VM 100, post-start: not attached, the tap is unknown: VIP 100.64.1.6: the VM has no net1"},
@@ -150,7 +183,7 @@ func TestProxmoxActions(t *testing.T) {
 		{"no VIPs", PhasePostStart, readPVE(t, "400-plain.conf"), nil, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := ProxmoxActions(ProxmoxEvent{VMID: 100, Phase: tc.phase, Config: tc.conf})
+			got, _, err := ProxmoxActions(ProxmoxEvent{VMID: 100, Phase: tc.phase, Config: tc.conf})
 			switch {
 			case tc.err == "" && err != nil:
 				t.Fatalf("error: %v", err)

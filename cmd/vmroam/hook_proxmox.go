@@ -51,7 +51,10 @@ func runHookProxmox(ctx context.Context, args []string, stdout, stderr io.Writer
 		h.errorf("%v", err)
 		return nil
 	}
-	actions, err := xenhook.ProxmoxActions(xenhook.ProxmoxEvent{VMID: vmid, Phase: phase, Config: conf})
+	actions, warnings, err := xenhook.ProxmoxActions(xenhook.ProxmoxEvent{VMID: vmid, Phase: phase, Config: conf})
+	for _, w := range warnings {
+		h.infof("warning: %s (config %s)", w, path)
+	}
 	if err != nil {
 		// The actions that could be worked out still run.
 		h.errorf("%v (config %s)", err, path)

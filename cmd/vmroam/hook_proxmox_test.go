@@ -177,6 +177,7 @@ func TestHookProxmoxReports(t *testing.T) {
 	cluster.put("pve1", "205", pveFixture(t, "205-db1.conf"))
 	cluster.put("pve1", "666", []byte("\x00\x01 not a config\n"))
 	cluster.put("pve1", "777", []byte("name: twice\n"))
+	cluster.put("pve1", "606", []byte("#vmroam-vip%3A 100.64.6.1 net0\nodd line\nnet0: virtio=BC:24:11:00:06:06,bridge=vmbr0\n"))
 	cluster.put("pve2", "777", []byte("name: twice\n"))
 	cluster.put("pve1", "888", []byte("#vmroam-vip%3A 100.64.8.1 net0\n#vmroam-vip%3A 100.64.8.2 net4\nnet0: virtio=BC:24:11:00:08:00,bridge=vmbr0\n"))
 	host := newPVEHost(t, "pve1")
@@ -190,7 +191,8 @@ func TestHookProxmoxReports(t *testing.T) {
 			[]string{"attach-when-announced 100.64.2.10 tap205i1", "attach-when-announced fd00:64:2::10 tap205i1", "attach-when-announced 100.64.2.11 tap205i2"},
 			[]string{"vmroam hook: VM 205, post-start: 100.64.2.10 attached on tap205i1 when the VM announces itself (h1 runs it until then)"}, 0},
 		{"no config", "999", "pre-start", nil, []string{"vmroam hook: ERROR VM 999, pre-start: no config of VM 999: nothing matches "}, 1},
-		{"garbage", "666", "post-start", nil, []string{"vmroam hook: ERROR VM 666, post-start: VM config: line 1: ", "(config " + cluster.confPath("pve1", "666") + ")"}, 1},
+		{"garbage: skipped with a warning", "666", "post-start", nil, []string{"vmroam hook: VM 666, post-start: warning: VM config: line 1: ", "skipped (config " + cluster.confPath("pve1", "666") + ")"}, 0},
+		{"an odd line: detached all the same", "606", "post-stop", []string{"detach 100.64.6.1"}, []string{"vmroam hook: VM 606, post-stop: warning: VM config: line 2: \"odd line\" is not `key: value`: skipped"}, 0},
 		{"on two nodes", "777", "post-stop", nil, []string{"VM 777 has a config on several nodes"}, 1},
 		{"a tap unknown", "888", "post-start", []string{"attach-when-announced 100.64.8.1 tap888i0"},
 			[]string{"vmroam hook: ERROR VM 888, post-start: not attached, the tap is unknown: VIP 100.64.8.2: the VM has no net4"}, 1},
