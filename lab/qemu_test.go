@@ -43,7 +43,7 @@ func TestQEMUGuestMigrate(t *testing.T) {
 		t.Skipf("QEMU guest: %v", err)
 	}
 	// make-guest.sh's tools; with all of them, a failed build is a failure.
-	for _, c := range []string{"apt-get", "apt-cache", "dpkg-deb", "cpio", "gzip", "sha256sum", "iperf3"} {
+	for _, c := range []string{"apt-get", "apt-cache", "dpkg-deb", "dpkg-query", "cpio", "gzip", "sha256sum", "iperf3"} {
 		if _, err := exec.LookPath(c); err != nil {
 			t.Skipf("QEMU guest: %s not found (make deps): %v", c, err)
 		}

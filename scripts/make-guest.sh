@@ -2,8 +2,11 @@
 # Builds the lab's QEMU guest from Debian packages: a kernel (vmlinuz) and an
 # initramfs (initrd.img) with busybox, iperf3 and the virtio and wireguard
 # modules, into CACHE/<key>/, and prints that directory. The key hashes this
-# script and the versions of the packages, so a build is reused until one of
-# them changes. Needs apt-get (with its lists fetched), dpkg-deb, cpio, gzip.
+# script, the versions of the packages and those of this host's packages
+# whose libraries iperf3 links with (copied in from here), so a build is
+# reused until one of them changes. Needs apt-get (with its lists fetched),
+# dpkg-deb, dpkg-query, cpio, gzip, and xz or zstd when the kernel's modules
+# are compressed.
 #
 # The guest's /init reads from the kernel command line:
 #   vmroam.ip=A      its IPv4 address (a /32 on eth0)
@@ -25,7 +28,7 @@ while [ $# -gt 0 ]; do
 	*) usage ;;
 	esac
 done
-for c in apt-get apt-cache dpkg-deb cpio gzip sha256sum; do
+for c in apt-get apt-cache dpkg-deb dpkg-query cpio gzip sha256sum; do
 	command -v "$c" >/dev/null 2>&1 || { echo "make-guest: $c not found" >&2; exit 1; }
 done
 
@@ -35,7 +38,15 @@ kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: li
 pkgs=("$kpkg" busybox-static iperf3 libiperf0)
 versions=$(apt-cache policy "${pkgs[@]}" | awk '/^[^ ]/ {p = $1; sub(/:$/, "", p)} /Candidate:/ {print p "=" $2}')
 [ "$(echo "$versions" | grep -c '=[^(]')" -eq ${#pkgs[@]} ] || { echo "make-guest: no candidate for some of ${pkgs[*]}: $versions" >&2; exit 1; }
-key=$( (cat "$0"; echo "$versions") | sha256sum | cut -c1-16)
+# iperf3's other libraries come from this host: the library packages that
+# iperf3 and libiperf0 depend on, at their installed versions.
+hostpkgs=$(apt-cache depends iperf3 libiperf0 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^lib/ && $2 != "libiperf0" {print $2}' | sort -u)
+[ -n "$hostpkgs" ] || { echo "make-guest: apt-cache depends iperf3 libiperf0 names no libraries" >&2; exit 1; }
+hostversions=$(for p in $hostpkgs; do
+	v=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null) || { echo "make-guest: iperf3's $p is not installed here (apt-get install $p)" >&2; exit 1; }
+	echo "host:$p=$v"
+done)
+key=$( (cat "$0"; echo "$versions"; echo "$hostversions") | sha256sum | cut -c1-16)
 out=$cache/$key
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ]; then
 	echo "$out"
@@ -56,10 +67,28 @@ mkdir -p $r/bin $r/proc $r/sys $r/dev $r/tmp $r/etc $r/www/cgi-bin $r/lib/module
 cp ex/bin/busybox $r/bin/busybox
 cp ex/usr/bin/iperf3 $r/bin/iperf3
 
-# iperf3's libraries: libiperf from its package, the rest as ldd finds them.
-LD_LIBRARY_PATH=$work/ex/usr/lib/x86_64-linux-gnu ldd ex/usr/bin/iperf3 |
+# iperf3's libraries: libiperf from its package, the rest as ldd finds them
+# here, each from one of the host packages in the key.
+deps=$(LD_LIBRARY_PATH=$work/ex/usr/lib/x86_64-linux-gnu ldd ex/usr/bin/iperf3) || {
+	echo "make-guest: ldd iperf3 failed: $deps" >&2
+	exit 1
+}
+if missing=$(echo "$deps" | grep 'not found'); then
+	echo "make-guest: iperf3 needs libraries this host lacks:" >&2
+	echo "$missing" >&2
+	exit 1
+fi
+echo "$deps" |
 	awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]*ld-linux/ {print $1}' |
 	while read -r lib; do
+		if [ "${lib#"$work"/ex/}" = "$lib" ]; then
+			owner=$(dpkg-query -S "$lib" 2>/dev/null || dpkg-query -S "$(readlink -f "$lib")" 2>/dev/null) || owner=
+			owner=${owner%%:*}
+			if [ -z "$owner" ] || ! echo "$hostpkgs" | grep -qx "$owner"; then
+				echo "make-guest: $lib (package ${owner:-unknown}) is not from iperf3's dependencies $(echo $hostpkgs): its version is not in the cache key" >&2
+				exit 1
+			fi
+		fi
 		dst=$r${lib#"$work"/ex}
 		mkdir -p "$(dirname "$dst")"
 		cp -L "$lib" "$dst"
@@ -74,10 +103,27 @@ cp ex/boot/vmlinuz-"$kver" vmlinuz
 declare -A seen file
 order=()
 # Module names use '_' where file names may have '-' (poly1305-x86_64.ko).
+# Compressed modules (.ko.xz, .ko.zst) are decompressed: busybox's insmod
+# takes a plain .ko.
+mkdir mods
 while read -r f; do
-	b=$(basename "$f" .ko)
+	b=$(basename "$f")
+	b=${b%.xz} b=${b%.zst} b=${b%.ko}
 	file[${b//-/_}]=$f
-done < <(find "$mdir" -name '*.ko')
+done < <(find "$mdir" -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.zst')
+# plainmod F: the path of module file F uncompressed.
+plainmod() {
+	local f=$1 tool
+	case $f in
+	*.ko) echo "$f"; return 0 ;;
+	*.ko.xz) tool=xz ;;
+	*.ko.zst) tool=zstd ;;
+	esac
+	command -v $tool >/dev/null 2>&1 || { echo "make-guest: $f is compressed: $tool not found (apt-get install ${tool/xz/xz-utils})" >&2; exit 1; }
+	local out=mods/$(basename "${f%.*}")
+	[ -e "$out" ] || $tool -dc "$f" >"$out" || { echo "make-guest: $tool -dc $f failed" >&2; exit 1; }
+	echo "$out"
+}
 addmod() {
 	local name=$1 f dep
 	[ -n "${seen[$name]:-}" ] && return 0
@@ -88,6 +134,7 @@ addmod() {
 		echo "make-guest: module $name not found" >&2
 		exit 1
 	fi
+	f=$(plainmod "$f") || exit 1
 	for dep in $(tr '\0' '\n' <"$f" | sed -n 's/^depends=//p' | tr ',' ' '); do
 		addmod "${dep//-/_}"
 	done
