@@ -1,11 +1,15 @@
 package monitoring
 
 import (
+	"fmt"
+	"os"
 	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
+
+	"go.yaml.in/yaml/v3"
 
 	"github.com/vmroam/vmroam/internal/promtest"
 	"github.com/vmroam/vmroam/wgagent/metrics"
@@ -40,13 +44,24 @@ func TestMetricNames(t *testing.T) {
 }
 
 // TestFiles checks what the rules and the dashboard promise operators:
-// every alert has a severity, a summary and a description; every panel
-// query uses the datasource variable; there is one of each kind of panel
-// the issue asks for.
+// every alert has a severity, a summary and a description, and a case in
+// the rules' unit tests where it fires; every panel query uses the
+// datasource and host variables; the dashboard has a panel for peers
+// down, session checks, lost packets, handover time, the cache, conflicts
+// and refused records.
 func TestFiles(t *testing.T) {
 	rules, err := AlertRules()
 	if err != nil {
 		t.Fatal(err)
+	}
+	tested, err := firingCases()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rules {
+		if tested[r.Alert] == 0 {
+			t.Errorf("%s: no case in %s where it fires", r.Alert, RulesTestFile)
+		}
 	}
 	if len(rules) < 10 {
 		t.Fatalf("%d alerting rules, want the full set", len(rules))
@@ -103,6 +118,35 @@ func TestFiles(t *testing.T) {
 			t.Errorf("no panel %q", want)
 		}
 	}
+}
+
+// firingCases counts, by alert, the cases of the rules' unit tests that
+// expect it to fire.
+func firingCases() (map[string]int, error) {
+	b, err := os.ReadFile(RulesTestFile)
+	if err != nil {
+		return nil, err
+	}
+	var f struct {
+		Tests []struct {
+			AlertRuleTest []struct {
+				Alertname string `yaml:"alertname"`
+				ExpAlerts []any  `yaml:"exp_alerts"`
+			} `yaml:"alert_rule_test"`
+		} `yaml:"tests"`
+	}
+	if err := yaml.Unmarshal(b, &f); err != nil {
+		return nil, fmt.Errorf("%s: %w", RulesTestFile, err)
+	}
+	n := map[string]int{}
+	for _, tc := range f.Tests {
+		for _, c := range tc.AlertRuleTest {
+			if len(c.ExpAlerts) > 0 {
+				n[c.Alertname]++
+			}
+		}
+	}
+	return n, nil
 }
 
 // TestNamesAreDefined checks every metric the files name against the
