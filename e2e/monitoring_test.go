@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -31,20 +33,29 @@ const promAddr = "127.0.0.1:19090"
 // h3's namespace scrapes the agents every second and evaluates the rules;
 // the test then runs every dashboard query over the run, checks what they
 // show against the agents' own figures, and draws the dashboard from them
-// (a PNG, written to $VMROAM_DASHBOARD_PNG if set).
+// (a PNG, written to $VMROAM_DASHBOARD_PNG if set; then Prometheus and
+// rsvg-convert must be installed).
 func TestMonitoringOnALab(t *testing.T) {
 	l, m, c := migrationLab(t, 3, "--metrics-addr", "0.0.0.0:9474")
 	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
 	prom := startPrometheus(t, l, h3)
 	start := time.Now() // the dashboard's range: from the first scrapes
+	// scraped waits until Prometheus has n scrapes of every agent since
+	// from (none to wait for without Prometheus).
+	scraped := func(what string, from time.Time, n int) {
+		t.Helper()
+		if prom {
+			waitScrapes(t, l, h3, what, from, n)
+		}
+	}
 
 	p, err := l.StartPinger(c, vipM, 5*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(3 * time.Second) // a few scrapes before the move
+	scraped("the state before the move", time.Now(), 3)
 	cli(t, l, h1, "migrate", "suspend", vipM.String())
-	time.Sleep(200 * time.Millisecond)
+	scraped("the suspended VIP", time.Now(), 1)
 	migrate(t, l, m, h2, 500*time.Millisecond, false)
 	dst := waitMigrated(t, l, h2, vipM)
 	eventually(t, 30*time.Second, "h1 counts the migration it handed over", func() error {
@@ -53,7 +64,7 @@ func TestMonitoringOnALab(t *testing.T) {
 		}
 		return nil
 	})
-	time.Sleep(3 * time.Second) // the after-state, scraped
+	scraped("the state after the move", time.Now(), 3)
 	ps := p.Stop(2 * time.Second)
 	t.Logf("pings (not this test's subject): %v; handover at h2 %v", ps, handover(dst))
 
@@ -61,11 +72,8 @@ func TestMonitoringOnALab(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var dropped, lost float64 // what the last two alerts below count
 	for _, h := range l.Hosts {
 		fams := scrape(t, l, h)
-		dropped += fams.Sum("vmroam_cache_dropped_packets_total")
-		lost += fams.Sum("vmroam_cache_unclaimed_packets_total")
 		n := 0
 		for _, e := range exprs {
 			names, err := monitoring.MetricNames(e.Query)
@@ -84,17 +92,62 @@ func TestMonitoringOnALab(t *testing.T) {
 	if !prom {
 		return
 	}
-	checkPrometheus(t, l, h3, start, handover(dst).Seconds(), map[string]bool{
-		"VmroamCacheDroppedPackets": dropped > 0, "VmroamCacheLostPackets": lost > 0})
+	// The alerts on the cache's counters must fire exactly when the
+	// agents counted something, read again at each check.
+	fire := func() map[string]bool {
+		var dropped, lost float64
+		for _, h := range l.Hosts {
+			fams := scrape(t, l, h)
+			dropped += fams.Sum("vmroam_cache_dropped_packets_total")
+			lost += fams.Sum("vmroam_cache_unclaimed_packets_total")
+		}
+		return map[string]bool{"VmroamCacheDroppedPackets": dropped > 0, "VmroamCacheLostPackets": lost > 0}
+	}
+	checkPrometheus(t, l, h3, start, handover(dst).Seconds(), fire)
+}
+
+// waitScrapes waits until the Prometheus in h's namespace holds at least n
+// samples of every agent's up taken since from.
+func waitScrapes(t *testing.T, l *lab.Lab, h *lab.Host, what string, from time.Time, n int) {
+	t.Helper()
+	eventually(t, time.Duration(n)*time.Second+20*time.Second, "Prometheus scrapes "+what, func() error {
+		var v struct {
+			Result []struct {
+				Metric map[string]string `json:"metric"`
+				Value  [2]any            `json:"value"` // [unix seconds, "value"]
+			} `json:"result"`
+		}
+		// The window ends now and starts just after from.
+		win := max(time.Millisecond, time.Since(from)).Milliseconds()
+		q := url.Values{"query": {fmt.Sprintf(`count_over_time(up{job="vmroam"}[%dms])`, win)}}
+		if err := promAPI(l, h, "/api/v1/query", q, &v); err != nil {
+			return err
+		}
+		got := map[string]int{}
+		for _, r := range v.Result {
+			c, _ := strconv.Atoi(fmt.Sprint(r.Value[1]))
+			got[r.Metric["instance"]] = c
+		}
+		for _, o := range l.Hosts {
+			if got[o.Name] < n {
+				return fmt.Errorf("scrapes since %s: %v, want %d of each host", from.Format("15:04:05.000"), got, n)
+			}
+		}
+		return nil
+	})
 }
 
 // startPrometheus runs Prometheus in h's namespace, scraping every host's
 // agent each second as job vmroam with the host's name as instance, and
-// evaluating monitoring/'s rules. Nil if Prometheus is not installed.
+// evaluating monitoring/'s rules. False if Prometheus is not installed
+// (a failure with $VMROAM_DASHBOARD_PNG set: no dashboard without it).
 func startPrometheus(t *testing.T, l *lab.Lab, h *lab.Host) bool {
 	t.Helper()
 	bin, err := exec.LookPath("prometheus")
 	if err != nil {
+		if os.Getenv("VMROAM_DASHBOARD_PNG") != "" {
+			t.Fatalf("VMROAM_DASHBOARD_PNG is set, but prometheus is not installed (Debian package prometheus): %v", err)
+		}
 		t.Log("prometheus not installed (Debian package prometheus): only the agents' metrics are checked")
 		return false
 	}
@@ -193,10 +246,11 @@ func grafanaVars(q string, rng time.Duration) string {
 }
 
 // checkPrometheus checks what the lab's Prometheus made of the run: every
-// rule evaluates, the alerts in fire are firing exactly when their value
-// is true, every dashboard query runs and each panel shows data, the
-// handover panel shows h2's handover; then it draws the dashboard.
-func checkPrometheus(t *testing.T, l *lab.Lab, h *lab.Host, start time.Time, handoverS float64, fire map[string]bool) {
+// rule evaluates, the alerts in fire() come to be firing exactly when
+// their value is true, every dashboard query runs and shows data (but for
+// those that keep only what is above 0), the handover panel shows h2's
+// handover; then it draws the dashboard.
+func checkPrometheus(t *testing.T, l *lab.Lab, h *lab.Host, start time.Time, handoverS float64, fire func() map[string]bool) {
 	// Prometheus has scraped the migration's end.
 	eventually(t, 20*time.Second, "Prometheus has h1's completed migration", func() error {
 		var v struct {
@@ -218,38 +272,49 @@ func checkPrometheus(t *testing.T, l *lab.Lab, h *lab.Host, start time.Time, han
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rs struct {
-		Groups []struct {
-			Rules []struct {
-				Name      string `json:"name"`
-				Health    string `json:"health"`
-				LastError string `json:"lastError"`
-				State     string `json:"state"`
-			} `json:"rules"`
-		} `json:"groups"`
-	}
-	if err := promAPI(l, h, "/api/v1/rules", nil, &rs); err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	var firing []string
-	for _, g := range rs.Groups {
-		for _, r := range g.Rules {
-			n++
-			if r.Health != "ok" {
-				t.Errorf("rule %s: health %q: %s", r.Name, r.Health, r.LastError)
-			}
-			if r.State != "inactive" {
-				firing = append(firing, r.Name+" "+r.State)
-			}
-			if want, ok := fire[r.Name]; ok && want != (r.State == "firing") {
-				t.Errorf("alert %s is %s; the agents' counters say it should fire: %v", r.Name, r.State, want)
+	var (
+		n      int
+		firing []string
+	)
+	eventually(t, 30*time.Second, "every rule evaluates, the cache's alerts as the agents count", func() error {
+		want := fire()
+		var rs struct {
+			Groups []struct {
+				Rules []struct {
+					Name      string `json:"name"`
+					Health    string `json:"health"`
+					LastError string `json:"lastError"`
+					State     string `json:"state"`
+				} `json:"rules"`
+			} `json:"groups"`
+		}
+		if err := promAPI(l, h, "/api/v1/rules", nil, &rs); err != nil {
+			return err
+		}
+		n, firing = 0, nil
+		var errs []string
+		for _, g := range rs.Groups {
+			for _, r := range g.Rules {
+				n++
+				if r.Health != "ok" {
+					errs = append(errs, fmt.Sprintf("rule %s: health %q: %s", r.Name, r.Health, r.LastError))
+				}
+				if r.State != "inactive" {
+					firing = append(firing, r.Name+" "+r.State)
+				}
+				if w, ok := want[r.Name]; ok && w != (r.State == "firing") {
+					errs = append(errs, fmt.Sprintf("alert %s is %s; the agents' counters say it should fire: %v", r.Name, r.State, w))
+				}
 			}
 		}
-	}
-	if n != len(rules) {
-		t.Errorf("Prometheus evaluates %d rules, the file has %d", n, len(rules))
-	}
+		if n != len(rules) {
+			errs = append(errs, fmt.Sprintf("Prometheus evaluates %d rules, the file has %d", n, len(rules)))
+		}
+		if len(errs) > 0 {
+			return errors.New(strings.Join(errs, "; "))
+		}
+		return nil
+	})
 	t.Logf("Prometheus evaluated %d rules; not inactive: %v", n, firing)
 
 	d, err := monitoring.ParseDashboard()
@@ -263,8 +328,8 @@ func checkPrometheus(t *testing.T, l *lab.Lab, h *lab.Host, start time.Time, han
 	sawHandover := false
 	for _, p := range d.Panels {
 		sp := dashshot.Panel{Title: p.Title, Kind: p.Type, Unit: p.FieldConfig.Defaults.Unit, X: p.GridPos.X, Y: p.GridPos.Y, W: p.GridPos.W, H: p.GridPos.H}
-		points := 0
 		for _, tg := range p.Targets {
+			points := 0
 			q := url.Values{"query": {grafanaVars(tg.Expr, rng)}, "start": {unixTime(start)}, "end": {unixTime(end)}, "step": {"1"}}
 			var res struct {
 				Result matrix `json:"result"`
@@ -286,9 +351,9 @@ func checkPrometheus(t *testing.T, l *lab.Lab, h *lab.Host, start time.Time, han
 				}
 				sp.Series = append(sp.Series, ds)
 			}
-		}
-		if p.Type != "row" && points == 0 && !quietInACleanRun[p.Title] {
-			t.Errorf("panel %q shows nothing over the run", p.Title)
+			if points == 0 && !quietInACleanRun(tg.Expr) {
+				t.Errorf("panel %q/%s shows nothing over the run: %s", p.Title, tg.RefID, tg.Expr)
+			}
 		}
 		shot.Panels = append(shot.Panels, sp)
 	}
@@ -302,6 +367,9 @@ func checkPrometheus(t *testing.T, l *lab.Lab, h *lab.Host, start time.Time, han
 	}
 	rsvg, err := exec.LookPath("rsvg-convert")
 	if err != nil {
+		if os.Getenv("VMROAM_DASHBOARD_PNG") != "" {
+			t.Fatalf("VMROAM_DASHBOARD_PNG is set, but rsvg-convert is not installed (librsvg2-bin): %v", err)
+		}
 		t.Log("rsvg-convert not installed (librsvg2-bin): no PNG")
 		return
 	}
@@ -323,9 +391,12 @@ func checkPrometheus(t *testing.T, l *lab.Lab, h *lab.Host, start time.Time, han
 	}
 }
 
-// quietInACleanRun are the panels with nothing to show when no peer is
-// down and no packet is lost: their queries keep only what is above 0.
-var quietInACleanRun = map[string]bool{"Lost and dropped packets": true}
+// quietInACleanRun reports whether a dashboard query may show nothing in a
+// run where no peer is down and no packet is lost: it ends in a filter
+// (`> 0`, `== 1`), keeping only the series that pass it.
+func quietInACleanRun(expr string) bool { return filterRE.MatchString(expr) }
+
+var filterRE = regexp.MustCompile(`(>|<|==|!=|>=|<=)\s*[0-9.]+\s*$`)
 
 func unixTime(t time.Time) string { return strconv.FormatFloat(float64(t.UnixNano())/1e9, 'f', 3, 64) }
 
