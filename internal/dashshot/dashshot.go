@@ -10,10 +10,12 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/vmroam/vmroam/internal/palette"
 )
 
 // Point is one sample.
@@ -53,9 +55,6 @@ const (
 	headerH = 56.0
 	pad     = 8.0
 )
-
-// Tableau 10, as internal/timeline uses.
-var palette = []string{"#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"}
 
 // Render writes d as SVG to w.
 func Render(w io.Writer, d Dashboard) error {
@@ -129,7 +128,7 @@ func chart(b *strings.Builder, p Panel, start, end time.Time, x, y, w, h float64
 			shown = append(shown, s)
 		}
 	}
-	sort.SliceStable(shown, func(i, j int) bool { return shown[i].Name < shown[j].Name })
+	slices.SortStableFunc(shown, func(a, b Series) int { return strings.Compare(a.Name, b.Name) })
 	legendRows := min(len(shown), 4)
 	px, py := x+58, y+26
 	pw, ph := w-58-10, h-26-22-float64(legendRows)*13
@@ -145,11 +144,19 @@ func chart(b *strings.Builder, p Panel, start, end time.Time, x, y, w, h float64
 		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="13" text-anchor="middle" fill="#9a9aa0">no data (none in this run)</text>`+"\n", x+w/2, y+h/2)
 		return
 	}
+	// The axis spans 0 whatever the values' sign (all negative: it ends
+	// at 0); nice takes only hi > 0.
+	hi = math.Max(hi, 0)
 	if hi <= lo {
 		hi = lo + 1
 	}
-	hi = nice(hi)
+	if hi > 0 {
+		hi = nice(hi)
+	}
 	span := end.Sub(start).Seconds()
+	if span <= 0 { // Start == End: every point at the left edge
+		span = 1
+	}
 	sx := func(t time.Time) float64 { return px + pw*t.Sub(start).Seconds()/span }
 	sy := func(v float64) float64 { return py + ph - ph*(v-lo)/(hi-lo) }
 	for i := 0; i <= 4; i++ {
@@ -170,7 +177,7 @@ func chart(b *strings.Builder, p Panel, start, end time.Time, x, y, w, h float64
 		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="10" text-anchor="%s" fill="#9a9aa0">%s</text>`+"\n", sx(t), py+ph+12, anchor, t.UTC().Format("15:04:05"))
 	}
 	for i, s := range shown {
-		color := palette[i%len(palette)]
+		color := palette.Tableau10[i%len(palette.Tableau10)]
 		var path strings.Builder
 		pen := false
 		for _, pt := range s.Points {

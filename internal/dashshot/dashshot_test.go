@@ -86,3 +86,47 @@ func TestFormat(t *testing.T) {
 		}
 	}
 }
+
+// TestRenderDegenerate: values all negative, all zero, or a run of no
+// length still draw on finite coordinates, the axis spanning 0.
+func TestRenderDegenerate(t *testing.T) {
+	t0 := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	for _, c := range []struct {
+		name       string
+		end        time.Time
+		vs         []float64
+		axisLabels []string
+	}{
+		{"all negative", t0.Add(2 * time.Second), []float64{-4, -2, -3}, []string{">-4</text>", ">0</text>"}},
+		{"all zero", t0.Add(2 * time.Second), []float64{0, 0, 0}, []string{">0</text>", ">1</text>"}},
+		{"start == end", t0, []float64{1, 2, 3}, []string{">0</text>", ">5</text>"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var pts []Point
+			for i, v := range c.vs {
+				pts = append(pts, Point{T: t0.Add(time.Duration(i) * time.Second), V: v})
+			}
+			d := Dashboard{Title: "t", Start: t0, End: c.end, Panels: []Panel{
+				{Title: "p", Kind: "timeseries", Unit: "short", W: 24, H: 8, Series: []Series{{Name: "s", Points: pts}}},
+			}}
+			var buf bytes.Buffer
+			if err := Render(&buf, d); err != nil {
+				t.Fatal(err)
+			}
+			svg := buf.String()
+			for _, bad := range []string{"NaN", "Inf"} {
+				if strings.Contains(svg, bad) {
+					t.Errorf("SVG has %s:\n%s", bad, svg)
+				}
+			}
+			if !strings.Contains(svg, "<path ") {
+				t.Error("no line drawn")
+			}
+			for _, want := range c.axisLabels {
+				if !strings.Contains(svg, want) {
+					t.Errorf("no axis label %q", want)
+				}
+			}
+		})
+	}
+}

@@ -16,16 +16,17 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmroam/vmroam/internal/palette"
 	"github.com/vmroam/vmroam/wgagent/control"
 )
 
 // Colors are the series' colours (Tableau 10), by series name.
 var Colors = map[string]string{
-	control.SeriesCached:    "#f28e2b",
-	control.SeriesFlushed:   "#b07aa1",
-	control.SeriesHeld:      "#4e79a7",
-	control.SeriesReceived:  "#e15759",
-	control.SeriesDelivered: "#59a14f",
+	control.SeriesCached:    palette.Orange,
+	control.SeriesFlushed:   palette.Purple,
+	control.SeriesHeld:      palette.Blue,
+	control.SeriesReceived:  palette.Red,
+	control.SeriesDelivered: palette.Green,
 }
 
 // seriesOrder is the order series are drawn and listed in.
