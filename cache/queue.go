@@ -112,6 +112,9 @@ const (
 // is an array increment, not a map write.
 var dropReasons = [...]DropReason{DropBytes, DropPackets, DropAge, DropGlobal, DropTooBig, DropFlushed}
 
+// DropReasons returns every drop reason, in a fixed order.
+func DropReasons() []DropReason { return dropReasons[:] }
+
 const (
 	iBytes = iota
 	iPackets

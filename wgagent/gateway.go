@@ -10,6 +10,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/vmroam/vmroam/wgagent/metrics"
 )
 
 // The VM side of the anycast gateway (DESIGN.md, "Data plane"): every
@@ -68,7 +70,7 @@ func (a *Agent) gatewayDevsLocked() map[string]gatewayFamilies {
 // verifying (periodic) run, so a reconcile on a migration's path costs
 // nothing here; a hotplug script that replaced the address is repaired by
 // the next periodic run. a.mu held.
-func (a *Agent) reconcileGatewaysLocked(verify bool, failed func(step, format string, args ...any)) {
+func (a *Agent) reconcileGatewaysLocked(verify bool, failed func(step metrics.ReconcileStep, format string, args ...any)) {
 	devs := a.gatewayDevsLocked()
 	for dev := range a.gatewaysDone {
 		if _, ok := devs[dev]; !ok {
@@ -87,7 +89,7 @@ func (a *Agent) reconcileGatewaysLocked(verify bool, failed func(step, format st
 			delete(a.gatewaysDone, dev)
 			continue
 		case err != nil:
-			failed("gateway", "gateway on %s: %v", dev, err)
+			failed(metrics.StepGateway, "gateway on %s: %v", dev, err)
 			delete(a.gatewaysDone, dev)
 			continue
 		}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/wgagent/metrics"
 	"github.com/vmroam/vmroam/wgagent/route"
 )
 
@@ -69,7 +70,7 @@ func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 	}
 	// A step that failed to apply is an error for the metrics too; a
 	// member that cannot be a peer is only a problem.
-	failed := func(step, format string, args ...any) {
+	failed := func(step metrics.ReconcileStep, format string, args ...any) {
 		a.metrics.ReconcileError(step)
 		problem(format, args...)
 	}
@@ -83,7 +84,7 @@ func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 	// refused one changes no route, no peer and no local attachment.
 	if verify || a.localAddrs.Load() == nil {
 		if err := a.refreshLocalAddrs(members); err != nil {
-			failed("address", "%v", err)
+			failed(metrics.StepAddress, "%v", err)
 		}
 	}
 	records, refused := followedRecords(records, a.cfg.Name, a.claimRules(members))
@@ -103,7 +104,7 @@ func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 	if verify || !a.addressOK {
 		err := a.ensureAddress()
 		if a.addressOK = err == nil; err != nil {
-			failed("address", "address: %v", err)
+			failed(metrics.StepAddress, "address: %v", err)
 		}
 	}
 	a.reconcileGatewaysLocked(verify, failed)
@@ -116,7 +117,7 @@ func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 	routes, overLAN := a.wantRoutes(records, a.lanPaths(members))
 	a.routes.Set(routes)
 	if err := a.routes.Reconcile(); err != nil {
-		failed("routes", "routes: %v", err)
+		failed(metrics.StepRoutes, "routes: %v", err)
 	}
 	// Packets the kernel queued for embedded wireguard-go before the
 	// route changed are still to be given a peer: the old host, as long
@@ -138,9 +139,9 @@ func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 	}
 	a.handoverPeers.Store(&hp)
 	if err := a.applyPeers(peers); err != nil {
-		failed("wireguard", "WireGuard: %v", err)
+		failed(metrics.StepWireGuard, "WireGuard: %v", err)
 	}
-	a.reconcileFilter(verify, func(format string, args ...any) { failed("nftables", format, args...) })
+	a.reconcileFilter(verify, func(format string, args ...any) { failed(metrics.StepNftables, format, args...) })
 	problems = append(problems, a.configProblems...)
 
 	if !slices.Equal(problems, a.problems) {

@@ -11,6 +11,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/vmroam/vmroam/cache"
 )
 
 // Label values the agent and the documentation share.
@@ -102,11 +104,25 @@ type Source interface {
 var (
 	peerStates = []string{"alive", "suspect", "dead", "left"}
 	vipStates  = []string{"local", "reserved", "remote", "released", "awaiting", "caching", "forwarding", "holding", "refused"}
-	// Drop reasons (cache.DropReason) and reconcile steps, exported at 0
-	// from the start so that rate() and increase() see the first one.
-	dropReasons    = []string{"max-bytes", "max-packets", "max-age", "global-cap", "too-big", "discarded"}
-	reconcileSteps = []string{"address", "gateway", "routes", "wireguard", "nftables"}
 )
+
+// ReconcileStep is a step of the agent's reconcile, as the reconcile
+// errors counter labels it.
+type ReconcileStep string
+
+// The reconcile's steps, in the order it runs them.
+const (
+	StepAddress   ReconcileStep = "address"
+	StepGateway   ReconcileStep = "gateway"
+	StepRoutes    ReconcileStep = "routes"
+	StepWireGuard ReconcileStep = "wireguard"
+	StepNftables  ReconcileStep = "nftables"
+)
+
+// ReconcileSteps are every ReconcileStep. They and the drop reasons
+// (cache.DropReasons) are exported at 0 from the start so that rate() and
+// increase() see the first one.
+var ReconcileSteps = []ReconcileStep{StepAddress, StepGateway, StepRoutes, StepWireGuard, StepNftables}
 
 // HandoverBuckets are the handover histogram's upper bounds: 0.5 ms
 // doubling to about 4 s (the goal is 5 ms; a stuck handover is seconds).
@@ -188,12 +204,12 @@ func New(src Source) *Metrics {
 		m.packets.WithLabelValues(kind)
 		m.bytes.WithLabelValues(kind)
 	}
-	for _, r := range dropReasons {
-		m.droppedPackets.WithLabelValues(r)
-		m.droppedBytes.WithLabelValues(r)
+	for _, r := range cache.DropReasons() {
+		m.droppedPackets.WithLabelValues(string(r))
+		m.droppedBytes.WithLabelValues(string(r))
 	}
-	for _, st := range reconcileSteps {
-		m.reconcileErrors.WithLabelValues(st)
+	for _, st := range ReconcileSteps {
+		m.reconcileErrors.WithLabelValues(string(st))
 	}
 	m.reg.MustRegister(
 		m.migrationsStarted, m.migrationsCompleted, m.migrationsAborted, m.migrationsTimedOut,
@@ -240,9 +256,10 @@ func (m *Metrics) MigrationEnded(mig Migration) {
 // ReconcileRun counts one reconcile.
 func (m *Metrics) ReconcileRun() { m.reconcileRuns.Inc() }
 
-// ReconcileError counts a failed reconcile step (address, routes,
-// wireguard, nftables).
-func (m *Metrics) ReconcileError(step string) { m.reconcileErrors.WithLabelValues(step).Inc() }
+// ReconcileError counts a failed reconcile step.
+func (m *Metrics) ReconcileError(step ReconcileStep) {
+	m.reconcileErrors.WithLabelValues(string(step)).Inc()
+}
 
 // stateCollector turns a Snapshot into gauges and counters at each scrape.
 type stateCollector struct {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/internal/promtest"
 )
 
@@ -212,14 +213,14 @@ vmroam_cache_max_bytes 1.048576e+06
 func TestLabelledCountersStartAtZero(t *testing.T) {
 	fams := gather(t, New(&fakeSource{}))
 	for _, name := range []string{"vmroam_cache_dropped_packets_total", "vmroam_cache_dropped_bytes_total"} {
-		for _, r := range []string{"max-bytes", "max-packets", "max-age", "global-cap", "too-big", "discarded"} {
-			if v, ok := fams.Value(name, "reason", r); !ok || v != 0 {
+		for _, r := range cache.DropReasons() {
+			if v, ok := fams.Value(name, "reason", string(r)); !ok || v != 0 {
 				t.Errorf("%s{reason=%q} = %v (present %v), want 0", name, r, v, ok)
 			}
 		}
 	}
-	for _, st := range []string{"address", "routes", "wireguard", "nftables"} {
-		if v, ok := fams.Value("vmroam_reconcile_errors_total", "step", st); !ok || v != 0 {
+	for _, st := range ReconcileSteps {
+		if v, ok := fams.Value("vmroam_reconcile_errors_total", "step", string(st)); !ok || v != 0 {
 			t.Errorf("vmroam_reconcile_errors_total{step=%q} = %v (present %v), want 0", st, v, ok)
 		}
 	}
@@ -264,7 +265,7 @@ func TestMigrationCounters(t *testing.T) {
 	m.MigrationEnded(Migration{Role: RoleSource, Outcome: Aborted, Traffic: map[string]Traffic{KindCached: {1, 100}, KindDelivered: {1, 100}}})
 	m.ReconcileRun()
 	m.ReconcileRun()
-	m.ReconcileError("routes")
+	m.ReconcileError(StepRoutes)
 
 	fams := gather(t, m)
 	for _, c := range []struct {
@@ -321,7 +322,7 @@ func TestHandoverBuckets(t *testing.T) {
 func TestConventions(t *testing.T) {
 	m := New(&fakeSource{snap: sampleSnapshot()})
 	m.MigrationEnded(Migration{Role: RoleDestination, Dropped: map[string]Traffic{"max-bytes": {1, 1}}, Handover: time.Millisecond})
-	m.ReconcileError("address")
+	m.ReconcileError(StepAddress)
 	problems, err := testutil.GatherAndLint(m.Gatherer())
 	if err != nil {
 		t.Fatal(err)
