@@ -94,7 +94,9 @@ func (h *pveHost) newCalls() []string {
 // pveHook runs `vmroam hook proxmox VMID PHASE` as Proxmox runs a VM's
 // hookscript on host, with PVE_MIGRATED_FROM set when from is not empty
 // (vm_start_nolock sets it on a migration's target), and returns what it
-// printed and sent to syslog.
+// printed and sent to syslog. The hook does not read PVE_MIGRATED_FROM (it
+// finds the config on whichever node has it); the test sets it all the
+// same so that the hook runs in the environment Proxmox gives it.
 func pveHook(t *testing.T, host *pveHost, from, vmid, phase string) (code int, stdout, stderr string, syslog []string) {
 	t.Helper()
 	t.Setenv(control.SocketEnv, host.socket)
