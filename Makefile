@@ -116,6 +116,9 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeNetworks$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./gossip/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeState$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./gossip/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeLeave$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./gossip/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeKeyOp$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./gossip/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeKeyReply$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./gossip/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseKeys$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./gossip/
 	$(GO) test -run '^$$' -fuzz '^FuzzReader$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzRequest$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./cache/
 	$(GO) test -run '^$$' -fuzz '^FuzzReceive$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./cache/

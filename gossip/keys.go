@@ -460,21 +460,30 @@ func encodeKeyReply(id uint64, r KeyReport) []byte {
 }
 
 func decodeKeyReply(b []byte) (uint64, KeyReport, error) {
+	id, r, err := decodeKeyReplyFields(b)
+	if err != nil {
+		// A rejected answer gives nothing, not the fields read before the fault.
+		return 0, KeyReport{}, fmt.Errorf("decode key reply: %w", err)
+	}
+	return id, r, nil
+}
+
+func decodeKeyReplyFields(b []byte) (uint64, KeyReport, error) {
 	var r KeyReport
 	if len(b) < 1+8+1 || b[0] != msgKeyReply {
-		return 0, r, fmt.Errorf("decode key reply: %w", errTruncated)
+		return 0, r, errTruncated
 	}
 	id := binary.BigEndian.Uint64(b[1:9])
 	n := int(b[9])
 	b = b[10:]
 	if n == 0 || len(b) < n+1 {
-		return 0, r, fmt.Errorf("decode key reply: name: %w", errTruncated)
+		return 0, r, fmt.Errorf("name: %w", errTruncated)
 	}
 	r.Member, b = string(b[:n]), b[n:]
 	count := int(b[0])
 	b = b[1:]
 	if len(b) < 8*count+2 {
-		return 0, r, fmt.Errorf("decode key reply: fingerprints: %w", errTruncated)
+		return 0, r, fmt.Errorf("fingerprints: %w", errTruncated)
 	}
 	for i := 0; i < count; i++ {
 		r.Keys = append(r.Keys, hex.EncodeToString(b[:8]))
@@ -483,7 +492,7 @@ func decodeKeyReply(b []byte) (uint64, KeyReport, error) {
 	m := int(binary.BigEndian.Uint16(b))
 	b = b[2:]
 	if m > maxKeyErrLen || len(b) != m {
-		return 0, r, fmt.Errorf("decode key reply: error text of %d bytes, %d left", m, len(b))
+		return 0, r, fmt.Errorf("error text of %d bytes, %d left", m, len(b))
 	}
 	r.Err = string(b)
 	return id, r, nil
