@@ -131,6 +131,9 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDomidOfVif$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./xenhook/
 	$(GO) test -run '^$$' -fuzz '^FuzzProxmoxVIPs$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./xenhook/
 	$(GO) test -run '^$$' -fuzz '^FuzzHandler$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./wgagent/control/
+	$(GO) test -run '^$$' -fuzz '^FuzzParsePeerAllowlist$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./wgagent/
+	$(GO) test -run '^$$' -fuzz '^FuzzStateFile$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./wgagent/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseICMP$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./wgagent/doctor/
 	$(GO) test -run '^$$' -fuzz '^FuzzFlowHash$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./lab/wanem/
 
 # The binary, the systemd unit (its paths follow PREFIX and SYSCONFDIR) and,

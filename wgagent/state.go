@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/vmroam/vmroam/gossip"
 )
 
 const (
@@ -82,29 +84,84 @@ func loadOrCreateKey(dir string) (wgtypes.Key, bool, error) {
 }
 
 func loadState(dir string) (persisted, error) {
-	var st persisted
-	data, err := os.ReadFile(filepath.Join(dir, stateFile))
+	path := filepath.Join(dir, stateFile)
+	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return st, nil
+		return persisted{}, nil
 	}
 	if err != nil {
-		return st, fmt.Errorf("read state: %w", err)
+		return persisted{}, fmt.Errorf("read state: %w", err)
 	}
+	st, err := decodeState(data)
+	if err != nil {
+		return persisted{}, fmt.Errorf("state file %s is corrupt (move it away to start fresh): %w", path, err)
+	}
+	return st, nil
+}
+
+// decodeState parses a state file. A VIP that could not be attached (see
+// gossip.ValidVIP) or one listed twice makes the whole file corrupt: a
+// restart re-announces every attachment, so it must not guess. A rejected
+// file gives nothing, not the part before the fault. Empty lists and MACs
+// come back nil, as encodeState writes them.
+func decodeState(data []byte) (persisted, error) {
+	var st persisted
 	if err := json.Unmarshal(data, &st); err != nil {
-		return st, fmt.Errorf("state file %s is corrupt (move it away to start fresh): %w", filepath.Join(dir, stateFile), err)
+		return persisted{}, err
+	}
+	seen := map[netip.Addr]bool{}
+	for i, at := range st.Attachments {
+		if err := gossip.ValidVIP(at.VIP); err != nil {
+			return persisted{}, fmt.Errorf("attachment %d: %w", i, err)
+		}
+		if seen[at.VIP] {
+			return persisted{}, fmt.Errorf("VIP %s attached twice", at.VIP)
+		}
+		seen[at.VIP] = true
+		if len(at.MAC) == 0 {
+			st.Attachments[i].MAC = nil
+		}
+	}
+	waits := map[netip.Addr]bool{}
+	for i, w := range st.Awaiting {
+		if err := gossip.ValidVIP(w.VIP); err != nil {
+			return persisted{}, fmt.Errorf("awaited VIP %d: %w", i, err)
+		}
+		if waits[w.VIP] {
+			return persisted{}, fmt.Errorf("VIP %s awaited twice", w.VIP)
+		}
+		waits[w.VIP] = true
+	}
+	if len(st.Attachments) == 0 {
+		st.Attachments = nil
+	}
+	if len(st.Peers) == 0 {
+		st.Peers = nil
+	}
+	if len(st.Awaiting) == 0 {
+		st.Awaiting = nil
 	}
 	return st, nil
 }
 
 func saveState(dir string, st persisted) error {
+	data, err := encodeState(st)
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(dir, stateFile), data, 0o600)
+}
+
+// encodeState is the state file's text, its lists sorted (in place).
+func encodeState(st persisted) ([]byte, error) {
 	slices.SortFunc(st.Attachments, func(a, b attachment) int { return a.VIP.Compare(b.VIP) })
 	slices.SortFunc(st.Awaiting, func(a, b awaitingVIP) int { return a.VIP.Compare(b.VIP) })
 	slices.Sort(st.Peers)
 	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
-		return err
+		return nil, err
 	}
-	return writeFileAtomic(filepath.Join(dir, stateFile), append(data, '\n'), 0o600)
+	return append(data, '\n'), nil
 }
 
 // writeFileAtomic replaces path so that a crash leaves the old or the new
