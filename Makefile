@@ -134,6 +134,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParsePeerAllowlist$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./wgagent/
 	$(GO) test -run '^$$' -fuzz '^FuzzStateFile$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./wgagent/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseICMP$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./wgagent/doctor/
+	$(GO) test -run '^$$' -fuzz '^FuzzWithFile$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./cmd/vmroam/
 	$(GO) test -run '^$$' -fuzz '^FuzzFlowHash$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./lab/wanem/
 
 # The binary, the systemd unit (its paths follow PREFIX and SYSCONFDIR) and,

@@ -88,12 +88,22 @@ func readMigration(path string) (*control.Migration, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--with: %w", err)
 	}
+	m, err := parseMigration(b)
+	if err != nil {
+		return nil, fmt.Errorf("--with %s: %w", path, err)
+	}
+	return m, nil
+}
+
+// parseMigration decodes a `migrations --json ID`: one migration, with a
+// VIP and a role.
+func parseMigration(b []byte) (*control.Migration, error) {
 	var m control.Migration
 	if err := json.Unmarshal(b, &m); err != nil {
-		return nil, fmt.Errorf("--with %s: not the output of 'vmroam migrations --json ID': %w", path, err)
+		return nil, fmt.Errorf("not the output of 'vmroam migrations --json ID': %w", err)
 	}
 	if m.VIP == "" || m.Role == "" {
-		return nil, fmt.Errorf("--with %s: not the output of 'vmroam migrations --json ID' (no VIP or role)", path)
+		return nil, errors.New("not the output of 'vmroam migrations --json ID' (no VIP or role)")
 	}
 	return &m, nil
 }

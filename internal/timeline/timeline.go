@@ -154,10 +154,14 @@ func newPicture(ms []control.Migration) (*picture, error) {
 			s.host = "this host"
 		}
 		if m.Timeline != nil {
+			// Each name once, however many series carry it: a view bins
+			// all of them into one lane.
 			for _, name := range seriesOrder {
 				for _, ts := range m.Timeline.Series {
 					if ts.Name == name {
-						s.series = append(s.series, name)
+						if _, ok := s.totals[name]; !ok {
+							s.series = append(s.series, name)
+						}
 						s.totals[name] += ts.Total()
 					}
 				}
@@ -172,6 +176,9 @@ func newPicture(ms []control.Migration) (*picture, error) {
 		return nil, err
 	}
 	lo, hi := p.extent()
+	if math.IsInf(lo, 0) || math.IsInf(hi, 0) || math.IsNaN(lo) || math.IsNaN(hi) {
+		return nil, fmt.Errorf("timeline: the migration spans %v to %v ms", lo, hi)
+	}
 	p.main = p.newView("", marginL, plotW, lo, hi)
 	w := (plotW - closeGap) / 2
 	for _, c := range p.closeUps() {
@@ -322,17 +329,14 @@ func maxOf(v []float64) float64 {
 }
 
 // newView lays time lo..hi (ms after t0) across width: in steps of the
-// smallest of 1, 2, 5, 10 ... ms that leaves at least two pixels each;
-// bins each side's series into those steps and places the marks.
+// smallest of 1, 2, 5, 10 ... ms that leaves at least two pixels each, so
+// that a view has at most width/2 steps however long the span (a file
+// from elsewhere may claim years); bins each side's series into those
+// steps and places the marks.
 func (p *picture) newView(title string, left, w, lo, hi float64) *view {
 	v := &view{title: title, left: left, width: w}
 	span := max(hi-lo, 1)
-	for _, step := range []float64{1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000} {
-		v.bucket = step
-		if span/step <= w/2 {
-			break
-		}
-	}
+	v.bucket = niceStepF(span, w/2)
 	v.xmin = math.Floor(lo/v.bucket) * v.bucket
 	v.nb = max(int(math.Ceil((hi-v.xmin)/v.bucket)), 1)
 	xmax := v.xmin + float64(v.nb)*v.bucket
@@ -724,10 +728,13 @@ func (p *picture) timeTicks(v *view, n int) []float64 {
 
 // niceStep is the smallest of 1, 2 or 5 times a power of ten (from 1 up)
 // that cuts span into at most n steps.
-func niceStep(span float64, n int) float64 {
+func niceStep(span float64, n int) float64 { return niceStepF(span, float64(n)) }
+
+// niceStepF is niceStep for a fractional n. span must be finite.
+func niceStepF(span, n float64) float64 {
 	for mag := 1.0; ; mag *= 10 {
 		for _, f := range []float64{1, 2, 5} {
-			if span/(f*mag) <= float64(n) {
+			if span/(f*mag) <= n || math.IsInf(mag, 0) {
 				return f * mag
 			}
 		}

@@ -440,3 +440,32 @@ func countColour(img image.Image, r rect, hex string) int {
 	}
 	return n
 }
+
+// TestHostileSpan: a side whose events and series claim centuries apart
+// still draws at most a view's width in steps, quickly.
+func TestHostileSpan(t *testing.T) {
+	src, dst := sample()
+	far := time.Date(2262, 1, 1, 0, 0, 0, 0, time.UTC)
+	dst.Done = &far
+	dst.Timeline.Series = append(dst.Timeline.Series,
+		control.TimelineSeries{Name: control.SeriesHeld, First: math.MaxInt64 - 1, Counts: []uint32{math.MaxUint32, 1}},
+		control.TimelineSeries{Name: control.SeriesHeld, First: math.MinInt64, Counts: []uint32{1}})
+	p, err := newPicture([]control.Migration{src, dst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range p.views() {
+		if v.nb > int(v.width/2)+2 {
+			t.Errorf("view %q: %d steps across %v px", v.title, v.nb, v.width)
+		}
+		for _, pn := range v.panels {
+			if len(pn.values) > len(seriesOrder) {
+				t.Errorf("view %q: %d lanes", v.title, len(pn.values))
+			}
+		}
+	}
+	var b strings.Builder
+	if err := Render(&b, src, dst); err != nil || b.Len() > 1<<20 {
+		t.Fatalf("%d bytes, %v", b.Len(), err)
+	}
+}
