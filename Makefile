@@ -135,6 +135,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzStateFile$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./wgagent/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseICMP$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./wgagent/doctor/
 	$(GO) test -run '^$$' -fuzz '^FuzzWithFile$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./cmd/vmroam/
+	$(GO) test -run '^$$' -fuzz '^FuzzConfigFile$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./cmd/vmroam/
 	$(GO) test -run '^$$' -fuzz '^FuzzFlowHash$$' -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./lab/wanem/
 
 # The binary, the systemd unit (its paths follow PREFIX and SYSCONFDIR) and,

@@ -3,18 +3,14 @@ package main
 import (
 	"context"
 	"flag"
-	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/BurntSushi/toml"
 
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/internal/sdnotify"
@@ -93,10 +89,11 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.DurationVar(&f.reconcileInterval, "reconcile-interval", d.ReconcileInterval, "how often to check kernel state even without a change")
 	fs.DurationVar(&f.keepalive, "keepalive", d.Keepalive, "WireGuard persistent keepalive, keeps sessions warm for migrations (0 = off)")
 	fs.BoolVar(&f.cache, "cache", d.Cache, "cache a migrating VM's packets and deliver them at its new host; false only re-routes (to measure the loss it saves)")
-	fs.Int64Var(&f.cacheMaxBytes, "cache-max-bytes", d.CacheLimits.MaxBytes, "bytes cached per VIP at most")
+	f.cacheMaxBytes, f.cacheGlobalMax = d.CacheLimits.MaxBytes, d.CacheGlobalMax
+	fs.Var(sizeValue{&f.cacheMaxBytes}, "cache-max-bytes", "`size` cached per VIP at most: bytes, or with a unit (64MiB)")
 	fs.IntVar(&f.cacheMaxPackets, "cache-max-packets", d.CacheLimits.MaxPackets, "packets cached per VIP at most")
 	fs.DurationVar(&f.cacheMaxAge, "cache-max-age", d.CacheLimits.MaxAge, "oldest packet kept; a VIP nobody claims by then is released")
-	fs.Int64Var(&f.cacheGlobalMax, "cache-global-max-bytes", d.CacheGlobalMax, "bytes cached for all VIPs together at most")
+	fs.Var(sizeValue{&f.cacheGlobalMax}, "cache-global-max-bytes", "`size` cached for all VIPs together at most: bytes, or with a unit (1GiB)")
 	fs.DurationVar(&f.cacheLinger, "cache-linger", d.CacheLinger, "how long the old host forwards stragglers after a flush")
 	fs.DurationVar(&f.cacheSettle, "cache-settle", d.CacheSettle, "least hold of a flow's first direct packets at the new host (raised to the measured RTT)")
 	fs.StringVar(&f.cacheIface, "cache-interface", d.CacheInterface, "`name` of the cache's TUN device")
@@ -127,55 +124,6 @@ func (l *listFlag) Set(s string) error {
 		}
 	}
 	return nil
-}
-
-// applyConfigFile sets every flag the file names that the command line did
-// not set. Unknown keys are errors: a misspelt key must not be ignored.
-func applyConfigFile(fs *flag.FlagSet, path string) error {
-	var raw map[string]any
-	if _, err := toml.DecodeFile(path, &raw); err != nil {
-		return usagef("config file %s: %v", path, err)
-	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	for key, v := range raw {
-		if key == "config" || fs.Lookup(key) == nil {
-			return usagef("config file %s: unknown key %q", path, key)
-		}
-		if set[key] {
-			continue
-		}
-		s, err := tomlValueString(v)
-		if err != nil {
-			return usagef("config file %s: key %q: %v", path, key, err)
-		}
-		if err := fs.Set(key, s); err != nil {
-			return usagef("config file %s: key %q: %v", path, key, err)
-		}
-	}
-	return nil
-}
-
-func tomlValueString(v any) (string, error) {
-	switch v := v.(type) {
-	case string:
-		return v, nil
-	case int64:
-		return strconv.FormatInt(v, 10), nil
-	case bool:
-		return strconv.FormatBool(v), nil
-	case []any:
-		parts := make([]string, len(v))
-		for i, e := range v {
-			s, ok := e.(string)
-			if !ok {
-				return "", fmt.Errorf("list items must be strings, got %T", e)
-			}
-			parts[i] = s
-		}
-		return strings.Join(parts, ","), nil
-	}
-	return "", fmt.Errorf("unsupported value type %T", v)
 }
 
 // agentConfig parses and checks the agent's command line and config file.
