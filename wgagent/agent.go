@@ -167,6 +167,9 @@ type Agent struct {
 	// the members whose refusal was logged, and why.
 	allow         *allowlistFile
 	refusedLogged map[string]string
+	// sitesWarned are the sites last warned about for running without
+	// an allowlist (warnNoAllowlistLocked), "" before any warning.
+	sitesWarned string
 	// handoverPeers maps the overlay address of each current WireGuard
 	// peer to its name: only they may open a handover connection.
 	handoverPeers   atomic.Pointer[map[netip.Addr]string]

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -189,6 +190,7 @@ func (a *Agent) peerRefusal(m gossip.Member) string {
 // (whose peers, sharing the list, then refuse it too). a.mu held.
 func (a *Agent) checkAllowlistLocked(problem func(string, ...any)) {
 	if a.allow == nil {
+		a.warnNoAllowlistLocked(a.cluster.Members())
 		return
 	}
 	changed, err := a.allow.reload()
@@ -213,4 +215,41 @@ func (a *Agent) warnRefusedLocked(m gossip.Member, why string) {
 	a.refusedLogged[m.Name] = why
 	a.log.Warn("REFUSED PEER: a member with the gossip key is not in the peer allowlist; it gets no tunnel and its VIP claims are ignored",
 		"member", m.Name, "endpoint", m.Meta.Endpoint, "reason", why)
+}
+
+// memberSites lists the distinct sites of the members whose metadata could be
+// read, sorted; hosts without --site share the site "".
+func memberSites(members []gossip.Member) []string {
+	var sites []string
+	for _, m := range members {
+		if m.MetaErr == nil && !slices.Contains(sites, m.Meta.Site) {
+			sites = append(sites, m.Meta.Site)
+		}
+	}
+	slices.Sort(sites)
+	return sites
+}
+
+// noAllowlistRisk says what running without --peer-allowlist gives away
+// on a cluster that spans sites: what the gossip key alone grants.
+const noAllowlistRisk = "any host holding the gossip key, at any site, can claim any VIP and receive its VM's traffic (it becomes a WireGuard peer of every host with the VIP in its AllowedIPs, gets the migration cache, and decrypts it all with its own key); see docs/security.md"
+
+// noAllowlistFix says how to set the allowlist.
+const noAllowlistFix = "list every host's WireGuard public key (vmroam status shows it) with its name, 'KEY NAME' per line, in one file on every host, mode 0644 owned by root, e.g. /etc/vmroam/peers.allow; set peer-allowlist = \"/etc/vmroam/peers.allow\" in the config (--peer-allowlist) and restart the agents"
+
+// warnNoAllowlistLocked logs loudly, once per set of sites, that there is
+// no allowlist while the members span more than one site: the gossip key
+// then travels between sites and grants every VM's traffic. a.mu held.
+func (a *Agent) warnNoAllowlistLocked(members []gossip.Member) {
+	sites := memberSites(members)
+	if len(sites) < 2 {
+		return
+	}
+	key := strings.Join(sites, ",")
+	if key == a.sitesWarned {
+		return
+	}
+	a.sitesWarned = key
+	a.log.Warn("NO PEER ALLOWLIST on a cluster that spans sites: "+noAllowlistRisk,
+		"sites", sites, "fix", noAllowlistFix)
 }

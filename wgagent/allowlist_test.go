@@ -1,11 +1,14 @@
 package wgagent
 
 import (
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -197,5 +200,44 @@ func TestWantPeersOverlayClash(t *testing.T) {
 	peers := a.wantPeers([]gossip.Member{m2, m3, self}, nil, func(f string, _ ...any) { problems = append(problems, f) })
 	if len(peers) != 0 || len(problems) != 3 {
 		t.Fatalf("peers %+v problems %q", peers, problems)
+	}
+}
+
+// TestWarnNoAllowlist: an agent without an allowlist warns once members
+// of more than one site are seen, once per set of sites, naming what the
+// gossip key grants and how to set the list.
+func TestWarnNoAllowlist(t *testing.T) {
+	var logged strings.Builder
+	a := &Agent{log: slog.New(slog.NewTextHandler(&logged, nil))}
+	at := func(site string, i byte) gossip.Member {
+		m := member(fmt.Sprintf("h%d", i), testKey(t).PublicKey(), i)
+		m.Meta.Site = site
+		return m
+	}
+	unreadable := at("dc9", 9)
+	unreadable.MetaErr = errors.New("bad meta")
+	warnings := func() int { return strings.Count(logged.String(), "NO PEER ALLOWLIST") }
+
+	a.warnNoAllowlistLocked([]gossip.Member{at("dc1", 1), at("dc1", 2), unreadable})
+	if n := warnings(); n != 0 {
+		t.Fatalf("one site: %d warnings:\n%s", n, logged.String())
+	}
+	two := []gossip.Member{at("dc1", 1), at("dc2", 2), at("dc1", 3)}
+	a.warnNoAllowlistLocked(two)
+	a.warnNoAllowlistLocked(two)
+	if n := warnings(); n != 1 {
+		t.Fatalf("two sites, twice: %d warnings:\n%s", n, logged.String())
+	}
+	for _, s := range []string{"level=WARN", "sites=\"[dc1 dc2]\"", "can claim any VIP and receive its VM's traffic", "peer-allowlist = "} {
+		if !strings.Contains(logged.String(), s) {
+			t.Errorf("the warning lacks %q:\n%s", s, logged.String())
+		}
+	}
+	a.warnNoAllowlistLocked(append(two, at("", 4)))
+	if n := warnings(); n != 2 {
+		t.Fatalf("a host without a site joined: %d warnings:\n%s", n, logged.String())
+	}
+	if got := memberSites(append(two, at("", 4), unreadable)); !slices.Equal(got, []string{"", "dc1", "dc2"}) {
+		t.Errorf("sites %q", got)
 	}
 }

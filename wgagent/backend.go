@@ -309,7 +309,7 @@ func (b backend) Status(context.Context) (control.Status, error) {
 		st.Conflicts = append(st.Conflicts, control.Conflict{VIP: c.VIP.String(), Epoch: c.Epoch, Owners: c.Owners, Winner: winner.Owner})
 	}
 	gs := a.cluster.Stats()
-	st.Gossip = control.Gossip{Members: gs.Members, Encrypted: len(a.cfg.GossipKeys) > 0, DroppedMessages: gs.DroppedMessages, DroppedMeta: gs.DroppedMeta, Refused: gs.Refused}
+	st.Gossip = control.Gossip{Members: gs.Members, Encrypted: len(a.cfg.GossipKeys) > 0, DroppedMessages: gs.DroppedMessages, DroppedMeta: gs.DroppedMeta, Refused: gs.Refused, PeerAllowlist: a.allow != nil}
 	st.HandoverRefused = a.handoverRefused.Load()
 	st.Config = a.configStatus()
 	return st, nil

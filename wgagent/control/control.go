@@ -168,6 +168,8 @@ type Gossip struct {
 	// Refused counts VIP claims and network changes ignored because the
 	// peer allowlist refuses the member they came from.
 	Refused uint64 `json:"refused"`
+	// PeerAllowlist says whether --peer-allowlist is set.
+	PeerAllowlist bool `json:"peer_allowlist"`
 }
 
 // AttachRequest asks the agent to own a VIP behind a local interface.

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -72,6 +74,9 @@ func askAgent(ctx context.Context, cfg Config) agentView {
 			Found: "gossip is not encrypted (--insecure-gossip): anyone who reaches the gossip port can redirect VM traffic",
 			Fix:   "vmroam keygen --gossip > /etc/vmroam/gossip.key && chmod 600 /etc/vmroam/gossip.key, copy it to every host, restart the agents with --encrypt-key-file /etc/vmroam/gossip.key"})
 	}
+	if r, ok := allowlistFinding(st); ok {
+		v.results = append(v.results, r)
+	}
 	for _, p := range st.Peers {
 		if p.SessionCheck == "gave up" {
 			v.results = append(v.results, Result{Check: "agent", Level: Warn,
@@ -127,4 +132,31 @@ func checkKeyFile(path string) Result {
 	r.Level = OK
 	r.Found = fmt.Sprintf("gossip key file %s: mode %#o, owned by root, %d key(s)", path, os.FileMode(st.Mode).Perm(), len(keys))
 	return r
+}
+
+// allowlistFinding warns of a cluster whose hosts span more than one site
+// (hosts without --site count as one more) and no --peer-allowlist: the
+// gossip key, on hosts at every site, is then all it takes to draw any
+// VM's traffic.
+func allowlistFinding(st control.Status) (Result, bool) {
+	if st.Gossip.PeerAllowlist {
+		return Result{}, false
+	}
+	sites := []string{st.Site}
+	for _, p := range st.Peers {
+		if !slices.Contains(sites, p.Site) {
+			sites = append(sites, p.Site)
+		}
+	}
+	if len(sites) < 2 {
+		return Result{}, false
+	}
+	slices.Sort(sites)
+	names := make([]string, len(sites))
+	for i, s := range sites {
+		names[i] = strconv.Quote(s)
+	}
+	return Result{Check: "agent", Level: Warn,
+		Found: fmt.Sprintf("no peer allowlist (--peer-allowlist) on a cluster whose hosts are in %d sites (%s): any host holding the gossip key can claim any VIP and receive its VM's traffic, decrypted with its own WireGuard key (docs/security.md)", len(sites), strings.Join(names, ", ")),
+		Fix:   "put every host's WireGuard public key (vmroam status shows it) with its name, 'KEY NAME' per line, in one file on every host (e.g. /etc/vmroam/peers.allow, writable by root only), set peer-allowlist = \"/etc/vmroam/peers.allow\" in the config (--peer-allowlist) and restart the agents"}, true
 }

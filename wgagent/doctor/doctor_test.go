@@ -598,3 +598,53 @@ func TestRun(t *testing.T) {
 		}
 	})
 }
+
+func TestAllowlistFinding(t *testing.T) {
+	peers := func(sites ...string) []control.Peer {
+		var ps []control.Peer
+		for i, s := range sites {
+			ps = append(ps, control.Peer{Name: fmt.Sprintf("h%d", i+2), Site: s, State: "alive"})
+		}
+		return ps
+	}
+	for _, tc := range []struct {
+		name  string
+		st    control.Status
+		found string // "" for no finding
+	}{
+		{"one site", control.Status{Site: "dc1", Peers: peers("dc1", "dc1")}, ""},
+		{"no sites", control.Status{Peers: peers("", "")}, ""},
+		{"alone", control.Status{Site: "dc1"}, ""},
+		{"two sites", control.Status{Site: "dc1", Peers: peers("dc1", "dc2")}, `in 2 sites ("dc1", "dc2")`},
+		{"a host without a site", control.Status{Site: "dc1", Peers: peers("")}, `in 2 sites ("", "dc1")`},
+		{"three sites, this one unnamed", control.Status{Peers: peers("b", "a", "b")}, `in 3 sites ("", "a", "b")`},
+		{"two sites, allowlist", control.Status{Site: "dc1", Peers: peers("dc2"), Gossip: control.Gossip{PeerAllowlist: true}}, ""},
+	} {
+		r, ok := allowlistFinding(tc.st)
+		if ok != (tc.found != "") {
+			t.Errorf("%s: finding %v: %+v", tc.name, ok, r)
+			continue
+		}
+		if ok {
+			want(t, r, Warn, tc.found, "--peer-allowlist")
+			for _, s := range []string{"any host holding the gossip key can claim any VIP and receive its VM's traffic", "docs/security.md"} {
+				if !strings.Contains(r.Found, s) {
+					t.Errorf("%s: %q lacks %q", tc.name, r.Found, s)
+				}
+			}
+			if !strings.Contains(r.Fix, "KEY NAME") || !strings.Contains(r.Fix, "vmroam status") {
+				t.Errorf("%s: fix %q", tc.name, r.Fix)
+			}
+		}
+	}
+
+	// Through the control socket, as vmroam doctor asks.
+	cfg := testConfig(t)
+	cfg.Socket = serveAgent(t, control.Status{Name: "h1", Site: "dc1", Interface: "vmr0", Impl: "kernel",
+		Peers: peers("dc2"), Gossip: control.Gossip{Encrypted: true}})
+	v := askAgent(context.Background(), cfg)
+	if len(v.results) != 2 {
+		t.Fatalf("want 2 findings, got %+v", v.results)
+	}
+	want(t, v.results[1], Warn, "no peer allowlist (--peer-allowlist) on a cluster whose hosts are in 2 sites", "peer-allowlist =")
+}
