@@ -102,14 +102,15 @@ func configValue(k configKind, v any) (string, bool) {
 		s, ok := v.(string)
 		return s, ok
 	case kindIP:
+		// "" is the flag's default: not set.
 		s, ok := v.(string)
-		if _, err := netip.ParseAddr(s); !ok || err != nil {
+		if _, err := netip.ParseAddr(s); !ok || (err != nil && s != "") {
 			return "", false
 		}
 		return s, true
 	case kindCIDR:
 		s, ok := v.(string)
-		if _, err := netip.ParsePrefix(s); !ok || err != nil {
+		if _, err := netip.ParsePrefix(s); !ok || (err != nil && s != "") {
 			return "", false
 		}
 		return s, true

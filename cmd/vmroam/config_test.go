@@ -25,7 +25,7 @@ var tomlLiterals = []struct {
 	{`"100.100.0.1/16"`, []configKind{kindString, kindList, kindCIDR}, `string "100.100.0.1/16"`},
 	{`"2s"`, []configKind{kindString, kindList, kindDuration}, `string "2s"`},
 	{`"1GiB"`, []configKind{kindString, kindList, kindSize}, `string "1GiB"`},
-	{`""`, []configKind{kindString, kindList}, `string ""`},
+	{`""`, []configKind{kindString, kindList, kindIP, kindCIDR}, `string ""`}, // IP and CIDR: not set
 	{`[1]`, nil, "array of 1"},
 	{`["a", "b"]`, []configKind{kindList}, "array of 2"},
 	{`[]`, []configKind{kindList}, "array of 0"},
