@@ -30,7 +30,11 @@ install-proxmox): pre-start -> pre-provision, post-start -> attach,
 post-stop -> detach; VIPs from the VM's config,
 ` + pveDefaultDir + `/nodes/*/qemu-server/VMID.conf: the "vmroam-vip: ADDRESS [netN]"
 lines of its description, else its cloud-init ipconfigN addresses, each
-behind tapVMIDiN.
+behind tapVMIDiN. Proxmox plugs every tap into a bridge, and a VIP is routed
+to its VM's own interface: at post-start the hook takes each VIP's tap out
+of the bridge ` + xenhook.DefaultRoutedBridge + ` ($VMROAM_PROXMOX_BRIDGE), an empty
+bridge the VM's netN names for Proxmox's sake; a tap in another bridge is
+left there, and the agent refuses it.
 
 The agent is found through $VMROAM_SOCKET, else ` + control.DefaultSocket + `;
 libvirt clears its hooks' environment, so under libvirt the agent must

@@ -62,8 +62,29 @@ func runHookProxmox(ctx context.Context, args []string, stdout, stderr io.Writer
 	if len(actions) == 0 {
 		return nil
 	}
+	unbridge(h, actions)
 	h.run(ctx, actions)
 	return nil
+}
+
+// unbridge takes the taps the actions attach out of the routed bridge
+// (xenhook.Unbridge), so that the agent can route the VIPs to them.
+func unbridge(h *hookRun, actions []xenhook.Action) {
+	bridge := os.Getenv("VMROAM_PROXMOX_BRIDGE")
+	if bridge == "" {
+		bridge = xenhook.DefaultRoutedBridge
+	}
+	for _, a := range actions {
+		if a.Verb != "attach" || a.Dev == "" {
+			continue
+		}
+		switch did, err := xenhook.Unbridge(a.Dev, bridge); {
+		case err != nil:
+			h.errorf("%v", err)
+		case did:
+			h.infof("%s taken out of bridge %s: the agent routes %s to it", a.Dev, bridge, a.VIP)
+		}
+	}
 }
 
 // pveConfigPath finds the config of VM vmid among all nodes' directories,
