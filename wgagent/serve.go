@@ -279,9 +279,15 @@ const claimWait = 2 * time.Second
 // the gossip key can claim any VIP, but the cache goes only where the
 // whole cluster routes the VIP, never on the word of the request alone.
 func (a *Agent) waitForClaim(req cache.Request) error {
-	deadline := time.Now().Add(claimWait)
+	return waitForClaim(a.cluster.Table().Get, req, claimWait)
+}
+
+// waitForClaim is Agent.waitForClaim over the table's get, waiting up to
+// wait.
+func waitForClaim(get func(netip.Addr) (gossip.Record, bool), req cache.Request, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
 	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 10*time.Millisecond) {
-		r, ok := a.cluster.Table().Get(req.VIP)
+		r, ok := get(req.VIP)
 		switch {
 		case ok && r.Owner == req.Claimer && r.Epoch == req.Epoch:
 			return nil
@@ -289,7 +295,7 @@ func (a *Agent) waitForClaim(req cache.Request) error {
 			return fmt.Errorf("the gossip table names %q the owner of %s at epoch %d, not %q at epoch %d", r.Owner, req.VIP, r.Epoch, req.Claimer, req.Epoch)
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("no claim of %s by %q at epoch %d reached this host within %v (the table has epoch %d)", req.VIP, req.Claimer, req.Epoch, claimWait, r.Epoch)
+			return fmt.Errorf("no claim of %s by %q at epoch %d reached this host within %v (the table has epoch %d)", req.VIP, req.Claimer, req.Epoch, wait, r.Epoch)
 		}
 		time.Sleep(pause)
 	}
