@@ -17,6 +17,18 @@ import (
 // reads its sockets no faster than before, and a burst would overflow its
 // receive buffers. The pace is Speedup times the rate packets arrive now,
 // and never below MinRate.
+//
+// The orderer remembers each flow's first direct packet (to settle it) and
+// the flows whose direct packets went (to count late stream packets); a
+// sender that invents a new flow per packet must not grow that without
+// bound. It keeps at most MaxFlows flows, in two generations of half as
+// many each: when the newer is full it becomes the older and the older is
+// forgotten, and a flow found in the older moves to the newer. So the
+// MaxFlows/2 flows seen most recently are always remembered. Forgetting is
+// safe for the order: a forgotten flow's next direct packet counts as its
+// first, so it waits Settle (and its tick) again from its own arrival, a
+// later moment than the flow's first; only its delay grows. A forgotten
+// released flow's late stream packets go uncounted in Late.
 type Orderer struct {
 	Stream  *Queue // packets from the handover stream
 	Direct  *Queue // packets that reached this host directly (held)
@@ -27,6 +39,9 @@ type Orderer struct {
 	// Timeline, if set, counts each packet written to the VM in
 	// SeriesDelivered, at the moment Write returned.
 	Timeline *Timeline
+	// MaxFlows bounds the flows remembered (see above); default
+	// DefaultMaxFlows. Read once, at the first use.
+	MaxFlows int
 
 	mu          sync.Mutex
 	expectTicks bool
@@ -39,14 +54,15 @@ type Orderer struct {
 	endAt       time.Time // when the end marker arrived
 	carrierUp   time.Time
 	wake        chan struct{}
-	first       map[Flow]time.Time
+	first       flowMemo[time.Time]
+	pendFirst   time.Time // first[pendFlow], when the pending packet was taken
 	cls         *Classifier
 	pending     []byte
 	pendFlow    Flow
 	pendAt      time.Time
 	hasPend     bool
 	pendSeen    atomic.Bool // a packet is out of its queue and not yet written, for Idle
-	released    map[Flow]bool
+	released    flowMemo[struct{}]
 	late        uint64
 
 	// Pacing: a token bucket refilled at the current pace.
@@ -79,7 +95,12 @@ func (o *Orderer) init() {
 	if o.wake == nil {
 		o.wake = make(chan struct{}, 1)
 		o.drained = make(chan struct{})
-		o.first = map[Flow]time.Time{}
+		n := o.MaxFlows
+		if n <= 0 {
+			n = DefaultMaxFlows
+		}
+		o.first.half = max(n/2, 1)
+		o.released.half = o.first.half
 		o.cls = NewClassifier()
 	}
 }
@@ -250,8 +271,8 @@ func (o *Orderer) step() (time.Duration, bool, error) {
 			o.pendSeen.Store(false)
 			break
 		}
-		if len(o.released) > 0 {
-			if f, err := o.cls.Classify(pkt); err == nil && o.released[f] {
+		if o.released.len() > 0 {
+			if f, err := o.cls.Classify(pkt); err == nil && o.released.has(f) {
 				o.late++ // its flow's direct packets went first: reordered
 			}
 		}
@@ -283,14 +304,17 @@ func (o *Orderer) step() (time.Duration, bool, error) {
 			} else {
 				o.pendFlow = Flow{}
 			}
-			if _, seen := o.first[o.pendFlow]; !seen {
-				o.first[o.pendFlow] = at
+			first, seen := o.first.get(o.pendFlow)
+			if !seen {
+				first = at
+				o.first.put(o.pendFlow, at)
 			}
+			o.pendFirst = first
 		}
 		// Settle from the flow's first direct packet, but not from before
 		// the end marker: a packet the source took just before writing
 		// the marker may still follow it as a straggler.
-		release := o.first[o.pendFlow]
+		release := o.pendFirst
 		if release.Before(endAt) {
 			release = endAt
 		}
@@ -298,16 +322,13 @@ func (o *Orderer) step() (time.Duration, bool, error) {
 		if !closed && now.Before(release) {
 			return release.Sub(now), false, nil
 		}
-		if !closed && expectTicks && (!ticked || tickedTo.Before(o.first[o.pendFlow].Add(o.Settle))) {
+		if !closed && expectTicks && (!ticked || tickedTo.Before(o.pendFirst.Add(o.Settle))) {
 			return 0, false, nil // the next tick wakes us
 		}
 		if err := o.deliver(o.pending); err != nil {
 			return 0, false, err
 		}
-		if o.released == nil {
-			o.released = map[Flow]bool{}
-		}
-		o.released[o.pendFlow] = true
+		o.released.put(o.pendFlow, struct{}{})
 		o.hasPend = false
 		o.pendSeen.Store(false)
 	}
@@ -372,4 +393,48 @@ func (o *Orderer) deliver(pkt []byte) error {
 	}
 	o.mu.Unlock()
 	return nil
+}
+
+// DefaultMaxFlows is Orderer.MaxFlows by default. A remembered flow costs
+// about 180 bytes in each map (TestOrdererFlowsBounded logs it), so both
+// full take about 12 MiB, a fifth of one queue's default byte limit; the
+// 16384 flows seen last are always remembered, and a forgotten one costs
+// one Settle (2 ms by default) of delay.
+const DefaultMaxFlows = 32768
+
+// flowMemo maps flows to values, keeping at most 2*half of them: cur fills
+// up to half, then becomes old and the previous old is dropped. A flow
+// read from old moves to cur, so the flows in use survive a turn.
+type flowMemo[V any] struct {
+	cur, old map[Flow]V
+	half     int
+}
+
+func (m *flowMemo[V]) len() int { return len(m.cur) + len(m.old) }
+
+func (m *flowMemo[V]) has(f Flow) bool {
+	_, ok := m.get(f)
+	return ok
+}
+
+func (m *flowMemo[V]) get(f Flow) (V, bool) {
+	if v, ok := m.cur[f]; ok {
+		return v, true
+	}
+	v, ok := m.old[f]
+	if ok {
+		delete(m.old, f)
+		m.put(f, v)
+	}
+	return v, ok
+}
+
+func (m *flowMemo[V]) put(f Flow, v V) {
+	if _, ok := m.cur[f]; !ok && len(m.cur) >= m.half {
+		m.old, m.cur = m.cur, nil
+	}
+	if m.cur == nil {
+		m.cur = make(map[Flow]V)
+	}
+	m.cur[f] = v
 }
