@@ -66,6 +66,17 @@ const (
 	markColour = "#555555"
 )
 
+// MaxSpan is the longest time a view of the drawing covers: an hour after
+// its start, which is never before MaxSpan ahead of the origin (the
+// suspend). A real migration takes seconds (the cache keeps packets 30 s
+// by default); a record whose times lie years apart, corrupted or hostile,
+// is drawn clipped to that hour, with a note saying so, rather than with
+// the migration's seconds lost in one step of years. (A view's steps are
+// at most half its width in pixels whatever the span: see newView.)
+// Packets outside the whole view's hour are counted in its edge steps, as
+// before; marks outside it are left out.
+const MaxSpan = time.Hour
+
 // rect is an area of the picture.
 type rect struct{ x, y, w, h float64 }
 
@@ -127,6 +138,9 @@ type picture struct {
 	main   *view
 	closes []*view
 	height float64
+	// clipped says the record's times span more than MaxSpan, so the
+	// drawing leaves some of it out.
+	clipped bool
 }
 
 func newPicture(ms []control.Migration) (*picture, error) {
@@ -335,6 +349,12 @@ func maxOf(v []float64) float64 {
 // steps and places the marks.
 func (p *picture) newView(title string, left, w, lo, hi float64) *view {
 	v := &view{title: title, left: left, width: w}
+	lim := float64(MaxSpan / time.Millisecond)
+	if lo < -lim || hi > max(lo, -lim)+lim {
+		p.clipped = true
+	}
+	lo = max(lo, -lim)
+	hi = min(max(hi, lo), lo+lim)
 	span := max(hi-lo, 1)
 	v.bucket = niceStepF(span, w/2)
 	v.xmin = math.Floor(lo/v.bucket) * v.bucket
@@ -484,6 +504,9 @@ func (p *picture) draw(b *strings.Builder) {
 	what := "ms since the " + p.t0What
 	if p.main.bucket > 1 {
 		what += fmt.Sprintf(" · each step is the mean of %s ms", strconv.FormatFloat(p.main.bucket, 'f', -1, 64))
+	}
+	if p.clipped {
+		what += fmt.Sprintf(" · clipped: the record's times span more than %g min", MaxSpan.Minutes())
 	}
 	p.drawTimeAxis(b, p.main, 12)
 	fmt.Fprintf(b, `<text x="%s" y="%s" text-anchor="middle" font-size="12" fill="#444444">%s</text>`+"\n", num(marginL+plotW/2), num(p.main.axisY+axisH+4), esc(what))

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -467,5 +468,47 @@ func TestHostileSpan(t *testing.T) {
 	var b strings.Builder
 	if err := Render(&b, src, dst); err != nil || b.Len() > 1<<20 {
 		t.Fatalf("%d bytes, %v", b.Len(), err)
+	}
+}
+
+// TestRenderBounded draws records whose times lie centuries apart, and a
+// series that claims to start at the far end of an int: each view keeps
+// to MaxSpan and half its width in steps, the drawing takes little memory and says it is
+// clipped, and an ordinary migration is not clipped.
+func TestRenderBounded(t *testing.T) {
+	src, dst := sample()
+	far, past := src.Suspend.AddDate(200, 0, 0), src.Suspend.AddDate(-100, 0, 0)
+	hostile := dst
+	hostile.Claim, hostile.Done, hostile.CarrierUp = &past, &far, &past
+	hostile.Timeline = &control.Timeline{Start: far, Series: []control.TimelineSeries{
+		{Name: control.SeriesHeld, First: math.MaxInt - 3, Counts: []uint32{1, 2, 3}},
+		{Name: control.SeriesDelivered, First: math.MinInt, Counts: []uint32{4}},
+	}}
+	for name, sides := range map[string][]control.Migration{
+		"far destination": {src, hostile},
+		"far alone":       {hostile},
+	} {
+		p, err := newPicture(sides)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		for _, v := range p.views() {
+			if v.nb > int(v.width/2)+2 || float64(v.nb)*v.bucket > float64((MaxSpan+time.Minute)/time.Millisecond) {
+				t.Errorf("%s: view %q has %d steps of %v ms", name, v.title, v.nb, v.bucket)
+			}
+		}
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		svg := render(t, sides...)
+		runtime.ReadMemStats(&after)
+		if n := after.TotalAlloc - before.TotalAlloc; n > 8<<20 {
+			t.Errorf("%s: drawing allocated %d MiB", name, n>>20)
+		}
+		if !bytes.Contains(svg, []byte("clipped")) {
+			t.Errorf("%s: the drawing does not say it is clipped", name)
+		}
+	}
+	if svg := render(t, src, dst); bytes.Contains(svg, []byte("clipped")) {
+		t.Error("an ordinary migration is drawn clipped")
 	}
 }
