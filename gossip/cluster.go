@@ -82,6 +82,34 @@ type Config struct {
 	// memberlist's goroutines with this package's locks held: it must not
 	// block nor call back into the Cluster. nil admits everyone.
 	Admit func(name string, m *Member) bool
+
+	// MaxRecords bounds the location records the table holds, tombstones
+	// included; <= 0: DefaultMaxRecords (200,000, see Limits.Records).
+	// A record for a new VIP beyond it is refused, remote or local.
+	MaxRecords int
+
+	// MaxRecordsPerOwner bounds the live records one member owns;
+	// <= 0: DefaultMaxRecordsPerOwner (20,000, see
+	// Limits.RecordsPerOwner).
+	MaxRecordsPerOwner int
+
+	// MaxNetworks bounds the network versions the table holds,
+	// removals included; <= 0: DefaultMaxNetworks (1024, see
+	// Limits.Networks).
+	MaxNetworks int
+
+	// MaxNetworksPerOrigin bounds the network versions one member
+	// wrote; <= 0: DefaultMaxNetworksPerOrigin (256, see
+	// Limits.NetworksPerOrigin).
+	//
+	// Beyond any of the four caps a remote record or network version is
+	// refused, never merged nor passed on, and counted in Table.OverCap
+	// by its owner (Stats.OverCap in all); nothing held is evicted for
+	// it. A local Claim or DeclareNetwork beyond them fails with an error
+	// wrapping ErrOverCap. Members that learnt an over-cap owner's
+	// records in different orders may disagree about which of them they
+	// hold; members under their caps are not affected.
+	MaxNetworksPerOrigin int
 }
 
 // DefaultConfig returns the defaults: BindPort 7946, Profile "lan".
@@ -132,6 +160,7 @@ type Stats struct {
 	DroppedMessages uint64 // malformed user messages / remote states dropped
 	DroppedMeta     uint64 // members whose metadata did not decode (they are ignored as peers)
 	Refused         uint64 // records and networks Config.Admit refused
+	OverCap         uint64 // records and networks the table's caps refused (by owner: Table.OverCap)
 	Broadcasts      uint64 // records and networks queued for broadcast
 }
 
@@ -189,6 +218,10 @@ type Cluster struct {
 	admit        func(string, *Member) bool
 	refused      atomic.Uint64
 	refusedNames sync.Map // owners whose refusal was logged
+
+	overCap      atomic.Uint64
+	overCapMu    sync.Mutex
+	overCapNames map[string]bool // owners whose over-cap refusal was logged, at most 64
 
 	keyFile    string
 	keyApplyMu sync.Mutex // one key change at a time on this member
@@ -248,11 +281,12 @@ func New(cfg Config) (*Cluster, error) {
 	}
 
 	c := &Cluster{
-		name:       cfg.Name,
-		log:        logger.With("component", "gossip"),
-		events:     cfg.Events,
-		mc:         mc,
-		table:      NewTable(),
+		name:   cfg.Name,
+		log:    logger.With("component", "gossip"),
+		events: cfg.Events,
+		mc:     mc,
+		table: NewTableLimits(Limits{Records: cfg.MaxRecords, RecordsPerOwner: cfg.MaxRecordsPerOwner,
+			Networks: cfg.MaxNetworks, NetworksPerOrigin: cfg.MaxNetworksPerOrigin}),
 		meta:       meta,
 		members:    make(map[string]*memberEntry),
 		leaveSeen:  make(map[string]uint64),
@@ -476,26 +510,43 @@ func (c *Cluster) UpdateMeta(m Meta) error {
 
 // Claim records vip as owned by this member at an epoch one above any seen
 // for it, merges it locally and broadcasts it; it returns the record. An
-// invalid VIP (see ValidVIP) claims nothing and returns the zero Record.
+// invalid VIP (see ValidVIP) or a claim over the table's caps claims
+// nothing, logs why and returns the zero Record: see TryClaim for the
+// error.
 func (c *Cluster) Claim(vip netip.Addr) Record {
+	r, err := c.TryClaim(vip)
+	if err != nil {
+		c.log.Error("claim refused", "vip", vip.Unmap(), "err", err)
+	}
+	return r
+}
+
+// TryClaim is Claim that returns why a claim was refused: an invalid VIP,
+// or a table at one of its caps (the error wraps ErrOverCap: this member
+// owns MaxRecordsPerOwner VIPs, or the table holds MaxRecords records).
+// At the highest epoch it returns the current record, unchanged, and no
+// error, as Claim does.
+func (c *Cluster) TryClaim(vip netip.Addr) (Record, error) {
 	vip = vip.Unmap()
 	if err := ValidVIP(vip); err != nil {
-		c.log.Warn("claim refused", "vip", vip, "err", err)
-		return Record{}
+		return Record{}, fmt.Errorf("gossip: claim: %w", err)
 	}
 	c.mergeMu.Lock()
-	r, changed := c.table.claim(vip, c.name)
+	r, changed, err := c.table.claim(vip, c.name)
 	if changed {
 		c.enqueueLocked(r)
 	}
 	c.mergeMu.Unlock()
+	if err != nil {
+		return Record{}, fmt.Errorf("gossip: claim: %w", err)
+	}
 	if !changed {
 		c.log.Error("claim refused: epoch exhausted", "vip", vip, "record", r)
-		return r
+		return r, nil
 	}
 	c.log.Info("claimed VIP", "vip", vip, "epoch", r.Epoch)
 	c.notifyRecords()
-	return r
+	return r, nil
 }
 
 // Tell sends r straight to the member called name, best effort, besides
@@ -549,7 +600,10 @@ func (c *Cluster) Assert(r Record) bool {
 		return false
 	}
 	c.mergeMu.Lock()
-	changed, conflict := c.table.merge(r)
+	changed, conflict, err := c.table.merge(r)
+	if err != nil {
+		c.log.Error("assert refused", "record", r, "err", err)
+	}
 	cur, _ := c.table.Get(r.VIP)
 	if cur == r {
 		c.enqueueLocked(r)
@@ -576,7 +630,10 @@ func (c *Cluster) mergeRemote(rs []Record, ns []Network, rebroadcast bool) {
 		if r.Owner != "" && !admitted(r.Owner) {
 			continue
 		}
-		changed, conflict := c.table.merge(r)
+		changed, conflict, err := c.table.merge(r)
+		if err != nil {
+			c.noteOverCap(r.Owner, err)
+		}
 		if conflict {
 			c.logConflict(r.VIP)
 		}
@@ -593,7 +650,11 @@ func (c *Cluster) mergeRemote(rs []Record, ns []Network, rebroadcast bool) {
 		if !admitted(n.Origin) {
 			continue
 		}
-		if !c.table.MergeNetwork(n) {
+		changed, err := c.table.mergeNetwork(n)
+		if err != nil {
+			c.noteOverCap(n.Origin, err)
+		}
+		if !changed {
 			continue
 		}
 		changedAny = true
@@ -638,6 +699,24 @@ func (c *Cluster) admitter() func(string) bool {
 			}
 		}
 		return ok
+	}
+}
+
+// noteOverCap counts a remote record or network version the table's caps
+// refused, and logs the first for each owner (the table names at most 64).
+func (c *Cluster) noteOverCap(owner string, err error) {
+	c.overCap.Add(1)
+	c.overCapMu.Lock()
+	first := !c.overCapNames[owner] && len(c.overCapNames) < maxOverCapOwners
+	if first {
+		if c.overCapNames == nil {
+			c.overCapNames = make(map[string]bool)
+		}
+		c.overCapNames[owner] = true
+	}
+	c.overCapMu.Unlock()
+	if first {
+		c.log.Warn("refusing records and networks beyond the table's caps (--max-vips); nothing held is evicted for them", "owner", owner, "err", err)
 	}
 }
 
@@ -745,6 +824,7 @@ func (c *Cluster) Stats() Stats {
 		DroppedMessages: c.droppedMsgs.Load(),
 		DroppedMeta:     c.droppedMeta.Load(),
 		Refused:         c.refused.Load(),
+		OverCap:         c.overCap.Load(),
 		Broadcasts:      c.broadcasts.Load(),
 	}
 }

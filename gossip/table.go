@@ -1,6 +1,7 @@
 package gossip
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"net/netip"
@@ -13,11 +14,20 @@ import (
 // Table holds the winning location record of every known VIP, the
 // conflicts seen at the current epoch of a VIP, and the current version of
 // every virtual network. It is safe for concurrent use.
+//
+// What other members can make it hold is bounded (see Limits): a record or
+// network version beyond a cap is refused, counted against its owner (see
+// OverCap) and not passed on; nothing already held is ever evicted to make
+// room, so a flood from one owner cannot push out another's records.
 type Table struct {
 	mu        sync.Mutex
+	lim       Limits
 	recs      map[netip.Addr]Record
+	owned     map[string]int // live records by owner
 	conflicts map[netip.Addr]*conflictSet
 	nets      map[string]Network
+	origins   map[string]int // network versions by origin
+	overCap   map[string]uint64
 	// released is when this member learnt that a VIP was released (the
 	// tombstone's arrival here): allocations keep such addresses unused
 	// for a while. Records carry no clock, so each member counts from
@@ -39,14 +49,127 @@ type conflictSet struct {
 	owners map[string]struct{}
 }
 
-// NewTable returns an empty table.
-func NewTable() *Table {
+// Limits bound a Table. A field <= 0 takes its default.
+//
+// The defaults are sized for a cluster of 100,000 VIPs in all. A record
+// costs about 120 bytes of heap here (TestTableLimitsMemory logs it), so
+// a full table of 200,000 takes about 23 MiB.
+type Limits struct {
+	// Records bounds the records held, tombstones included: released
+	// VIPs are never forgotten (a tombstone keeps an older claim from
+	// coming back), so the default, 200,000, is the 100,000 live VIPs
+	// the table is sized for plus as many tombstones.
+	Records int
+	// RecordsPerOwner bounds the live records of one owner: 20,000 by
+	// default, a hundred times what one host runs, and a tenth of
+	// Records, so one owner's flood leaves nine tenths to the others.
+	RecordsPerOwner int
+	// Networks bounds the network versions held, tombstones included:
+	// 1024 by default (100 VMs each make 100,000 VIPs). Deciding which
+	// networks are active compares every pair, so this stays small.
+	Networks int
+	// NetworksPerOrigin bounds the versions one member wrote: 256 by
+	// default, a quarter of Networks.
+	NetworksPerOrigin int
+}
+
+// Defaults of Limits.
+const (
+	DefaultMaxRecords           = 200_000
+	DefaultMaxRecordsPerOwner   = 20_000
+	DefaultMaxNetworks          = 1024
+	DefaultMaxNetworksPerOrigin = 256
+)
+
+func (l Limits) withDefaults() Limits {
+	def := func(v, d int) int {
+		if v <= 0 {
+			return d
+		}
+		return v
+	}
+	return Limits{
+		Records:           def(l.Records, DefaultMaxRecords),
+		RecordsPerOwner:   def(l.RecordsPerOwner, DefaultMaxRecordsPerOwner),
+		Networks:          def(l.Networks, DefaultMaxNetworks),
+		NetworksPerOrigin: def(l.NetworksPerOrigin, DefaultMaxNetworksPerOrigin),
+	}
+}
+
+// ErrOverCap is wrapped by the errors of a record or network version that
+// a Limits cap refused.
+var ErrOverCap = errors.New("the location table is at its cap")
+
+// maxOverCapOwners bounds the owners OverCap names: owner names are the
+// sender's to invent, so beyond these the rest are counted together under
+// OverCapOthers.
+const maxOverCapOwners = 64
+
+// OverCapOthers is the OverCap key of owners beyond the first 64 named.
+const OverCapOthers = "(others)"
+
+// NewTable returns an empty table with the default Limits.
+func NewTable() *Table { return NewTableLimits(Limits{}) }
+
+// NewTableLimits returns an empty table bounded by l.
+func NewTableLimits(l Limits) *Table {
 	return &Table{
+		lim:       l.withDefaults(),
 		recs:      make(map[netip.Addr]Record),
+		owned:     make(map[string]int),
 		conflicts: make(map[netip.Addr]*conflictSet),
 		nets:      make(map[string]Network),
+		origins:   make(map[string]int),
+		overCap:   make(map[string]uint64),
 		released:  make(map[netip.Addr]time.Time),
 	}
+}
+
+// Limits returns the table's limits, defaults filled in.
+func (t *Table) Limits() Limits { return t.lim }
+
+// Size returns how many records and network versions the table holds,
+// tombstones included.
+func (t *Table) Size() (records, networks int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.recs), len(t.nets)
+}
+
+// OverCap returns, by owner (a record's owner, a network version's
+// origin), how many records and network versions the caps refused since
+// the table was made; at most 64 owners are named, the rest are summed
+// under OverCapOthers. A member's push/pull state repeats what was refused
+// at every exchange, so the counts grow while a member stays over its cap.
+func (t *Table) OverCap() map[string]uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make(map[string]uint64, len(t.overCap))
+	for o, n := range t.overCap {
+		out[o] = n
+	}
+	return out
+}
+
+func (t *Table) noteOverCapLocked(owner string) {
+	if _, ok := t.overCap[owner]; !ok && len(t.overCap) >= maxOverCapOwners {
+		owner = OverCapOthers
+	}
+	t.overCap[owner]++
+}
+
+// roomLocked says whether r may replace cur (held if ok): a new VIP needs
+// room under Records, and an owner taking a VIP it did not hold needs room
+// under RecordsPerOwner. Replacing a record never needs room in all, and a
+// tombstone needs none of its owner's.
+func (t *Table) roomLocked(r, cur Record, ok bool) error {
+	if !ok && len(t.recs) >= t.lim.Records {
+		return fmt.Errorf("VIP %s: %w: it holds %d records, tombstones included (--max-vips)", r.VIP, ErrOverCap, len(t.recs))
+	}
+	if r.Owner != "" && (!ok || cur.Owner != r.Owner) && t.owned[r.Owner] >= t.lim.RecordsPerOwner {
+		return fmt.Errorf("VIP %s: %w: %q owns %d VIPs, the most one member may", r.VIP, ErrOverCap, r.Owner, t.owned[r.Owner])
+	}
+	return nil
 }
 
 // Merge keeps r if it supersedes the current record for r.VIP (or there is
@@ -57,34 +180,58 @@ func NewTable() *Table {
 // a tombstone, the table remembers the conflict until a higher epoch for the
 // VIP arrives. The conflict then names every non-empty owner seen at the
 // highest epoch, whatever the order of arrival.
+//
+// A record that would exceed a cap (see Limits) is refused and counted
+// against its owner in OverCap; the table is left as it was.
 func (t *Table) Merge(r Record) bool {
-	changed, _ := t.merge(r)
+	changed, _, _ := t.merge(r)
 	return changed
 }
 
-// merge is Merge that also reports whether a conflict was recorded or grew.
-func (t *Table) merge(r Record) (changed, conflict bool) {
+// merge is Merge that also reports whether a conflict was recorded or grew,
+// and why a record was refused (an invalid record is not: it never counts).
+func (t *Table) merge(r Record) (changed, conflict bool, err error) {
 	r.VIP = r.VIP.Unmap()
 	if r.validate() != nil {
-		return false, false
+		return false, false, nil
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.mergeLocked(r)
+	changed, conflict, err = t.mergeLocked(r)
+	if err != nil {
+		t.noteOverCapLocked(r.Owner)
+	}
+	return changed, conflict, err
 }
 
-func (t *Table) mergeLocked(r Record) (changed, conflict bool) {
+func (t *Table) mergeLocked(r Record) (changed, conflict bool, err error) {
 	cur, ok := t.recs[r.VIP]
+	if ok {
+		if !r.Supersedes(cur) {
+			if r.Epoch == cur.Epoch && r.Owner != cur.Owner && r.Owner != "" && cur.Owner != "" {
+				conflict = t.noteConflictLocked(r.VIP, r.Epoch, cur.Owner, r.Owner)
+			}
+			return false, conflict, nil
+		}
+	}
+	if err := t.roomLocked(r, cur, ok); err != nil {
+		return false, false, err
+	}
 	if ok {
 		switch {
 		case r.Epoch > cur.Epoch:
 			delete(t.conflicts, r.VIP)
-		case r.Epoch == cur.Epoch && r.Owner != cur.Owner && r.Owner != "" && cur.Owner != "":
+		case r.Owner != cur.Owner && r.Owner != "" && cur.Owner != "":
 			conflict = t.noteConflictLocked(r.VIP, r.Epoch, cur.Owner, r.Owner)
 		}
-		if !r.Supersedes(cur) {
-			return false, conflict
+		if cur.Owner != "" {
+			if t.owned[cur.Owner]--; t.owned[cur.Owner] == 0 {
+				delete(t.owned, cur.Owner)
+			}
 		}
+	}
+	if r.Owner != "" {
+		t.owned[r.Owner]++
 	}
 	t.recs[r.VIP] = r
 	if r.Owner == "" {
@@ -92,7 +239,7 @@ func (t *Table) mergeLocked(r Record) (changed, conflict bool) {
 	} else {
 		delete(t.released, r.VIP)
 	}
-	return true, conflict
+	return true, conflict, nil
 }
 
 // ReleasedAt returns when this member learnt that vip was released; ok is
@@ -122,18 +269,23 @@ func (t *Table) noteConflictLocked(vip netip.Addr, epoch uint64, owners ...strin
 
 // claim merges a record giving vip to owner at one epoch above the current
 // one. At the highest epoch nothing can supersede the current record, so the
-// current record is returned unchanged.
-func (t *Table) claim(vip netip.Addr, owner string) (Record, bool) {
+// current record is returned unchanged. A claim over a cap is refused with
+// an error wrapping ErrOverCap (and not counted in OverCap: it never left
+// this member).
+func (t *Table) claim(vip netip.Addr, owner string) (Record, bool, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	cur, ok := t.recs[vip]
 	if ok && cur.Epoch == math.MaxUint64 {
-		return cur, false
+		return cur, false, nil
 	}
 	// With no record yet cur.Epoch is 0, so the first claim has epoch 1.
 	r := Record{VIP: vip, Owner: owner, Epoch: cur.Epoch + 1}
-	changed, _ := t.mergeLocked(r)
-	return r, changed
+	changed, _, err := t.mergeLocked(r)
+	if err != nil {
+		return Record{}, false, err
+	}
+	return r, changed, nil
 }
 
 // release merges a tombstone for vip at one epoch above the current record,
@@ -146,7 +298,7 @@ func (t *Table) release(vip netip.Addr, owner string) (Record, bool) {
 		return Record{}, false
 	}
 	r := Record{VIP: vip, Epoch: cur.Epoch + 1}
-	changed, _ := t.mergeLocked(r)
+	changed, _, _ := t.mergeLocked(r) // replaces a record: never over a cap
 	return r, changed
 }
 
@@ -209,21 +361,49 @@ func sortedOwners(set map[string]struct{}) []string {
 // Two live networks may overlap after merging: declarations refuse an
 // overlap only against what the declaring member knew. NetworkOverlaps and
 // ActiveNetworks resolve that the same way everywhere.
+//
+// A version that would exceed a cap (see Limits) is refused and counted
+// against its origin in OverCap.
 func (t *Table) MergeNetwork(n Network) bool {
+	changed, _ := t.mergeNetwork(n)
+	return changed
+}
+
+// mergeNetwork is MergeNetwork that also says why a version was refused.
+func (t *Table) mergeNetwork(n Network) (bool, error) {
 	if n.validate() != nil {
-		return false
+		return false, nil
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.mergeNetworkLocked(n)
+	changed, err := t.mergeNetworkLocked(n)
+	if err != nil {
+		t.noteOverCapLocked(n.Origin)
+	}
+	return changed, err
 }
 
-func (t *Table) mergeNetworkLocked(n Network) bool {
-	if cur, ok := t.nets[n.Name]; ok && !n.Supersedes(cur) {
-		return false
+func (t *Table) mergeNetworkLocked(n Network) (bool, error) {
+	cur, ok := t.nets[n.Name]
+	if ok && !n.Supersedes(cur) {
+		return false, nil
 	}
+	// A removal of a held network takes no room: it only ever shrinks
+	// what is live.
+	switch {
+	case !ok && len(t.nets) >= t.lim.Networks:
+		return false, fmt.Errorf("network %q: %w: it holds %d network versions, removals included", n.Name, ErrOverCap, len(t.nets))
+	case (!ok || !n.Removed()) && (!ok || cur.Origin != n.Origin) && t.origins[n.Origin] >= t.lim.NetworksPerOrigin:
+		return false, fmt.Errorf("network %q: %w: %q wrote %d network versions, the most one member may", n.Name, ErrOverCap, n.Origin, t.origins[n.Origin])
+	}
+	if ok {
+		if t.origins[cur.Origin]--; t.origins[cur.Origin] == 0 {
+			delete(t.origins, cur.Origin)
+		}
+	}
+	t.origins[n.Origin]++
 	t.nets[n.Name] = n
-	return true
+	return true, nil
 }
 
 // Networks returns every live (not removed) network, sorted by name.
@@ -377,7 +557,11 @@ func (t *Table) declareNetwork(name string, prefix netip.Prefix, origin string) 
 	}
 	// With no version yet cur.Epoch is 0, so the first declaration has epoch 1.
 	n = Network{Name: name, Prefix: prefix, Epoch: cur.Epoch + 1, Origin: origin}
-	return n, t.mergeNetworkLocked(n), nil
+	changed, err = t.mergeNetworkLocked(n)
+	if err != nil {
+		return Network{}, false, err
+	}
+	return n, changed, nil
 }
 
 // removeNetwork merges a tombstone for name, written by origin, at one
@@ -390,5 +574,6 @@ func (t *Table) removeNetwork(name, origin string) (Network, bool) {
 		return Network{}, false
 	}
 	n := Network{Name: name, Epoch: cur.Epoch + 1, Origin: origin}
-	return n, t.mergeNetworkLocked(n)
+	changed, _ := t.mergeNetworkLocked(n) // removes a held network: never over a cap
+	return n, changed
 }

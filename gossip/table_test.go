@@ -200,11 +200,11 @@ func TestConflicts(t *testing.T) {
 func TestTableClaimRelease(t *testing.T) {
 	vip := netip.MustParseAddr("100.64.0.9")
 	tb := NewTable()
-	r, ok := tb.claim(vip, "a")
+	r, ok, _ := tb.claim(vip, "a")
 	if !ok || r != (Record{VIP: vip, Owner: "a", Epoch: 1}) {
 		t.Fatalf("first claim = %v, %v", r, ok)
 	}
-	if r, ok = tb.claim(vip, "b"); !ok || r.Epoch != 2 {
+	if r, ok, _ = tb.claim(vip, "b"); !ok || r.Epoch != 2 {
 		t.Fatalf("second claim = %v, %v", r, ok)
 	}
 	if _, ok := tb.release(vip, "a"); ok {
