@@ -311,6 +311,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	gcfg.Meta = a.meta()
 	gcfg.Profile = cfg.GossipProfile
+	gcfg.MaxRecords = cfg.MaxVIPs
 	gcfg.Logger = a.log
 	gcfg.Events = events{a}
 	a.cluster, err = gossip.New(gcfg)

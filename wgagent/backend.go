@@ -310,6 +310,8 @@ func (b backend) Status(context.Context) (control.Status, error) {
 	}
 	gs := a.cluster.Stats()
 	st.Gossip = control.Gossip{Members: gs.Members, Encrypted: len(a.cfg.GossipKeys) > 0, DroppedMessages: gs.DroppedMessages, DroppedMeta: gs.DroppedMeta, Refused: gs.Refused, PeerAllowlist: a.allow != nil}
+	st.Gossip.Records, _ = a.cluster.Table().Size()
+	st.Gossip.MaxRecords, st.Gossip.OverCap = a.cluster.Table().Limits().Records, a.cluster.Table().OverCap()
 	st.HandoverRefused = a.handoverRefused.Load()
 	st.Config = a.configStatus()
 	return st, nil

@@ -123,6 +123,12 @@ type Config struct {
 	// networks and TCP MSS clamping into the tunnel. Off only for hosts
 	// whose firewall is managed otherwise.
 	Filter bool
+	// MaxVIPs bounds the location records (VIPs, tombstones of released
+	// ones included) this host keeps of the whole cluster: other hosts'
+	// records beyond it are refused and counted, and this host's own
+	// claims beyond it fail. gossip.Config.MaxRecords; its default,
+	// 200,000, is sized for 100,000 VIPs.
+	MaxVIPs int
 	// MetricsAddr is the HOST:PORT where the agent serves Prometheus
 	// metrics at /metrics, e.g. 127.0.0.1:9474; empty (the default): off.
 	MetricsAddr string
@@ -181,6 +187,7 @@ func DefaultConfig() Config {
 		Activation:        ActivationAny,
 		AllocSettle:       2 * time.Second,
 		AllocQuarantine:   5 * time.Minute,
+		MaxVIPs:           gossip.DefaultMaxRecords,
 	}
 }
 
@@ -274,6 +281,9 @@ func (c *Config) Validate() error {
 			add("--network %s given twice", n.Name)
 		}
 		seen[n.Name] = true
+	}
+	if c.MaxVIPs < 1 {
+		add("--max-vips %d: must be at least 1", c.MaxVIPs)
 	}
 	if c.MetricsAddr != "" {
 		if _, port, err := net.SplitHostPort(c.MetricsAddr); err != nil {

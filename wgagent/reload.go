@@ -65,6 +65,7 @@ var configKeys = []configKey{
 	{name: "filter", field: "Filter"},
 	// The allowlist file is re-read whenever it changes; its path is not.
 	{name: "peer-allowlist", field: "PeerAllowlist"},
+	{name: "max-vips", field: "MaxVIPs"},
 	{name: "metrics-addr", field: "MetricsAddr"},
 }
 

@@ -61,6 +61,7 @@ type agentFlags struct {
 	logFormat         string
 	config            string
 	metricsAddr       string
+	maxVIPs           int
 }
 
 func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
@@ -108,6 +109,7 @@ func newAgentFlags(stdout, stderr io.Writer) *agentFlags {
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&f.config, "config", "", "TOML config `file` with the same keys as these flags; flags win")
+	fs.IntVar(&f.maxVIPs, "max-vips", d.MaxVIPs, "location records (VIPs, released ones included) kept of the whole cluster at most; others' beyond it are refused")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on `HOST:PORT` at /metrics, e.g. 127.0.0.1:9474 (default: off)")
 	return f
 }
@@ -178,6 +180,7 @@ func agentConfig(args []string, stdout, stderr io.Writer) (wgagent.Config, error
 	cfg.Activation = wgagent.Activation(f.activation)
 	cfg.AllocSettle, cfg.AllocQuarantine = f.allocSettle, f.allocQuarantine
 	cfg.MetricsAddr = f.metricsAddr
+	cfg.MaxVIPs = f.maxVIPs
 	for _, n := range f.networks {
 		name, cidr, ok := strings.Cut(n, "=")
 		p, err := netip.ParsePrefix(cidr)

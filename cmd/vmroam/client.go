@@ -97,6 +97,9 @@ func printStatus(w io.Writer, st control.Status) {
 		enc = "NOT ENCRYPTED"
 	}
 	fmt.Fprintf(w, "gossip    %d members, %s, %d bad messages dropped\n", st.Gossip.Members, enc, st.Gossip.DroppedMessages+st.Gossip.DroppedMeta)
+	if len(st.Gossip.OverCap) > 0 {
+		fmt.Fprintf(w, "OVER CAP  %d of at most %d records held; refused beyond the caps: %s\n", st.Gossip.Records, st.Gossip.MaxRecords, st.Gossip.OverCapList())
+	}
 	if st.Gossip.Refused > 0 || st.HandoverRefused > 0 {
 		fmt.Fprintf(w, "REFUSED   %d claims of members the peer allowlist refuses ignored, %d handover connections not from a peer\n", st.Gossip.Refused, st.HandoverRefused)
 	}

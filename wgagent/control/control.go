@@ -4,8 +4,12 @@
 package control
 
 import (
+	"cmp"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -170,6 +174,30 @@ type Gossip struct {
 	Refused uint64 `json:"refused"`
 	// PeerAllowlist says whether --peer-allowlist is set.
 	PeerAllowlist bool `json:"peer_allowlist"`
+	// Records is how many location records the table holds, tombstones
+	// included, and MaxRecords its cap (--max-vips).
+	Records    int `json:"records"`
+	MaxRecords int `json:"max_records"`
+	// OverCap counts, by owner, the records and network versions the
+	// table's caps refused (at most 64 owners named; the rest under
+	// "(others)").
+	OverCap map[string]uint64 `json:"over_cap,omitempty"`
+}
+
+// OverCapList formats OverCap, the most refused first: "h3 1200, h4 7".
+func (g Gossip) OverCapList() string {
+	owners := slices.Collect(maps.Keys(g.OverCap))
+	slices.SortFunc(owners, func(a, b string) int {
+		if c := cmp.Compare(g.OverCap[b], g.OverCap[a]); c != 0 {
+			return c
+		}
+		return strings.Compare(a, b)
+	})
+	parts := make([]string, len(owners))
+	for i, o := range owners {
+		parts[i] = fmt.Sprintf("%s %d", o, g.OverCap[o])
+	}
+	return strings.Join(parts, ", ")
 }
 
 // AttachRequest asks the agent to own a VIP behind a local interface.

@@ -69,6 +69,15 @@ func askAgent(ctx context.Context, cfg Config) agentView {
 			Found: fmt.Sprintf("VIP %s claimed by %s at epoch %d (%s wins): was its VM started twice?", c.VIP, strings.Join(c.Owners, " and "), c.Epoch, c.Winner),
 			Fix:   fmt.Sprintf("stop the VM where it should not run, then on the host that runs it: vmroam vip attach %s --dev IFACE (a higher epoch ends the conflict)", c.VIP)})
 	}
+	if len(st.Gossip.OverCap) > 0 {
+		var total uint64
+		for _, n := range st.Gossip.OverCap {
+			total += n
+		}
+		v.results = append(v.results, Result{Check: "records", Level: Warn,
+			Found: fmt.Sprintf("the location table refused %d records or networks beyond its caps, by owner: %s; it holds %d of at most %d records and evicted none for them", total, st.Gossip.OverCapList(), st.Gossip.Records, st.Gossip.MaxRecords),
+			Fix:   "a host that owns more VIPs or networks than one host may is misconfigured or hostile (see its vmroam status; rotate the gossip key if it is not yours); if the cluster is that large, raise --max-vips on every host"})
+	}
 	if !st.Gossip.Encrypted {
 		v.results = append(v.results, Result{Check: "agent", Level: Warn,
 			Found: "gossip is not encrypted (--insecure-gossip): anyone who reaches the gossip port can redirect VM traffic",

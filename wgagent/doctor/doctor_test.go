@@ -519,23 +519,24 @@ func TestAgent(t *testing.T) {
 		Problems:       []string{"VIP 100.100.10.1: interface vif9.0 not found", refused.Problem()},
 		RefusedRecords: []control.RefusedRecord{refused},
 		Conflicts:      []control.Conflict{{VIP: "100.100.10.2", Epoch: 4, Owners: []string{"h1", "h2"}, Winner: "h2"}},
-		Gossip:         control.Gossip{Encrypted: false},
+		Gossip:         control.Gossip{Encrypted: false, Records: 200000, MaxRecords: 200000, OverCap: map[string]uint64{"evil": 1200, "(others)": 7}},
 	})
 	v = askAgent(context.Background(), cfg)
 	if v.status == nil || v.status.Name != "h1" {
 		t.Fatalf("status = %+v", v.status)
 	}
 	// The refused record is one finding of its own, not also a problem's.
-	if len(v.results) != 7 {
-		t.Fatalf("want 7 findings, got %+v", v.results)
+	if len(v.results) != 8 {
+		t.Fatalf("want 8 findings, got %+v", v.results)
 	}
 	want(t, v.results[0], OK, "agent h1 answers on "+cfg.Socket+": 4 peers, 0 VIPs, userspace WireGuard on vmr0", "")
 	want(t, v.results[1], Warn, "host evil claims 169.254.169.254 (epoch 1), which cannot be a VIP: a link-local address", "rotate it (vmroam keys")
 	want(t, v.results[2], Warn, "the agent reports: VIP 100.100.10.1: interface vif9.0 not found", "journalctl -u vmroam")
 	want(t, v.results[3], Warn, "VIP 100.100.10.2 claimed by h1 and h2 at epoch 4 (h2 wins)", "vmroam vip attach 100.100.10.2 --dev IFACE")
-	want(t, v.results[4], Warn, "gossip is not encrypted", "--encrypt-key-file")
-	want(t, v.results[5], Warn, "the WireGuard session with peer h5 carries no round trip", "let the handover port")
-	want(t, v.results[6], Warn, "no WireGuard handshake with peer h3 (198.18.0.3:51821)", "let UDP port 51821 through")
+	want(t, v.results[4], Warn, "the location table refused 1207 records or networks beyond its caps, by owner: evil 1200, (others) 7; it holds 200000 of at most 200000 records", "raise --max-vips")
+	want(t, v.results[5], Warn, "gossip is not encrypted", "--encrypt-key-file")
+	want(t, v.results[6], Warn, "the WireGuard session with peer h5 carries no round trip", "let the handover port")
+	want(t, v.results[7], Warn, "no WireGuard handshake with peer h3 (198.18.0.3:51821)", "let UDP port 51821 through")
 }
 
 // TestRun makes a namespace healthy, then breaks everything doctor claims to
