@@ -43,7 +43,11 @@ func (b backend) Allocate(ctx context.Context, network, dev string) (control.VIP
 			a.mu.Unlock()
 			return control.VIP{}, badRequest("network %s (%s) has no free address (addresses released in the last %v are not reused yet)", n.Name, n.Prefix, a.live().AllocQuarantine)
 		}
-		r := a.cluster.Claim(vip)
+		r, err := a.cluster.TryClaim(vip)
+		if err != nil {
+			a.mu.Unlock()
+			return control.VIP{}, badRequest("%v", err)
+		}
 		a.attached[vip] = attachment{VIP: vip, Epoch: r.Epoch}
 		a.dirty = true
 		a.mu.Unlock()

@@ -65,7 +65,11 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 		if a.intercept != nil && known && cur.Owner != "" && cur.Owner != a.cfg.Name {
 			r = a.arriveLocked(vip, dev, cur)
 		} else {
-			r = a.cluster.Claim(vip)
+			var err error
+			if r, err = a.cluster.TryClaim(vip); err != nil {
+				a.mu.Unlock()
+				return control.VIP{}, badRequest("%v", err)
+			}
 			a.localCtl(vip, dev)
 		}
 		at = attachment{VIP: vip, Dev: dev, Epoch: r.Epoch}
