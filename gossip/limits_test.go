@@ -58,7 +58,7 @@ func TestTableLimitsRecords(t *testing.T) {
 	if n, _ := tb.Size(); n != 10 {
 		t.Errorf("table holds %d records, cap 10", n)
 	}
-	want := map[string]uint64{"a": 2, "c": 1, "": 1}
+	want := map[string]uint64{"a": 2, "c": 1, OverCapReleased: 1}
 	if got := tb.OverCap(); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("OverCap = %v, want %v", got, want)
 	}

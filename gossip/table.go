@@ -105,8 +105,13 @@ var ErrOverCap = errors.New("the location table is at its cap")
 // OverCapOthers.
 const maxOverCapOwners = 64
 
-// OverCapOthers is the OverCap key of owners beyond the first 64 named.
-const OverCapOthers = "(others)"
+// OverCap's keys that are no owner's name (names are at most MaxOwnerLen
+// bytes of anything, so these could be; a member calling itself so only
+// hides among them).
+const (
+	OverCapOthers   = "(others)"   // owners beyond the first 64 named
+	OverCapReleased = "(released)" // tombstones, which have no owner
+)
 
 // NewTable returns an empty table with the default Limits.
 func NewTable() *Table { return NewTableLimits(Limits{}) }
@@ -139,7 +144,7 @@ func (t *Table) Size() (records, networks int) {
 // OverCap returns, by owner (a record's owner, a network version's
 // origin), how many records and network versions the caps refused since
 // the table was made; at most 64 owners are named, the rest are summed
-// under OverCapOthers. A member's push/pull state repeats what was refused
+// under OverCapOthers, and tombstones under OverCapReleased. A member's push/pull state repeats what was refused
 // at every exchange, so the counts grow while a member stays over its cap.
 func (t *Table) OverCap() map[string]uint64 {
 	t.mu.Lock()
@@ -152,6 +157,9 @@ func (t *Table) OverCap() map[string]uint64 {
 }
 
 func (t *Table) noteOverCapLocked(owner string) {
+	if owner == "" {
+		owner = OverCapReleased
+	}
 	if _, ok := t.overCap[owner]; !ok && len(t.overCap) >= maxOverCapOwners {
 		owner = OverCapOthers
 	}
