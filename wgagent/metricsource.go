@@ -56,6 +56,7 @@ func (s metricsSource) Snapshot() (metrics.Snapshot, error) {
 	snap.GossipMembers = gs.Members
 	snap.GossipMsgErrors, snap.GossipMetaErrors = gs.DroppedMessages, gs.DroppedMeta
 	snap.GossipRefused = gs.Refused
+	snap.OverCap = a.cluster.Table().OverCap()
 	snap.Conflicts = len(a.cluster.Table().Conflicts())
 	if a.intercept != nil {
 		snap.CacheUnclaimed = a.intercept.Unclaimed()

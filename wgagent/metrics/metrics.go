@@ -60,19 +60,20 @@ type Migration struct {
 
 // Snapshot is the agent's current state, taken at each scrape.
 type Snapshot struct {
-	Time             time.Time      // when it was taken: handshake ages count to it
-	Peers            []Peer         // every other member the agent knows of
-	VIPs             map[string]int // location records by state as status shows them
-	GossipMembers    int            // alive members, this one included
-	GossipMsgErrors  uint64         // malformed gossip messages dropped, ever
-	GossipMetaErrors uint64         // member metadata that did not decode, ever
-	GossipRefused    uint64         // VIP claims and network changes the allowlist refused, ever
-	CacheUnclaimed   uint64         // packets the cache device read for no migration, ever
-	CacheQueuedBytes int64          // packet bytes held by every cache queue now
-	CacheMaxBytes    int64          // the cap on CacheQueuedBytes; <= 0 or math.MaxInt64: none
-	Conflicts        int            // VIPs claimed by two owners at one epoch, open now
-	Problems         int            // conditions status reports now
-	RecordsRefused   map[string]int // other hosts' records refused now, by owner
+	Time             time.Time         // when it was taken: handshake ages count to it
+	Peers            []Peer            // every other member the agent knows of
+	VIPs             map[string]int    // location records by state as status shows them
+	GossipMembers    int               // alive members, this one included
+	GossipMsgErrors  uint64            // malformed gossip messages dropped, ever
+	GossipMetaErrors uint64            // member metadata that did not decode, ever
+	GossipRefused    uint64            // VIP claims and network changes the allowlist refused, ever
+	CacheUnclaimed   uint64            // packets the cache device read for no migration, ever
+	CacheQueuedBytes int64             // packet bytes held by every cache queue now
+	CacheMaxBytes    int64             // the cap on CacheQueuedBytes; <= 0 or math.MaxInt64: none
+	Conflicts        int               // VIPs claimed by two owners at one epoch, open now
+	Problems         int               // conditions status reports now
+	RecordsRefused   map[string]int    // other hosts' records refused now, by owner
+	OverCap          map[string]uint64 // records and networks the table's caps refused, ever, by owner
 }
 
 // Peer is one other member and, while it is a WireGuard peer, its tunnel.
@@ -270,7 +271,7 @@ type stateCollector struct {
 	vips, conflicts                      *prometheus.Desc
 	gossipMembers, gossipErrors, refused *prometheus.Desc
 	cacheUnclaimed, cacheQueued, problem *prometheus.Desc
-	cacheMax, recordsRefused             *prometheus.Desc
+	cacheMax, recordsRefused, overCap    *prometheus.Desc
 }
 
 func newStateCollector(src Source) *stateCollector {
@@ -294,6 +295,8 @@ func newStateCollector(src Source) *stateCollector {
 		cacheUnclaimed: prometheus.NewDesc("vmroam_cache_unclaimed_packets_total", "Packets the cache device read for a VIP that no migration here was taking: lost.", nil, nil),
 		cacheQueued:    prometheus.NewDesc("vmroam_cache_queued_bytes", "Packet bytes held by all the cache's queues now.", nil, nil),
 		problem:        prometheus.NewDesc("vmroam_problems", "Problems `vmroam status` reports now (a reconcile step failing, a member that cannot be a peer, a config clash).", nil, nil),
+		overCap: prometheus.NewDesc("vmroam_gossip_over_cap_total",
+			"Location records and network versions the gossip table refused beyond its caps (--max-vips, per owner), by owner; at most 64 owners named, the rest as \"(others)\".", []string{"owner"}, nil),
 		recordsRefused: prometheus.NewDesc("vmroam_records_refused", "Other hosts' location records this host refuses to follow now (their VIP is a host's address, loopback, link-local or outside --vip-prefixes), by owner.", []string{"owner"}, nil),
 	}
 }
@@ -301,7 +304,7 @@ func newStateCollector(src Source) *stateCollector {
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.peers, c.handshakeAge, c.peerRx, c.peerTx, c.peerState, c.checkFailures,
 		c.vips, c.conflicts, c.gossipMembers, c.gossipErrors, c.refused, c.cacheUnclaimed, c.cacheQueued, c.cacheMax, c.problem,
-		c.recordsRefused} {
+		c.recordsRefused, c.overCap} {
 		ch <- d
 	}
 }
@@ -372,5 +375,8 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.problem, float64(s.Problems))
 	for owner, n := range s.RecordsRefused {
 		gauge(c.recordsRefused, float64(n), owner)
+	}
+	for owner, n := range s.OverCap {
+		counter(c.overCap, float64(n), owner)
 	}
 }

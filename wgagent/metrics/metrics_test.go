@@ -54,6 +54,7 @@ func sampleSnapshot() Snapshot {
 		Conflicts:        1,
 		Problems:         1,
 		RecordsRefused:   map[string]int{"evil": 3},
+		OverCap:          map[string]uint64{"flood": 1200},
 	}
 }
 
@@ -115,10 +116,13 @@ vmroam_problems 1
 # HELP vmroam_records_refused Other hosts' location records this host refuses to follow now (their VIP is a host's address, loopback, link-local or outside --vip-prefixes), by owner.
 # TYPE vmroam_records_refused gauge
 vmroam_records_refused{owner="evil"} 3
+# HELP vmroam_gossip_over_cap_total Location records and network versions the gossip table refused beyond its caps (--max-vips, per owner), by owner; at most 64 owners named, the rest as "(others)".
+# TYPE vmroam_gossip_over_cap_total counter
+vmroam_gossip_over_cap_total{owner="flood"} 1200
 `
 	names := []string{"vmroam_peers", "vmroam_peer_receive_bytes_total", "vmroam_peer_transmit_bytes_total", "vmroam_vips",
 		"vmroam_gossip_members", "vmroam_gossip_message_errors_total", "vmroam_cache_unclaimed_packets_total",
-		"vmroam_cache_queued_bytes", "vmroam_problems", "vmroam_records_refused"}
+		"vmroam_cache_queued_bytes", "vmroam_problems", "vmroam_records_refused", "vmroam_gossip_over_cap_total"}
 	if err := testutil.GatherAndCompare(m.Gatherer(), strings.NewReader(want), names...); err != nil {
 		t.Fatal(err)
 	}
