@@ -1,15 +1,13 @@
 // Package wgagent is the agent of one host: it keeps the WireGuard
 // interface, its peers and the host's routes equal to what the gossiped
 // cluster state asks for, repairs what others change, serves the local
-// control API, and runs the migrations of the VIPs that move through this
-// host (DESIGN.md, "Migration"). It does not start migrations: the
-// hypervisor does, and its hooks tell the agent (package xenhook, the
-// control API). Files by concern: agent.go, reconcile.go, config.go and
-// reload.go the host agent; vipstate.go the migration state machine,
-// migrate.go its controller per VIP, serve.go the old host's side of a
-// handover, arrive.go the new host's, prepare.go and offer.go the prepared
-// connection, deliver.go and fence.go delivery to the VM and the hand-back,
-// restart.go what a restart loses, history.go the records of migrations.
+// control API, and runs the migration engine (package migrate) for the
+// VIPs that move through this host, as its Host (engine.go). It does not
+// start migrations: the hypervisor does, and its hooks tell the agent
+// (package xenhook, the control API). Files by concern: agent.go,
+// reconcile.go, config.go and reload.go the host agent; engine.go the
+// engine's view of it; announced.go the wait for an arriving VM's
+// announcement; backend.go the control API.
 package wgagent
 
 import (
@@ -32,6 +30,7 @@ import (
 
 	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/migrate"
 	"github.com/vmroam/vmroam/wgagent/control"
 	"github.com/vmroam/vmroam/wgagent/filter"
 	"github.com/vmroam/vmroam/wgagent/metrics"
@@ -43,7 +42,7 @@ import (
 // Route metrics. A local VIP's route beats Xen's vif-route (metric 2) so
 // the agent, not the hotplug script, decides where the VIP goes.
 const (
-	metricLocalVIP = 1
+	metricLocalVIP = migrate.MetricLocal
 	metricOverlay  = 10
 )
 
@@ -75,13 +74,10 @@ type Agent struct {
 	budget     *cache.Budget
 	handoverLn net.Listener
 	linkStop   chan struct{}
-	bg         sync.WaitGroup // goroutines of migrations and watchers
-
-	standbyMu   sync.Mutex
-	standbyHits map[netip.Addr]bool
-
-	carrierMu    sync.Mutex
-	carrierWatch map[string]*cache.Orderer
+	bg         sync.WaitGroup // goroutines of watchers
+	// engine runs the migrations (package migrate); its tables are
+	// guarded by mu. Always there; without a cache it caches nothing.
+	engine *migrate.Engine
 	// gatewaysDone: VM interfaces given their gateway addresses, and for
 	// which families (gateway.go). a.mu.
 	gatewaysDone map[string]gatewayFamilies
@@ -97,10 +93,6 @@ type Agent struct {
 	// reconciledFrom is when the last reconcile took a.mu: a reconcile
 	// asked for before then has nothing left to do (reconcileWith).
 	reconciledFrom time.Time
-	ctls           map[netip.Addr]*vipCtl
-	history        []control.Migration
-	// timelines of the last control.MaxTimelines migrations in history.
-	timelines []keptTimeline
 	// Prefixes on a peer that should not have them (allowedIPsGrace).
 	unwanted graceTimer
 	// Peers without a WireGuard session yet, and the reconcile that
@@ -125,20 +117,6 @@ type Agent struct {
 	// saveMu serializes writing the state file (persist); it is never
 	// taken with a.mu held.
 	saveMu sync.Mutex
-
-	// Handover connections opened by Prepare, by VIP; see prepare.go.
-	prepMu   sync.Mutex
-	prepared map[netip.Addr]*preparedConn
-	// Connections accepted on the handover port that have not yet sent
-	// their request, by remote address; guarded by prepMu.
-	idleHandovers map[netip.Addr]int
-	// The accepted connections still waiting for their request, closed
-	// when the agent stops; guarded by prepMu.
-	waiting map[net.Conn]bool
-	closing bool
-	// cachingBegan is closed, and forgotten, when a VIP starts caching:
-	// it wakes the offers of prepared connections (offer.go). a.mu.
-	cachingBegan chan struct{}
 
 	// VIPs attached when announced, waiting for their VM; see
 	// announced.go. awaitMu guards awaited and awaitClosed.
@@ -172,12 +150,10 @@ type Agent struct {
 	sitesWarned string
 	// handoverPeers maps the overlay address of each current WireGuard
 	// peer to its name: only they may open a handover connection.
-	handoverPeers   atomic.Pointer[map[netip.Addr]string]
-	handoverRefused atomic.Uint64
-	handoverLogged  atomic.Int64 // unix nanoseconds of the last refusal logged
-	reloadMu        sync.Mutex   // serializes Reload
-	joinMu          sync.Mutex
-	rejoin          context.CancelFunc // restarts joinLoop with the live config
+	handoverPeers atomic.Pointer[map[netip.Addr]string]
+	reloadMu      sync.Mutex // serializes Reload
+	joinMu        sync.Mutex
+	rejoin        context.CancelFunc // restarts joinLoop with the live config
 }
 
 // New opens the WireGuard interface, the gossip member and the control
@@ -196,12 +172,9 @@ func New(cfg Config) (*Agent, error) {
 		trigger:  make(chan struct{}, 1),
 		attached: map[netip.Addr]attachment{},
 		started:  time.Now(),
-		ctls:     map[netip.Addr]*vipCtl{},
 		ready:    make(chan struct{}),
 
-		standbyHits:   map[netip.Addr]bool{},
 		refusedLogged: map[string]string{},
-		carrierWatch:  map[string]*cache.Orderer{},
 		gatewaysDone:  map[string]gatewayFamilies{},
 		linkStop:      make(chan struct{}),
 	}
@@ -282,6 +255,7 @@ func New(cfg Config) (*Agent, error) {
 	} else {
 		a.log.Warn("migration cache off (--cache=false): packets for a moving VM are lost until it is reachable at its new host")
 	}
+	a.engine = a.newEngine()
 
 	if a.xenPath, err = xenstorePath(cfg.Xenstore); err != nil {
 		return nil, err
@@ -325,7 +299,7 @@ func New(cfg Config) (*Agent, error) {
 	for _, at := range st.Attachments {
 		a.attached[at.VIP] = at
 		if at.Dev != "" {
-			a.restoreCtlLocked(at)
+			a.engine.RestoreLocked(at.VIP, at.Dev)
 		}
 		a.cluster.Assert(gossip.Record{VIP: at.VIP, Owner: cfg.Name, Epoch: at.Epoch})
 	}
@@ -364,8 +338,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	}()
 	defer wg.Wait()
 	if a.handoverLn != nil {
-		a.bg.Add(2)
-		go a.serveHandovers(a.handoverLn)
+		a.engine.Serve(a.handoverLn)
+		a.bg.Add(1)
 		go a.watchLinks(a.linkStop)
 	}
 	if a.xenPath != "" {
@@ -493,19 +467,10 @@ func (a *Agent) teardown() {
 	}
 	if a.handoverLn != nil {
 		a.handoverLn.Close()
-		a.expirePrepared(true)
-		a.closeIdleHandovers()
 		close(a.linkStop)
-		a.mu.Lock()
-		for _, c := range a.ctls {
-			c.mu.Lock()
-			if c.stop != nil {
-				close(c.stop)
-				c.stop = nil
-			}
-			c.mu.Unlock()
+		if a.engine != nil {
+			a.engine.Close()
 		}
-		a.mu.Unlock()
 		a.bg.Wait()
 		a.handoverLn = nil
 	}

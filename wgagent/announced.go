@@ -139,18 +139,7 @@ func (a *Agent) awaitAnnouncement(ctx context.Context, vip netip.Addr, w *awaite
 	// The announcement that made the claim is the arrival's activation
 	// too: the delivery's own watch opened after it and would wait for
 	// another (with --activation announce, maybe forever).
-	a.mu.Lock()
-	c := a.ctls[vip]
-	a.mu.Unlock()
-	if c == nil {
-		return
-	}
-	c.mu.Lock()
-	o := c.orderer
-	c.mu.Unlock()
-	if o != nil {
-		c.activate(o, heard)
-	}
+	a.engine.Activate(vip, heard)
 }
 
 // stopAwaiting cancels a wait for vip's announcement and says whether

@@ -38,7 +38,7 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 	if ok && at.Dev != dev {
 		if at.Dev == "" {
 			a.log.Info("reserved VIP attached", "vip", vip, "dev", dev)
-			a.localCtl(vip, dev)
+			a.engine.LocalLocked(vip, dev)
 		} else {
 			a.log.Info("VIP moves to another local interface", "vip", vip, "from", at.Dev, "to", dev)
 		}
@@ -47,11 +47,7 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 		a.dirty = true
 	}
 	if ok {
-		if c := a.ctls[vip]; c != nil {
-			// A repeated hook changes nothing; a VM caught in a
-			// suspend is back where it was and gets its packets.
-			a.onLocked(c, evReattach, "attached again on this host")
-		}
+		a.engine.ReattachLocked(vip)
 	} else {
 		var r gossip.Record
 		cur, known := a.cluster.Table().Get(vip)
@@ -62,26 +58,22 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 				return control.VIP{}, err
 			}
 		}
-		if a.intercept != nil && known && cur.Owner != "" && cur.Owner != a.cfg.Name {
-			r = a.arriveLocked(vip, dev, cur)
+		if a.engine.Enabled() && known && cur.Owner != "" && cur.Owner != a.cfg.Name {
+			r = a.engine.ArriveLocked(vip, dev, cur)
 		} else {
 			var err error
 			if r, err = a.cluster.TryClaim(vip); err != nil {
 				a.mu.Unlock()
 				return control.VIP{}, badRequest("%v", err)
 			}
-			a.localCtl(vip, dev)
+			a.engine.LocalLocked(vip, dev)
 		}
 		at = attachment{VIP: vip, Dev: dev, Epoch: r.Epoch}
 		a.attached[vip] = at
 		a.dirty = true
 		a.log.Info("VIP attached", "vip", vip, "dev", dev, "epoch", r.Epoch)
 	}
-	if c := a.ctls[vip]; c != nil {
-		c.mu.Lock()
-		c.dev = dev
-		c.mu.Unlock()
-	}
+	a.engine.SetDevLocked(vip, dev)
 	a.mu.Unlock()
 	a.reconcile()
 	return a.vipStatus(vip), nil
@@ -96,7 +88,7 @@ func (b backend) Attach(_ context.Context, vip netip.Addr, dev string) (control.
 func (b backend) Detach(_ context.Context, vip netip.Addr) (control.VIP, error) {
 	a := b.a
 	vip = vip.Unmap()
-	if a.dropPrepared(vip) {
+	if a.engine.DropPrepared(vip) {
 		a.log.Info("detached before arriving: the prepared handover connection is closed", "vip", vip)
 	}
 	if a.stopAwaiting(vip) {
@@ -104,10 +96,10 @@ func (b backend) Detach(_ context.Context, vip netip.Addr) (control.VIP, error) 
 	}
 	a.mu.Lock()
 	_, ok := a.attached[vip]
-	if ok && a.ctls[vip] != nil {
+	if ok && a.engine.HasLocked(vip) {
 		// With the cache, detaching is how a hook says the VM stopped
 		// here: keep its packets for whoever claims it next.
-		err := a.suspendLocked(vip, "detached")
+		err := a.engine.SuspendLocked(vip, "detached")
 		a.mu.Unlock()
 		if err != nil {
 			return control.VIP{}, err
@@ -204,15 +196,10 @@ func (a *Agent) vipLocked(r gossip.Record) control.VIP {
 		v.State = control.VIPRefused
 		return v
 	}
-	if c := a.ctls[r.VIP]; c != nil {
-		c.mu.Lock()
-		state, dev := c.state, c.dev
-		c.mu.Unlock()
-		if state != stateLocal {
-			v.State, v.Dev = state.status(), dev
-			v.Local = state == stateHolding
-			return v
-		}
+	if state, dev := a.engine.StateLocked(r.VIP); state != "" && state != control.VIPLocal {
+		v.State, v.Dev = state, dev
+		v.Local = state == control.VIPHolding
+		return v
 	}
 	switch at, ok := a.attached[r.VIP]; {
 	case ok && r.Owner == a.cfg.Name && at.Dev == "":
@@ -300,7 +287,7 @@ func (b backend) Status(context.Context) (control.Status, error) {
 	st.Problems = slices.Clone(a.problems)
 	st.RefusedRecords = refusedStatus(a.refusedLocked())
 	st.Networks = a.networksStatus()
-	st.Migrations = a.migrationsLocked()
+	st.Migrations = a.engine.MigrationsLocked()
 	if a.intercept != nil {
 		st.CacheUnclaimed = a.intercept.Unclaimed()
 	}
@@ -316,62 +303,26 @@ func (b backend) Status(context.Context) (control.Status, error) {
 	st.Gossip = control.Gossip{Members: gs.Members, Encrypted: len(a.cfg.GossipKeys) > 0, DroppedMessages: gs.DroppedMessages, DroppedMeta: gs.DroppedMeta, Refused: gs.Refused, PeerAllowlist: a.allow != nil}
 	st.Gossip.Records, _ = a.cluster.Table().Size()
 	st.Gossip.MaxRecords, st.Gossip.OverCap = a.cluster.Table().Limits().Records, a.cluster.Table().OverCap()
-	st.HandoverRefused = a.handoverRefused.Load()
+	st.HandoverRefused = a.engine.Refused()
 	st.Config = a.configStatus()
 	return st, nil
 }
 
-// migrationsLocked lists finished migrations and those under way. a.mu held.
-func (a *Agent) migrationsLocked() []control.Migration {
-	out := slices.Clone(a.history)
-	for _, c := range a.ctls {
-		c.mu.Lock()
-		if c.rec.VIP != "" {
-			out = append(out, c.liveRecordLocked())
-		}
-		c.mu.Unlock()
-	}
-	if out == nil {
-		out = []control.Migration{}
-	}
-	return out
-}
-
-// liveRecordLocked is the record of c's migration under way, with the
-// counters as they stand. c.mu held.
-func (c *vipCtl) liveRecordLocked() control.Migration {
-	m := c.rec
-	m.State = c.state.status()
-	if c.queue != nil {
-		qs := c.queue.Stats()
-		if c.source {
-			m.Cached, m.CachedBytes = qs.Packets, qs.Bytes
-		} else {
-			m.Held = qs.Packets
-		}
-		m.Dropped = map[string]uint64{}
-		for r, n := range qs.Dropped {
-			m.Dropped[string(r)] = n
-		}
-	}
-	return m
-}
-
 // Suspend starts caching a local VIP's packets (`vmroam migrate suspend`).
 func (b backend) Suspend(_ context.Context, vip netip.Addr) (control.VIP, error) {
-	return b.migrateOp(vip, func(v netip.Addr) error { return b.a.suspendLocked(v, "migrate suspend") })
+	return b.migrateOp(vip, func(v netip.Addr) error { return b.a.engine.SuspendLocked(v, "migrate suspend") })
 }
 
 // Abort delivers a caching VIP's queue to its VM here (`vmroam migrate abort`).
 func (b backend) Abort(_ context.Context, vip netip.Addr) (control.VIP, error) {
-	return b.migrateOp(vip, func(v netip.Addr) error { return b.a.abortLocked(v, "migrate abort") })
+	return b.migrateOp(vip, func(v netip.Addr) error { return b.a.engine.AbortLocked(v, "migrate abort") })
 }
 
 // migrateOp runs a migrate command under the agent's lock, then reconciles.
 func (b backend) migrateOp(vip netip.Addr, op func(netip.Addr) error) (control.VIP, error) {
 	a := b.a
-	if a.intercept == nil {
-		return control.VIP{}, badRequest("the migration cache is off (--cache=false)")
+	if !a.engine.Enabled() {
+		return control.VIP{}, errCacheOff
 	}
 	vip = vip.Unmap()
 	a.mu.Lock()
@@ -382,4 +333,36 @@ func (b backend) migrateOp(vip netip.Addr, op func(netip.Addr) error) (control.V
 	}
 	a.reconcile()
 	return a.vipStatus(vip), nil
+}
+
+// errCacheOff answers the commands that need the migration cache.
+var errCacheOff = badRequest("the migration cache is off (--cache=false)")
+
+// Prepare connects to the current owner of a VIP about to arrive here
+// (migrate.Engine.Prepare).
+func (b backend) Prepare(ctx context.Context, vip netip.Addr) (control.VIP, error) {
+	a := b.a
+	if !a.engine.Enabled() {
+		return control.VIP{}, errCacheOff
+	}
+	vip = vip.Unmap()
+	if !vip.Is4() && !vip.Is6() {
+		return control.VIP{}, badRequest("not an IP address")
+	}
+	if err := a.engine.Prepare(ctx, vip); err != nil {
+		return control.VIP{}, err
+	}
+	return a.vipStatus(vip), nil
+}
+
+// Migrations lists this host's side of recent migrations and those under
+// way (`vmroam migrations`).
+func (b backend) Migrations(context.Context) ([]control.Migration, error) {
+	return b.a.engine.Migrations(), nil
+}
+
+// Migration returns one migration with its timeline (`vmroam migrations
+// --json ID`).
+func (b backend) Migration(_ context.Context, id string) (control.Migration, error) {
+	return b.a.engine.Migration(id)
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/migrate"
 	"github.com/vmroam/vmroam/wgagent/control"
 	"github.com/vmroam/vmroam/wgagent/wgdev"
 )
@@ -137,20 +138,13 @@ type Config struct {
 }
 
 // Activation is what tells the new host that an arriving VM runs.
-type Activation string
+type Activation = migrate.Activation
 
 const (
-	ActivationCarrier Activation = "carrier" // carrier on its interface
-	// ActivationAnnounce: a gratuitous ARP, RARP or unsolicited neighbour
-	// advertisement from the VM; for interfaces with carrier before the
-	// VM runs.
-	ActivationAnnounce Activation = "announce"
-	ActivationAny      Activation = "any" // whichever comes first
+	ActivationCarrier  = migrate.ActivationCarrier
+	ActivationAnnounce = migrate.ActivationAnnounce
+	ActivationAny      = migrate.ActivationAny
 )
-
-func (a Activation) valid() bool {
-	return a == ActivationCarrier || a == ActivationAnnounce || a == ActivationAny
-}
 
 // NetworkConfig is a virtual network declared in the config.
 type NetworkConfig struct {
@@ -261,7 +255,7 @@ func (c *Config) Validate() error {
 			add("--cache-linger and --cache-settle must not be negative")
 		}
 	}
-	if !c.Activation.valid() {
+	if !c.Activation.Valid() {
 		add("--activation %q: want carrier, announce or any", c.Activation)
 	}
 	if c.TrustedSite && c.Site == "" {

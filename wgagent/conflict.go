@@ -29,16 +29,6 @@ func (a *Agent) conflictProblems(problem func(format string, args ...any)) {
 // takes the VIP's controller away, so that the VIP is dropped as any VIP
 // another host owns instead of cached for a handover nobody will ask
 // for. a.mu held.
-func (a *Agent) lostTieLocked(c *vipCtl, r gossip.Record, at attachment) bool {
-	if r.Epoch != at.Epoch {
-		return false
-	}
-	c.mu.Lock()
-	local := c.state == stateLocal
-	c.mu.Unlock()
-	if !local {
-		return false
-	}
-	a.forgetCtlLocked(c)
-	return true
+func (a *Agent) lostTieLocked(r gossip.Record, at attachment) bool {
+	return r.Epoch == at.Epoch && a.engine.ForgetIfLocalLocked(r.VIP)
 }

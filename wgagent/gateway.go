@@ -11,6 +11,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/vmroam/vmroam/migrate"
 	"github.com/vmroam/vmroam/wgagent/metrics"
 )
 
@@ -50,12 +51,8 @@ func (a *Agent) gatewayDevsLocked() map[string]gatewayFamilies {
 	for vip, at := range a.attached {
 		add(at.Dev, vip)
 	}
-	for vip, c := range a.ctls {
-		c.mu.Lock()
-		if c.state == stateHolding {
-			add(c.dev, vip)
-		}
-		c.mu.Unlock()
+	for vip, dev := range a.engine.HoldingDevsLocked() {
+		add(dev, vip)
 	}
 	a.awaitMu.Lock()
 	for vip, w := range a.awaited {
@@ -132,7 +129,7 @@ func ensureGateway(dev string, f gatewayFamilies) (added string, err error) {
 		return nil
 	}
 	if f.v4 {
-		if err := want(anycastGateway, 32, netlink.FAMILY_V4, 0); err != nil {
+		if err := want(migrate.AnycastGateway, 32, netlink.FAMILY_V4, 0); err != nil {
 			return "", err
 		}
 		// The VM asks for addresses of other VMs and hosts too (a guest

@@ -16,6 +16,7 @@ import (
 
 	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
+	"github.com/vmroam/vmroam/migrate"
 	"github.com/vmroam/vmroam/wgagent/metrics"
 	"github.com/vmroam/vmroam/wgagent/route"
 )
@@ -90,11 +91,10 @@ func (a *Agent) reconcileWith(verify bool, asked time.Time) {
 	records, refused := followedRecords(records, a.cfg.Name, a.claimRules(members))
 	a.noteRefusedLocked(refused, problem)
 	a.reconcileOwnership(records)
-	a.expirePrepared(false)
+	a.engine.ExpirePrepared()
 	a.rememberPeers(members)
 	if a.intercept != nil {
-		a.reconcileMigrationsLocked()
-		a.clearRestartLossLocked()
+		a.engine.ReconcileLocked()
 		a.learnMACsLocked()
 		a.followXenDomainsLocked()
 	}
@@ -179,10 +179,10 @@ func (a *Agent) reconcileOwnership(records []gossip.Record) {
 			// Not merged yet (cannot happen after Claim or Assert); keep it.
 			continue
 		}
-		if c, moving := a.ctls[vip]; moving && r.Owner != "" && !a.lostTieLocked(c, r, at) {
+		if a.engine.HasLocked(vip) && r.Owner != "" && !a.lostTieLocked(r, at) {
 			// The VM moved: cache its packets until the new owner asks
 			// for them (or the cache's max age passes).
-			a.suspendLocked(vip, "claimed by "+r.Owner)
+			a.engine.SuspendLocked(vip, "claimed by "+r.Owner)
 			continue
 		}
 		if r.Owner == "" {
@@ -489,20 +489,8 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 	overlay := a.cfg.Address.Masked()
 	routes = []route.Route{{Dst: overlay, Dev: wg, Metric: metricOverlay}}
 	overLAN = map[netip.Addr]bool{}
-	diverted := map[netip.Addr]bool{}
-	for vip, c := range a.ctls {
-		c.mu.Lock()
-		switch {
-		case c.state == stateLocal || c.undiverted:
-		case c.fenceVia.IsValid():
-			diverted[vip] = true
-			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: c.dev, Via: c.fenceVia, Metric: divertMetric(vip)})
-		default:
-			diverted[vip] = true
-			routes = append(routes, route.Route{Dst: hostPrefix(vip), Dev: a.cacheDev, Metric: divertMetric(vip)})
-		}
-		c.mu.Unlock()
-	}
+	diversions, diverted := a.engine.RoutesLocked()
+	routes = append(routes, diversions...)
 	for _, r := range records {
 		switch {
 		case diverted[r.VIP]:
@@ -510,7 +498,7 @@ func (a *Agent) wantRoutes(records []gossip.Record, lan map[string]route.Route) 
 			if at, ok := a.attached[r.VIP]; ok && at.Dev != "" {
 				routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: at.Dev, Metric: metricLocalVIP})
 				if a.cacheDev != "" {
-					routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: a.cacheDev, Metric: metricStandby})
+					routes = append(routes, route.Route{Dst: hostPrefix(r.VIP), Dev: a.cacheDev, Metric: migrate.MetricStandby})
 				}
 			}
 		case r.Owner != "" && lan[r.Owner].Dev != "":

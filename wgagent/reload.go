@@ -234,7 +234,8 @@ func (a *Agent) configStatus() *control.Config {
 		st.Networks = append(st.Networks, n.String())
 	}
 	if !lc.reloaded.IsZero() {
-		st.Reloaded = timePtr(lc.reloaded)
+		reloaded := lc.reloaded
+		st.Reloaded = &reloaded
 	}
 	return st
 }

@@ -54,7 +54,7 @@ func (x xenEvents) Suspending(domid int, name string) {
 		a.mu.Lock()
 		vips := a.domainVIPsLocked()[domid]
 		for _, vip := range vips {
-			if err := a.suspendLocked(vip, "xenstore: domain "+name+" asked to suspend"); err != nil {
+			if err := a.engine.SuspendLocked(vip, "xenstore: domain "+name+" asked to suspend"); err != nil {
 				a.log.Warn("xenstore suspend", "vip", vip, "domid", domid, "err", err)
 			}
 		}

@@ -1,4 +1,4 @@
-package wgagent
+package migrate
 
 import (
 	"context"
@@ -12,8 +12,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
-
 	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/gossip"
 	"github.com/vmroam/vmroam/wgagent/control"
@@ -21,11 +19,12 @@ import (
 	"github.com/vmroam/vmroam/wgagent/route"
 )
 
-// arriveLocked handles `vip attach` of a VIP another host owns: claim it,
-// hold its packets here, ask the old owner for its cache, deliver once the
-// VM's interface is up. Called with a.mu held; returns the new record.
-func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) gossip.Record {
-	if prev := a.ctls[vip]; prev != nil {
+// ArriveLocked handles `vip attach` of a VIP another host owns (old is
+// its record): claim it, hold its packets here, ask the old owner for its
+// cache, deliver once the VM's interface is up. Agent lock held; returns
+// the new record.
+func (e *Engine) ArriveLocked(vip netip.Addr, dev string, old gossip.Record) gossip.Record {
+	if prev := e.ctls[vip]; prev != nil {
 		prev.mu.Lock()
 		if _, act := prev.stepLocked(evArrive); act == actHold && prev.stop != nil {
 			// Back here while the move away still forwards stragglers:
@@ -39,24 +38,24 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 	// to the cache device, so none arrives without a sink.
 	holding, _ := step(vipPhase{state: stateNone}, evArrive)
 	tl := cache.NewTimeline(time.Now()) // from before the first held packet
-	c := a.addCtlLocked(vip, dev, holding)
+	c := e.addCtlLocked(vip, dev, holding)
 	// Divert before claiming: senders switch to this host as soon as the
 	// claim reaches them, and what they send must be held here, not
 	// routed back to the old owner through the tunnel.
-	if err := a.routes.Add(route.Route{Dst: hostPrefix(vip), Dev: a.intercept.Name(), Metric: divertMetric(vip)}); err != nil {
-		a.log.Warn("holding route", "vip", vip, "err", err)
+	if err := e.host.AddRoute(route.Route{Dst: hostPrefix(vip), Dev: e.dev.Name(), Metric: divertMetric(vip)}); err != nil {
+		e.log.Warn("holding route", "vip", vip, "err", err)
 	}
-	r := a.cluster.Claim(vip)
+	r := e.host.Claim(vip)
 	claimed := time.Now()
-	if old.Owner != "" && old.Owner != a.cfg.Name {
+	if old.Owner != "" && old.Owner != e.cfg.Name {
 		// The old owner streams only once its table names us: tell it
 		// now rather than at the next gossip round.
-		if err := a.cluster.Tell(old.Owner, r); err != nil {
-			a.log.Debug("claim not told to the old owner directly; gossip carries it", "vip", vip, "to", old.Owner, "err", err)
+		if err := e.host.Tell(old.Owner, r); err != nil {
+			e.log.Debug("claim not told to the old owner directly; gossip carries it", "vip", vip, "to", old.Owner, "err", err)
 		}
 	}
-	req := cache.Request{VIP: vip, Epoch: r.Epoch, Claimer: a.cfg.Name, Ticks: true}
-	pc := a.takePrepared(vip, old.Owner)
+	req := cache.Request{VIP: vip, Epoch: r.Epoch, Claimer: e.cfg.Name, Ticks: true}
+	pc := e.takePrepared(vip, old.Owner)
 	var stream *cache.Queue
 	var offer cache.Offer
 	if pc != nil {
@@ -66,7 +65,7 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 		// 1-4 ms for a CPU, a tenth of the whole handover across a WAN.
 		pc.ask(req)
 	} else {
-		stream = a.newQueue()
+		stream = e.newQueue()
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -75,17 +74,17 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 	}
 	c.started = claimed
 	c.source = false
-	c.rec = control.Migration{ID: a.migrationIDLocked(vip, old.Epoch), VIP: vip.String(), From: old.Owner, To: a.cfg.Name, Epoch: r.Epoch, Claim: timePtr(c.started), Role: metrics.RoleDestination}
-	a.metrics.MigrationStarted(metrics.RoleDestination)
+	c.rec = control.Migration{ID: e.migrationIDLocked(vip, old.Epoch), VIP: vip.String(), From: old.Owner, To: e.cfg.Name, Epoch: r.Epoch, Claim: timePtr(c.started), Role: metrics.RoleDestination}
+	e.cfg.Metrics.MigrationStarted(metrics.RoleDestination)
 	c.tl = tl
 	// c.queue has held what arrived since the holding route went in.
-	a.startDeliveryLocked(c, stream, c.queue, false)
+	e.startDeliveryLocked(c, stream, c.queue, false)
 	o, stop := c.orderer, c.stop
-	a.log.Info("VM arriving: holding its packets and asking the old host for its cache", "vip", vip, "from", old.Owner, "epoch", r.Epoch, "copies_here", stream.Len())
-	a.bg.Add(1)
+	e.log.Info("VM arriving: holding its packets and asking the old host for its cache", "vip", vip, "from", old.Owner, "epoch", r.Epoch, "copies_here", stream.Len())
+	e.bg.Add(1)
 	go func() {
-		defer a.bg.Done()
-		a.fetchHandover(c, old.Owner, req, pc, stream, o, stop)
+		defer e.bg.Done()
+		e.fetchHandover(c, old.Owner, req, pc, stream, o, stop)
 	}()
 	return r
 }
@@ -93,10 +92,10 @@ func (a *Agent) arriveLocked(vip netip.Addr, dev string, old gossip.Record) goss
 // fetchHandover asks the old owner for its cache, on the prepared
 // connection pc if there is one (req already sent on it), and feeds the
 // stream queue (fetch.run).
-func (a *Agent) fetchHandover(c *vipCtl, from string, req cache.Request, pc *preparedConn, stream *cache.Queue, o *cache.Orderer, stop chan struct{}) {
+func (e *Engine) fetchHandover(c *vipCtl, from string, req cache.Request, pc *preparedConn, stream *cache.Queue, o *cache.Orderer, stop chan struct{}) {
 	f := &fetch{c: c, from: from, req: req, pc: pc, stream: stream, o: o, stop: stop,
-		settle: a.live().CacheSettle, log: a.log,
-		connect: func() (net.Conn, time.Duration) { return a.connectHandover(c, from, stop) }}
+		settle: e.live().Settle, log: e.log,
+		connect: func() (net.Conn, time.Duration) { return e.connectHandover(c, from, stop) }}
 	f.run()
 }
 
@@ -111,7 +110,7 @@ type fetch struct {
 	stream *cache.Queue
 	o      *cache.Orderer
 	stop   chan struct{} // closed: the migration no longer wants the cache
-	settle time.Duration // Config.CacheSettle, the least settle
+	settle time.Duration // Tunables.Settle, the least settle
 	log    *slog.Logger
 	// connect connects to the old owner's handover port, retrying until
 	// it gives up (nil) or stop closes; it returns the connect's round trip.
@@ -251,63 +250,37 @@ func (f *fetch) run() {
 	}
 }
 
-// tunnelState describes this host's WireGuard peer for a member, for a log
-// line: when a handover cannot connect, whether the tunnel has a session
-// and moves bytes tells a tunnel problem from a listener's.
-func (a *Agent) tunnelState(member string) string {
-	m, ok := a.member(member)
-	if !ok || m.MetaErr != nil {
-		return "no such member"
-	}
-	key := wgtypes.Key(m.Meta.PublicKey)
-	dev, err := a.dev.State()
-	if err != nil {
-		return err.Error()
-	}
-	for _, p := range dev.Peers {
-		if p.PublicKey != key {
-			continue
-		}
-		hs := "none"
-		if !p.LastHandshakeTime.IsZero() {
-			hs = time.Since(p.LastHandshakeTime).Round(time.Millisecond).String() + " ago"
-		}
-		return fmt.Sprintf("endpoint %v, last handshake %s, rx %d B, tx %d B, allowed %v", p.Endpoint, hs, p.ReceiveBytes, p.TransmitBytes, p.AllowedIPs)
-	}
-	return "no WireGuard peer"
-}
-
 // connectHandover connects to the old owner's handover port, retrying
 // until it answers, stops being alive, the cache's age limit passes or
 // stop closes; nil if it gave up.
-func (a *Agent) connectHandover(c *vipCtl, from string, stop chan struct{}) (net.Conn, time.Duration) {
-	deadline := time.Now().Add(a.live().CacheLimits.MaxAge)
+func (e *Engine) connectHandover(c *vipCtl, from string, stop chan struct{}) (net.Conn, time.Duration) {
+	deadline := time.Now().Add(e.live().Limits.MaxAge)
 	var warned time.Time // held packets wait: say why, every few seconds
 	for attempt := 1; ; attempt++ {
 		// Short attempts: a lost SYN is retried by a new dial sooner than
 		// by TCP's own 1 s backoff.
-		conn, rtt, err := a.dialHandover(context.Background(), from, 300*time.Millisecond)
+		conn, rtt, err := e.host.Dial(context.Background(), from, 300*time.Millisecond)
 		if err == nil {
 			lv := slog.LevelDebug
 			if time.Since(c.started) > time.Second {
 				lv = slog.LevelWarn // worth knowing: every held packet waits
 			}
-			a.log.Log(context.Background(), lv, "handover: connected", "vip", c.vip, "from", from, "after", time.Since(c.started))
+			e.log.Log(context.Background(), lv, "handover: connected", "vip", c.vip, "from", from, "after", time.Since(c.started))
 			return conn, rtt
 		}
-		if errors.Is(err, errNotAlive) {
-			a.log.Warn("old owner is not alive: delivering what is held without its cache", "vip", c.vip, "from", from)
+		if errors.Is(err, ErrNotAlive) {
+			e.log.Warn("old owner is not alive: delivering what is held without its cache", "vip", c.vip, "from", from)
 			return nil, 0
 		}
 		if waited := time.Since(c.started); waited > time.Second && time.Since(warned) > 3*time.Second {
 			warned = time.Now()
-			a.log.Warn("handover: cannot connect to the old host yet; its VM's packets are held here", "vip", c.vip, "from", from,
-				"waited", waited.Round(time.Millisecond), "attempts", attempt, "err", err, "tunnel", a.tunnelState(from))
+			e.log.Warn("handover: cannot connect to the old host yet; its VM's packets are held here", "vip", c.vip, "from", from,
+				"waited", waited.Round(time.Millisecond), "attempts", attempt, "err", err, "tunnel", e.host.TunnelState(from))
 		} else {
-			a.log.Debug("handover: connect", "vip", c.vip, "from", from, "err", err)
+			e.log.Debug("handover: connect", "vip", c.vip, "from", from, "err", err)
 		}
 		if time.Now().After(deadline) {
-			a.log.Error("handover: old owner unreachable; its cache is lost", "vip", c.vip, "from", from, "err", err)
+			e.log.Error("handover: old owner unreachable; its cache is lost", "vip", c.vip, "from", from, "err", err)
 			return nil, 0
 		}
 		select {
@@ -316,23 +289,6 @@ func (a *Agent) connectHandover(c *vipCtl, from string, stop chan struct{}) (net
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-}
-
-// member returns the gossip member called name.
-func (a *Agent) member(name string) (gossip.Member, bool) {
-	for _, m := range a.cluster.Members() {
-		if m.Name == name {
-			return m, true
-		}
-	}
-	return gossip.Member{}, false
-}
-
-// memberOverlay returns the overlay address of the member called name, and
-// whether it is alive with readable metadata.
-func (a *Agent) memberOverlay(name string) (netip.Addr, bool) {
-	m, ok := a.member(name)
-	return m.Meta.Address, ok && m.MetaErr == nil && m.State == gossip.MemberAlive
 }
 
 // A dead or cut-off old host must not keep a destination holding forever:

@@ -1,6 +1,7 @@
-package wgagent
+package migrate
 
 import (
+	"net/netip"
 	"time"
 
 	"github.com/vmroam/vmroam/cache"
@@ -15,21 +16,22 @@ import (
 // is refused: the new owner then reports the old host's cache lost
 // (Migration.CacheLost) and delivers what it holds.
 
-// restoreCtlLocked creates the controller of an attachment restored from
-// the data dir at start. a.mu held (or the agent not yet running).
-func (a *Agent) restoreCtlLocked(at attachment) {
-	c := a.localCtl(at.VIP, at.Dev)
-	if c != nil && !hasCarrier(at.Dev) {
+// RestoreLocked creates the controller of an attachment of vip behind dev
+// restored from the data dir at start. Agent lock held (or the agent not
+// yet running).
+func (e *Engine) RestoreLocked(vip netip.Addr, dev string) {
+	c := e.localCtl(vip, dev)
+	if c != nil && !e.links.Carrier(dev) {
 		c.lostInRestart = true
 	}
 }
 
 // clearRestartLossLocked unmarks restored controllers whose VM runs here
-// again: a later move of it starts with a whole cache. a.mu held.
-func (a *Agent) clearRestartLossLocked() {
-	for _, c := range a.ctls {
+// again: a later move of it starts with a whole cache. agent lock held.
+func (e *Engine) clearRestartLossLocked() {
+	for _, c := range e.ctls {
 		c.mu.Lock()
-		if c.lostInRestart && c.state == stateLocal && hasCarrier(c.dev) {
+		if c.lostInRestart && c.state == stateLocal && e.links.Carrier(c.dev) {
 			c.lostInRestart = false
 		}
 		c.mu.Unlock()
@@ -38,8 +40,8 @@ func (a *Agent) clearRestartLossLocked() {
 
 // dropLostInRestartLocked reports whether c, asked for by req, lost its
 // cache in a restart; it then drops what c cached since, gives the VIP up
-// to the claimer and forgets c. a.mu held, c.mu not.
-func (a *Agent) dropLostInRestartLocked(c *vipCtl, req cache.Request) bool {
+// to the claimer and forgets c. agent lock held, c.mu not.
+func (e *Engine) dropLostInRestartLocked(c *vipCtl, req cache.Request) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.lostInRestart {
@@ -52,12 +54,12 @@ func (a *Agent) dropLostInRestartLocked(c *vipCtl, req cache.Request) bool {
 		qs := c.queue.Stats()
 		c.rec.Cached, c.rec.CachedBytes = qs.Packets, qs.Bytes
 		c.rec.Dropped = dropMap(qs, nil)
-		a.finishLocked(c, migrationQueues{cache: c.queue})
+		e.finishLocked(c, migrationQueues{cache: c.queue})
 	}
 	c.state = stateNone
-	a.forgetCtlLocked(c)
-	a.disownLocked(c.vip, gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
-	a.log.Error("handover refused: this VIP's cache was lost when this agent restarted; the new owner delivers what it holds",
+	e.forgetCtlLocked(c)
+	e.host.Disown(c.vip, gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
+	e.log.Error("handover refused: this VIP's cache was lost when this agent restarted; the new owner delivers what it holds",
 		"vip", c.vip, "claimer", req.Claimer, "dropped_since_restart", n)
 	return true
 }

@@ -1,4 +1,4 @@
-package wgagent
+package migrate
 
 import (
 	"fmt"
@@ -8,7 +8,7 @@ import (
 
 // The migration state machine of one VIP on this host. It is a pure
 // function, step, so that every order of events can be tested without a
-// network (vipstate_test.go); migrate.go feeds it the events and performs
+// network (step_test.go); ctl.go feeds it the events and performs
 // the actions it returns.
 //
 //	            suspend, carrier lost                 claim

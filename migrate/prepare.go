@@ -1,4 +1,4 @@
-package wgagent
+package migrate
 
 import (
 	"context"
@@ -6,14 +6,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strconv"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/vmroam/vmroam/cache"
-	"github.com/vmroam/vmroam/wgagent/control"
 )
 
 // A prepared handover connection is opened when a hypervisor says a VM is
@@ -54,7 +52,7 @@ type preparedConn struct {
 // once unless the connection is broken.
 const askTimeout = 100 * time.Millisecond
 
-// ask sends req on the prepared connection, with a.mu held: the claim's
+// ask sends req on the prepared connection, with the agent lock held: the claim's
 // request goes out before anything else the claim sets off competes for
 // the CPU. A failure is kept for fetchHandover, which connects anew.
 func (pc *preparedConn) ask(req cache.Request) {
@@ -64,98 +62,96 @@ func (pc *preparedConn) ask(req cache.Request) {
 	pc.conn.SetWriteDeadline(time.Time{})
 }
 
-// Prepare connects to the current owner of a VIP about to arrive here.
-func (b backend) Prepare(ctx context.Context, vip netip.Addr) (control.VIP, error) {
-	a := b.a
-	if a.intercept == nil {
-		return control.VIP{}, badRequest("the migration cache is off (--cache=false)")
-	}
-	vip = vip.Unmap()
-	if !vip.Is4() && !vip.Is6() {
-		return control.VIP{}, badRequest("not an IP address")
-	}
-	r, ok := a.cluster.Table().Get(vip)
-	if !ok || r.Owner == "" || r.Owner == a.cfg.Name {
+// Prepare connects to the current owner of vip, a VIP about to arrive
+// here. The cache must be on.
+func (e *Engine) Prepare(ctx context.Context, vip netip.Addr) error {
+	r, ok := e.host.Record(vip)
+	if !ok || r.Owner == "" || r.Owner == e.cfg.Name {
 		// Nothing to fetch: a new VIP, a released one, or one already here.
-		return a.vipStatus(vip), nil
+		return nil
 	}
-	a.prepMu.Lock()
-	pc := a.prepared[vip]
-	a.prepMu.Unlock()
+	e.prepMu.Lock()
+	pc := e.prepared[vip]
+	e.prepMu.Unlock()
 	if pc != nil && pc.from == r.Owner && !pc.preview.Ended() {
-		return a.vipStatus(vip), nil
+		return nil
 	}
-	conn, rtt, err := a.dialHandover(ctx, r.Owner, time.Second)
+	conn, rtt, err := e.host.Dial(ctx, r.Owner, time.Second)
 	if err != nil {
 		// Not fatal for the VM: the claim connects again.
-		return control.VIP{}, fmt.Errorf("prepare %s: connect to its host %s: %w", vip, r.Owner, err)
+		return fmt.Errorf("prepare %s: connect to its host %s: %w", vip, r.Owner, err)
 	}
 	if err := setUserTimeout(conn, prepareUserTimeout); err != nil {
-		a.log.Debug("prepare: TCP_USER_TIMEOUT", "err", err)
+		e.log.Debug("prepare: TCP_USER_TIMEOUT", "err", err)
 	}
 	// Say what for: the owner sends copies of the VIP's cache ahead.
 	conn.SetWriteDeadline(time.Now().Add(askTimeout))
 	w := cache.NewWriter(conn)
-	if err := errors.Join(w.Prepare(cache.Prepare{VIP: vip, Claimer: a.cfg.Name}), w.Flush()); err != nil {
+	if err := errors.Join(w.Prepare(cache.Prepare{VIP: vip, Claimer: e.cfg.Name}), w.Flush()); err != nil {
 		conn.Close()
-		return control.VIP{}, fmt.Errorf("prepare %s: write to its host %s: %w", vip, r.Owner, err)
+		return fmt.Errorf("prepare %s: write to its host %s: %w", vip, r.Owner, err)
 	}
 	conn.SetWriteDeadline(time.Time{})
-	if now, _ := a.cluster.Table().Get(vip); now.Owner != r.Owner || now.Epoch != r.Epoch {
+	if now, _ := e.host.Record(vip); now.Owner != r.Owner || now.Epoch != r.Epoch {
 		// Claimed while we dialed: Xen's vif hotplug hook (the claim)
 		// races the xenstore watch that prepares. Kept, the connection
 		// would idle at the old owner until prepareTTL.
 		conn.Close()
-		a.log.Debug("prepare: the VIP moved while connecting; not kept", "vip", vip, "owner", now.Owner, "epoch", now.Epoch)
-		return a.vipStatus(vip), nil
+		e.log.Debug("prepare: the VIP moved while connecting; not kept", "vip", vip, "owner", now.Owner, "epoch", now.Epoch)
+		return nil
 	}
-	a.prepMu.Lock()
-	if old := a.prepared[vip]; old != nil {
+	e.prepMu.Lock()
+	if e.closing {
+		e.prepMu.Unlock()
+		conn.Close()
+		return errors.New("the agent is stopping")
+	}
+	if old := e.prepared[vip]; old != nil {
 		old.conn.Close()
 	}
-	if a.prepared == nil {
-		a.prepared = map[netip.Addr]*preparedConn{}
+	if e.prepared == nil {
+		e.prepared = map[netip.Addr]*preparedConn{}
 	}
 	// The claim bounds reading (fetchHandover); until then expirePrepared
 	// closes it.
 	conn = newIdleConn(conn, prepareTTL+time.Minute)
-	pc = &preparedConn{from: r.Owner, conn: conn, dialRTT: rtt, at: time.Now(), preview: cache.NewPreview(conn, a.newQueue)}
-	a.prepared[vip] = pc
-	a.bg.Add(1)
+	pc = &preparedConn{from: r.Owner, conn: conn, dialRTT: rtt, at: time.Now(), preview: cache.NewPreview(conn, e.newQueue)}
+	e.prepared[vip] = pc
+	e.bg.Add(1)
 	go func() {
-		defer a.bg.Done()
+		defer e.bg.Done()
 		pc.preview.Run()
 		if _, _, _, err := pc.preview.Await(); err != nil {
-			a.log.Debug("prepared connection ended", "vip", vip, "owner", pc.from, "err", err)
+			e.log.Debug("prepared connection ended", "vip", vip, "owner", pc.from, "err", err)
 		}
 	}()
-	a.prepMu.Unlock()
-	a.log.Info("prepared for an arriving VM: connected to its host", "vip", vip, "owner", r.Owner, "rtt", rtt)
-	return a.vipStatus(vip), nil
+	e.prepMu.Unlock()
+	e.log.Info("prepared for an arriving VM: connected to its host", "vip", vip, "owner", r.Owner, "rtt", rtt)
+	return nil
 }
 
 // closeIdleHandovers closes the accepted connections still waiting for a
 // request (Prepare's, from other hosts), so that stopping does not wait
 // for them, and refuses new ones.
-func (a *Agent) closeIdleHandovers() {
-	a.prepMu.Lock()
-	defer a.prepMu.Unlock()
-	a.closing = true
-	for c := range a.waiting {
+func (e *Engine) closeIdleHandovers() {
+	e.prepMu.Lock()
+	defer e.prepMu.Unlock()
+	e.closing = true
+	for c := range e.waiting {
 		c.Close()
 	}
 }
 
 // takePrepared returns the prepared connection for vip to from, if any,
 // and forgets it.
-func (a *Agent) takePrepared(vip netip.Addr, from string) *preparedConn {
-	a.prepMu.Lock()
-	defer a.prepMu.Unlock()
-	pc := a.prepared[vip]
+func (e *Engine) takePrepared(vip netip.Addr, from string) *preparedConn {
+	e.prepMu.Lock()
+	defer e.prepMu.Unlock()
+	pc := e.prepared[vip]
 	if pc == nil {
 		return nil
 	}
-	delete(a.prepared, vip)
+	delete(e.prepared, vip)
 	if pc.from != from {
 		pc.conn.Close()
 		return nil
@@ -163,50 +159,35 @@ func (a *Agent) takePrepared(vip netip.Addr, from string) *preparedConn {
 	return pc
 }
 
-// dropPrepared closes and forgets the prepared connection for vip, if
+// DropPrepared closes and forgets the prepared connection for vip, if
 // any, and says whether there was one.
-func (a *Agent) dropPrepared(vip netip.Addr) bool {
-	a.prepMu.Lock()
-	defer a.prepMu.Unlock()
-	pc := a.prepared[vip]
+func (e *Engine) DropPrepared(vip netip.Addr) bool {
+	e.prepMu.Lock()
+	defer e.prepMu.Unlock()
+	pc := e.prepared[vip]
 	if pc == nil {
 		return false
 	}
 	pc.conn.Close()
-	delete(a.prepared, vip)
+	delete(e.prepared, vip)
 	return true
 }
 
+// ExpirePrepared closes prepared connections whose claim never came.
+func (e *Engine) ExpirePrepared() { e.expirePrepared(false) }
+
 // expirePrepared closes prepared connections whose claim never came, or
-// all of them when the agent stops (all).
-func (a *Agent) expirePrepared(all bool) {
-	a.prepMu.Lock()
-	defer a.prepMu.Unlock()
-	for vip, pc := range a.prepared {
+// all of them when the engine stops (all).
+func (e *Engine) expirePrepared(all bool) {
+	e.prepMu.Lock()
+	defer e.prepMu.Unlock()
+	for vip, pc := range e.prepared {
 		if all || time.Since(pc.at) > prepareTTL {
 			pc.conn.Close()
-			delete(a.prepared, vip)
+			delete(e.prepared, vip)
 		}
 	}
 }
-
-// dialHandover makes one attempt to connect to a member's handover port
-// and returns the connection with its round trip.
-func (a *Agent) dialHandover(ctx context.Context, member string, timeout time.Duration) (net.Conn, time.Duration, error) {
-	addr, alive := a.memberOverlay(member)
-	if !alive {
-		return nil, 0, errNotAlive
-	}
-	d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: a.cfg.Address.Addr().AsSlice()}}
-	t0 := time.Now()
-	conn, err := d.DialContext(ctx, "tcp", net.JoinHostPort(addr.String(), strconv.Itoa(a.cfg.HandoverPort)))
-	if err != nil {
-		return nil, 0, err
-	}
-	return conn, time.Since(t0), nil
-}
-
-var errNotAlive = errors.New("not an alive member")
 
 func setUserTimeout(conn net.Conn, d time.Duration) error {
 	sc, ok := conn.(syscall.Conn)

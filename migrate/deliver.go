@@ -1,4 +1,4 @@
-package wgagent
+package migrate
 
 import (
 	"context"
@@ -19,12 +19,13 @@ import (
 // startDeliveryLocked runs an orderer that writes stream (then direct)
 // packets to the VM and, once drained, hands the VIP back to the kernel.
 // The caller holds c.mu.
-func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, closed bool) {
+func (e *Engine) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, closed bool) {
 	c.state = stateHolding
 	c.stream, c.queue = stream, direct
 	c.stop = make(chan struct{})
-	write, prepareWriter, closeWriter := c.writer()
-	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: a.live().CacheSettle, Write: write, Timeline: c.tl}
+	c.deliverStop = c.stop
+	write, prepareWriter, closeWriter := c.writer(e.links)
+	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: e.live().Settle, Write: write, Timeline: c.tl}
 	c.orderer = o
 	if c.tl != nil {
 		into := cache.SeriesReceived
@@ -42,36 +43,36 @@ func (a *Agent) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clos
 	// here (abort, a route flap) runs already and needs its carrier only.
 	mode := ActivationCarrier
 	if !closed {
-		mode = a.live().Activation
+		mode = e.live().Activation
 	}
 	if mode != ActivationAnnounce {
-		o.SetCarrier(hasCarrier(c.dev))
-		a.watchCarrier(c.dev, o)
+		o.SetCarrier(e.links.Carrier(c.dev))
+		e.watchCarrier(c.dev, o)
 	}
 	if mode != ActivationCarrier {
-		a.bg.Add(1)
-		go a.watchAnnouncements(c, o, stop)
+		e.bg.Add(1)
+		go e.watchAnnouncements(c, o, stop)
 	}
-	a.bg.Add(2)
+	e.bg.Add(2)
 	go func() {
-		defer a.bg.Done()
+		defer e.bg.Done()
 		defer closeWriter() // only Run writes
 		prepareWriter()
 		if err := o.Run(stop); err != nil {
-			a.log.Error("delivering cached packets", "vip", c.vip, "err", err)
+			e.log.Error("delivering cached packets", "vip", c.vip, "err", err)
 		}
 	}()
 	go func() {
-		defer a.bg.Done()
-		a.watchDelivery(c, o, stop)
+		defer e.bg.Done()
+		e.watchDelivery(c, o, stop)
 	}()
 }
 
 // watchAnnouncements opens the gate of o when the arriving VM announces
 // itself on its interface (gratuitous ARP, RARP, unsolicited NA), until
 // stop is closed.
-func (a *Agent) watchAnnouncements(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
-	defer a.bg.Done()
+func (e *Engine) watchAnnouncements(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
+	defer e.bg.Done()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() {
@@ -84,13 +85,13 @@ func (a *Agent) watchAnnouncements(c *vipCtl, o *cache.Orderer, stop chan struct
 	c.mu.Lock()
 	dev := c.dev
 	c.mu.Unlock()
-	err := xenhook.WatchAnnouncements(ctx, dev, func(an xenhook.Announcement) {
+	err := e.links.WatchAnnouncements(ctx, dev, func(an xenhook.Announcement) {
 		if c.activate(o, an) {
-			a.log.Debug("arriving VM announced itself", "vip", c.vip, "dev", dev, "kind", an.Kind, "mac", an.MAC.String(), "ip", an.IP)
+			e.log.Debug("arriving VM announced itself", "vip", c.vip, "dev", dev, "kind", an.Kind, "mac", an.MAC.String(), "ip", an.IP)
 		}
 	})
 	if err != nil {
-		a.log.Debug("watching for the VM's announcements", "vip", c.vip, "dev", dev, "err", err)
+		e.log.Debug("watching for the VM's announcements", "vip", c.vip, "dev", dev, "err", err)
 	}
 }
 
@@ -115,8 +116,8 @@ func (c *vipCtl) activate(o *cache.Orderer, an xenhook.Announcement) (first bool
 // socket ahead of the first packet if the VM's interface is there (else
 // the first write opens it); and closeWriter, to call once no write can
 // come. All three are for the orderer's goroutine only.
-func (c *vipCtl) writer() (write func([]byte) error, prepare, closeWriter func()) {
-	var d *cache.Deliverer
+func (c *vipCtl) writer(links Links) (write func([]byte) error, prepare, closeWriter func()) {
+	var d Delivery
 	var mac net.HardwareAddr // the VM's, once known
 	open := func() error {
 		if d != nil {
@@ -126,7 +127,7 @@ func (c *vipCtl) writer() (write func([]byte) error, prepare, closeWriter func()
 		dev := c.dev
 		c.mu.Unlock()
 		var err error
-		if d, err = cache.NewDeliverer(dev); err == nil && mac != nil {
+		if d, err = links.OpenDelivery(dev); err == nil && mac != nil {
 			err = d.SetMAC(mac)
 		}
 		return err
@@ -147,13 +148,13 @@ func (c *vipCtl) writer() (write func([]byte) error, prepare, closeWriter func()
 			dev, m := c.dev, c.mac
 			c.mu.Unlock()
 			if len(m) != 6 {
-				learnt, ok := cache.NeighborMAC(dev, c.vip)
+				learnt, ok := links.NeighborMAC(dev, c.vip)
 				switch {
 				case ok:
 					m = learnt
 				case c.vip.Is4():
 					var err error
-					if m, err = cache.ResolveMAC(dev, c.vip, anycastGateway, time.Second); err != nil {
+					if m, err = links.ResolveMAC(dev, c.vip, AnycastGateway, time.Second); err != nil {
 						return err
 					}
 				default:
@@ -183,16 +184,16 @@ func (c *vipCtl) writer() (write func([]byte) error, prepare, closeWriter func()
 // watchDelivery waits until the orderer drained what the migration brought,
 // then routes the VIP to the VM directly, and stops the orderer after a
 // grace period for packets that were already on their way to the cache.
-func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
+func (e *Engine) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 	select {
 	case <-stop:
 		return
 	case <-o.Done():
 	}
 	t0 := time.Now()
-	waited, quiet, steps := a.fence(c, o)
+	waited, quiet, steps := e.fence(c, o)
 	fenced := time.Since(t0)
-	a.mu.Lock()
+	e.host.Lock()
 	c.mu.Lock()
 	st := o.Stats()
 	c.rec.Delivered, c.rec.Late = st.Delivered, st.Late
@@ -216,36 +217,24 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 	}
 	c.stepLocked(evDrained)
 	c.fenceVia = netip.Addr{}
+	c.drained = st.Delivered
 	c.mu.Unlock()
-	a.mu.Unlock()
-	a.reconcile()
+	e.host.Unlock()
+	e.host.Reconcile()
 	select {
 	case <-stop:
 	case <-time.After(300 * time.Millisecond):
 	}
-	a.mu.Lock()
+	e.host.Lock()
 	c.mu.Lock()
-	a.unwatchCarrier(c.dev, o)
-	if c.stop == stop {
-		close(stop)
-		c.stop = nil
-	}
-	if c.orderer == o {
-		c.orderer = nil
+	var after uint64
+	if c.orderer == o { // else a claim ended the delivery (onLocked)
 		// Whatever the orderer did not take goes to the new standby
 		// queue's consumer: the flap path below delivers it.
-		c.queue = a.newQueue()
-	}
-	after := o.Stats().Delivered - st.Delivered
-	c.rec.Delivered += after // as the timeline counts them
-	c.rec.Done = timePtr(time.Now())
-	if c.source { // an abort: the stream is the cache
-		a.finishLocked(c, migrationQueues{cache: o.Stream, held: o.Direct, orderer: o})
-	} else {
-		a.finishLocked(c, migrationQueues{stream: o.Stream, held: o.Direct, orderer: o})
+		after = e.endDeliveryLocked(c, true)
 	}
 	c.mu.Unlock()
-	a.mu.Unlock()
+	e.host.Unlock()
 	// Packets the cache still delivered after the hand-back were routed
 	// to it before, yet went out after newer ones the kernel sent: each
 	// is likely out of order at the VM.
@@ -253,21 +242,52 @@ func (a *Agent) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) {
 	if after > 0 || !quiet {
 		lv = slog.LevelWarn
 	}
-	a.log.Log(context.Background(), lv, "migration delivered", "vip", c.vip, "delivered", st.Delivered,
+	e.log.Log(context.Background(), lv, "migration delivered", "vip", c.vip, "delivered", st.Delivered,
 		"hand_back", fenced, "fence_wait", waited, "fence_steps", steps, "cache_quiet", quiet, "delivered_after_hand_back", after)
+}
+
+// endDeliveryLocked stops c's delivery, which has drained what the
+// migration brought, and files its migration; it returns how many packets
+// it delivered after the hand-back. With fresh, c gets a new queue; else
+// what is left in the delivery's direct queue stays c's (a claim that
+// came during the grace period streams it on). Both locks held.
+func (e *Engine) endDeliveryLocked(c *vipCtl, fresh bool) (after uint64) {
+	o := c.orderer
+	e.unwatchCarrier(c.dev, o)
+	select {
+	case <-c.deliverStop:
+	default:
+		close(c.deliverStop)
+	}
+	if c.stop == c.deliverStop {
+		c.stop = nil
+	}
+	c.orderer, c.deliverStop = nil, nil
+	if fresh {
+		c.queue = e.newQueue()
+	}
+	after = o.Stats().Delivered - c.drained
+	c.rec.Delivered += after // as the timeline counts them
+	c.rec.Done = timePtr(time.Now())
+	if c.source { // an abort: the stream is the cache
+		e.finishLocked(c, migrationQueues{cache: o.Stream, held: o.Direct, orderer: o})
+	} else {
+		e.finishLocked(c, migrationQueues{stream: o.Stream, held: o.Direct, orderer: o})
+	}
+	return after
 }
 
 // finishLocked files the migration record, and its totals from the queues
 // it used in the metrics. Both locks held.
-func (a *Agent) finishLocked(c *vipCtl, q migrationQueues) {
+func (e *Engine) finishLocked(c *vipCtl, q migrationQueues) {
 	if c.rec.VIP == "" {
 		return
 	}
-	a.metrics.MigrationEnded(c.totalsLocked(q))
-	a.keepTimelineLocked(c)
-	a.history = append(a.history, c.rec)
-	if len(a.history) > 100 {
-		a.history = a.history[len(a.history)-100:]
+	e.cfg.Metrics.MigrationEnded(c.totalsLocked(q))
+	e.keepTimelineLocked(c)
+	e.history = append(e.history, c.rec)
+	if len(e.history) > 100 {
+		e.history = e.history[len(e.history)-100:]
 	}
 	c.rec = control.Migration{}
 	c.flush = cache.FlushStats{}

@@ -1,4 +1,4 @@
-package wgagent
+package migrate
 
 import (
 	"fmt"
@@ -11,19 +11,19 @@ import (
 )
 
 func TestMigrationID(t *testing.T) {
-	a := &Agent{}
+	e := &Engine{}
 	vip := netip.MustParseAddr("100.100.20.1")
 	for _, want := range []string{"100.100.20.1@4", "100.100.20.1@4#2", "100.100.20.1@4#3"} {
-		id := a.migrationIDLocked(vip, 4)
+		id := e.migrationIDLocked(vip, 4)
 		if id != want {
 			t.Fatalf("id %q, want %q", id, want)
 		}
-		a.history = append(a.history, control.Migration{ID: id})
+		e.history = append(e.history, control.Migration{ID: id})
 	}
-	if id := a.migrationIDLocked(vip, 5); id != "100.100.20.1@5" {
+	if id := e.migrationIDLocked(vip, 5); id != "100.100.20.1@5" {
 		t.Errorf("next epoch: %q", id)
 	}
-	if id := a.migrationIDLocked(netip.MustParseAddr("100.100.20.14"), 4); id != "100.100.20.14@4" {
+	if id := e.migrationIDLocked(netip.MustParseAddr("100.100.20.14"), 4); id != "100.100.20.14@4" {
 		t.Errorf("a VIP that the other's ID starts with: %q", id)
 	}
 }
@@ -62,15 +62,15 @@ func TestTimelineOf(t *testing.T) {
 }
 
 func TestKeepTimelineBounded(t *testing.T) {
-	a := &Agent{}
+	e := &Engine{}
 	for i := range control.MaxTimelines + 3 {
 		c := &vipCtl{rec: control.Migration{ID: fmt.Sprint(i), VIP: "100.100.20.1"}, tl: cache.NewTimeline(time.Now())}
-		a.keepTimelineLocked(c)
+		e.keepTimelineLocked(c)
 		if c.tl != nil {
 			t.Fatal("the controller keeps its timeline after filing it")
 		}
 	}
-	if len(a.timelines) != control.MaxTimelines || a.timelines[0].id != "3" {
-		t.Errorf("kept %d timelines from %q, want %d from \"3\"", len(a.timelines), a.timelines[0].id, control.MaxTimelines)
+	if len(e.timelines) != control.MaxTimelines || e.timelines[0].id != "3" {
+		t.Errorf("kept %d timelines from %q, want %d from \"3\"", len(e.timelines), e.timelines[0].id, control.MaxTimelines)
 	}
 }

@@ -1,4 +1,4 @@
-package wgagent
+package migrate
 
 import (
 	"fmt"
@@ -28,19 +28,19 @@ const (
 )
 
 // cachingBeganLocked returns a channel closed when any VIP next starts
-// caching here. a.mu held.
-func (a *Agent) cachingBeganLocked() <-chan struct{} {
-	if a.cachingBegan == nil {
-		a.cachingBegan = make(chan struct{})
+// caching here. agent lock held.
+func (e *Engine) cachingBeganLocked() <-chan struct{} {
+	if e.cachingBegan == nil {
+		e.cachingBegan = make(chan struct{})
 	}
-	return a.cachingBegan
+	return e.cachingBegan
 }
 
-// signalCachingLocked wakes the offers waiting for a cache. a.mu held.
-func (a *Agent) signalCachingLocked() {
-	if a.cachingBegan != nil {
-		close(a.cachingBegan)
-		a.cachingBegan = nil
+// signalCachingLocked wakes the offers waiting for a cache. agent lock held.
+func (e *Engine) signalCachingLocked() {
+	if e.cachingBegan != nil {
+		close(e.cachingBegan)
+		e.cachingBegan = nil
 	}
 }
 
@@ -52,10 +52,10 @@ type offeredCache struct {
 
 // cacheToOffer returns vip's cache if it is one to copy: the VM is
 // suspended here, and the cache holds all that came since (not one that
-// restarted empty, which a request is refused). a.mu held.
-func (a *Agent) cacheToOfferLocked(vip netip.Addr) (offeredCache, cache.Offer, bool) {
-	c := a.ctls[vip]
-	at, attached := a.attached[vip]
+// restarted empty, which a request is refused). agent lock held.
+func (e *Engine) cacheToOfferLocked(vip netip.Addr) (offeredCache, cache.Offer, bool) {
+	c := e.ctls[vip]
+	at, attached := e.host.Attachment(vip)
 	if c == nil || !attached {
 		return offeredCache{}, cache.Offer{}, false
 	}
@@ -73,7 +73,7 @@ func (a *Agent) cacheToOfferLocked(vip netip.Addr) (offeredCache, cache.Offer, b
 // copy (the VM stayed, or the cache went to another claimer). It returns
 // the cache and the number of the packet after the last copy written, for
 // the flush to go on from there; a zero Resume if none is offered now.
-func (a *Agent) offerCache(conn net.Conn, vip netip.Addr, stop <-chan struct{}) (cache.Resume, error) {
+func (e *Engine) offerCache(conn net.Conn, vip netip.Addr, stop <-chan struct{}) (cache.Resume, error) {
 	w := cache.NewWriter(conn)
 	defer conn.SetWriteDeadline(time.Time{})
 	var cur offeredCache
@@ -82,14 +82,14 @@ func (a *Agent) offerCache(conn net.Conn, vip netip.Addr, stop <-chan struct{}) 
 	poll := time.NewTimer(offerPoll)
 	defer poll.Stop()
 	for {
-		a.mu.Lock()
-		now, offer, ok := a.cacheToOfferLocked(vip)
-		began := a.cachingBeganLocked()
-		a.mu.Unlock()
+		e.host.Lock()
+		now, offer, ok := e.cacheToOfferLocked(vip)
+		began := e.cachingBeganLocked()
+		e.host.Unlock()
 		// The Writer writes through when its buffer fills.
 		conn.SetWriteDeadline(time.Now().Add(offerWriteTimeout))
 		if cur.q != nil && (!ok || now != cur) {
-			a.log.Info("prepared handover: copies withdrawn", "vip", vip, "remote", conn.RemoteAddr())
+			e.log.Info("prepared handover: copies withdrawn", "vip", vip, "remote", conn.RemoteAddr())
 			if err := w.Withdraw(); err != nil {
 				return cache.Resume{}, err
 			}
@@ -101,7 +101,7 @@ func (a *Agent) offerCache(conn net.Conn, vip netip.Addr, stop <-chan struct{}) 
 			if err := w.Offer(offer); err != nil {
 				return cache.Resume{}, fmt.Errorf("offer: %w", err)
 			}
-			a.log.Info("prepared handover: copying the cache ahead", "vip", vip, "remote", conn.RemoteAddr(), "from", next)
+			e.log.Info("prepared handover: copying the cache ahead", "vip", vip, "remote", conn.RemoteAddr(), "from", next)
 		}
 		if cur.q != nil {
 			for {

@@ -1,9 +1,9 @@
-package wgagent
+package migrate
 
 import (
-	"context"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/vmroam/vmroam/cache"
@@ -18,11 +18,11 @@ type keptTimeline struct {
 }
 
 // migrationIDLocked names a migration of vip away from the host that held
-// it at epoch (see control.Migration.ID). a.mu held.
-func (a *Agent) migrationIDLocked(vip netip.Addr, epoch uint64) string {
+// it at epoch (see control.Migration.ID). agent lock held.
+func (e *Engine) migrationIDLocked(vip netip.Addr, epoch uint64) string {
 	id := fmt.Sprintf("%s@%d", vip, epoch)
 	n := 0
-	for _, m := range a.history {
+	for _, m := range e.history {
 		if m.ID == id || strings.HasPrefix(m.ID, id+"#") {
 			n++
 		}
@@ -35,13 +35,13 @@ func (a *Agent) migrationIDLocked(vip netip.Addr, epoch uint64) string {
 
 // keepTimelineLocked files the timeline of c's migration, which is ending,
 // keeping the last control.MaxTimelines. Both locks held.
-func (a *Agent) keepTimelineLocked(c *vipCtl) {
+func (e *Engine) keepTimelineLocked(c *vipCtl) {
 	if c.tl == nil {
 		return
 	}
-	a.timelines = append(a.timelines, keptTimeline{id: c.rec.ID, tl: timelineOf(c.tl)})
-	if len(a.timelines) > control.MaxTimelines {
-		a.timelines = a.timelines[len(a.timelines)-control.MaxTimelines:]
+	e.timelines = append(e.timelines, keptTimeline{id: c.rec.ID, tl: timelineOf(c.tl)})
+	if len(e.timelines) > control.MaxTimelines {
+		e.timelines = e.timelines[len(e.timelines)-control.MaxTimelines:]
 	}
 	c.tl = nil
 }
@@ -60,20 +60,55 @@ func timelineOf(tl *cache.Timeline) *control.Timeline {
 
 // Migrations lists this host's side of recent migrations and those under
 // way (`vmroam migrations`).
-func (b backend) Migrations(context.Context) ([]control.Migration, error) {
-	b.a.mu.Lock()
-	defer b.a.mu.Unlock()
-	return b.a.migrationsLocked(), nil
+func (e *Engine) Migrations() []control.Migration {
+	e.host.Lock()
+	defer e.host.Unlock()
+	return e.MigrationsLocked()
+}
+
+// MigrationsLocked is Migrations with the agent lock held.
+func (e *Engine) MigrationsLocked() []control.Migration {
+	out := slices.Clone(e.history)
+	for _, c := range e.ctls {
+		c.mu.Lock()
+		if c.rec.VIP != "" {
+			out = append(out, c.liveRecordLocked())
+		}
+		c.mu.Unlock()
+	}
+	if out == nil {
+		out = []control.Migration{}
+	}
+	return out
+}
+
+// liveRecordLocked is the record of c's migration under way, with the
+// counters as they stand. c.mu held.
+func (c *vipCtl) liveRecordLocked() control.Migration {
+	m := c.rec
+	m.State = c.state.status()
+	if c.queue != nil {
+		qs := c.queue.Stats()
+		if c.source {
+			m.Cached, m.CachedBytes = qs.Packets, qs.Bytes
+		} else {
+			m.Held = qs.Packets
+		}
+		m.Dropped = map[string]uint64{}
+		for r, n := range qs.Dropped {
+			m.Dropped[string(r)] = n
+		}
+	}
+	return m
 }
 
 // Migration returns one migration with its timeline (`vmroam migrations
 // --json ID`): one under way as it stands now, else the latest finished
 // one by that ID.
-func (b backend) Migration(_ context.Context, id string) (control.Migration, error) {
-	a := b.a
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for _, c := range a.ctls {
+func (e *Engine) Migration(id string) (control.Migration, error) {
+	e.host.Lock()
+	defer e.host.Unlock()
+	for _, c := range e.ctls {
 		c.mu.Lock()
 		if c.rec.VIP != "" && c.rec.ID == id {
 			m := c.liveRecordLocked()
@@ -83,9 +118,9 @@ func (b backend) Migration(_ context.Context, id string) (control.Migration, err
 		}
 		c.mu.Unlock()
 	}
-	for i := len(a.history) - 1; i >= 0; i-- {
-		if m := a.history[i]; m.ID == id {
-			for _, k := range a.timelines {
+	for i := len(e.history) - 1; i >= 0; i-- {
+		if m := e.history[i]; m.ID == id {
+			for _, k := range e.timelines {
 				if k.id == id {
 					m.Timeline = k.tl
 				}

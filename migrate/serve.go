@@ -1,4 +1,4 @@
-package wgagent
+package migrate
 
 import (
 	"errors"
@@ -15,15 +15,6 @@ import (
 // handoverWait bounds how long a claim waits for a delivery under way here.
 const handoverWait = 10 * time.Second
 
-// handoverPeer returns the name of the current WireGuard peer whose
-// overlay address is addr, "" if none.
-func (a *Agent) handoverPeer(addr netip.Addr) string {
-	if m := a.handoverPeers.Load(); m != nil {
-		return (*m)[addr.Unmap()]
-	}
-	return ""
-}
-
 // fromPeer says whether a handover connection comes from the overlay
 // address of a current WireGuard peer (an alive or suspect member, admitted
 // by the allowlist if there is one). Anything else is refused before a
@@ -32,41 +23,47 @@ func (a *Agent) handoverPeer(addr netip.Addr) string {
 // local process (Linux delivers local connections to a socket bound to any
 // device), or a member that is not a peer. The listener is bound to the
 // WireGuard interface, so connections from the underlay do not get here.
-func (a *Agent) fromPeer(conn net.Conn) bool {
+func (e *Engine) fromPeer(conn net.Conn) bool {
 	remote, err := netip.ParseAddrPort(conn.RemoteAddr().String())
-	if err == nil && a.handoverPeer(remote.Addr()) != "" {
+	if err == nil && e.host.Peer(remote.Addr()) != "" {
 		return true
 	}
-	n := a.handoverRefused.Add(1)
+	n := e.handoverRefused.Add(1)
 	now := time.Now().UnixNano()
-	if last := a.handoverLogged.Load(); now-last >= int64(time.Second) && a.handoverLogged.CompareAndSwap(last, now) {
-		a.log.Warn("handover: refused a connection that is not from a WireGuard peer's overlay address",
+	if last := e.handoverLogged.Load(); now-last >= int64(time.Second) && e.handoverLogged.CompareAndSwap(last, now) {
+		e.log.Warn("handover: refused a connection that is not from a WireGuard peer's overlay address",
 			"remote", conn.RemoteAddr(), "refused_total", n)
 	}
 	return false
 }
 
-// serveHandovers answers handover requests from other agents.
-func (a *Agent) serveHandovers(ln net.Listener) {
-	defer a.bg.Done()
+// Serve starts answering handover requests from other agents on ln, until
+// ln is closed; Close waits for it and the handovers under way.
+func (e *Engine) Serve(ln net.Listener) {
+	e.bg.Add(1)
+	go e.serve(ln)
+}
+
+func (e *Engine) serve(ln net.Listener) {
+	defer e.bg.Done()
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			return
 		}
-		if !a.fromPeer(conn) {
+		if !e.fromPeer(conn) {
 			conn.Close()
 			continue
 		}
-		a.bg.Add(1)
+		e.bg.Add(1)
 		go func() {
-			defer a.bg.Done()
+			defer e.bg.Done()
 			defer conn.Close()
-			switch err := a.handleHandover(conn); {
+			switch err := e.handleHandover(conn); {
 			case errors.Is(err, errSessionCheck):
-				a.log.Debug("handover: a session check", "remote", conn.RemoteAddr())
+				e.log.Debug("handover: a session check", "remote", conn.RemoteAddr())
 			case err != nil:
-				a.log.Warn("handover", "remote", conn.RemoteAddr(), "err", err)
+				e.log.Warn("handover", "remote", conn.RemoteAddr(), "err", err)
 			}
 		}()
 	}
@@ -82,9 +79,9 @@ const handoverTick = 2 * time.Millisecond
 // (checkSession).
 var errSessionCheck = errors.New("closed before the first frame: a session check")
 
-func (a *Agent) handleHandover(conn net.Conn) error {
+func (e *Engine) handleHandover(conn net.Conn) error {
 	rd := cache.NewReader(conn)
-	f, err := a.readHandoverRequest(conn, rd)
+	f, err := e.readHandoverRequest(conn, rd)
 	if errors.Is(err, io.EOF) {
 		return errSessionCheck
 	}
@@ -100,19 +97,19 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	}
 	var copied cache.Resume // what the prepared connection carried ahead
 	if f.Type == cache.FramePrepare {
-		if err := a.checkClaimer(conn, f.Prepare.Claimer); err != nil {
+		if err := e.checkClaimer(conn, f.Prepare.Claimer); err != nil {
 			return refuse("%v", err)
 		}
 		stop, done := make(chan struct{}), make(chan error, 1)
 		go func() {
 			var err error
-			copied, err = a.offerCache(conn, f.Prepare.VIP.Unmap(), stop)
+			copied, err = e.offerCache(conn, f.Prepare.VIP.Unmap(), stop)
 			if err != nil {
 				conn.Close() // ends the wait for the request below
 			}
 			done <- err
 		}()
-		f, err = a.readHandoverRequest(conn, rd)
+		f, err = e.readHandoverRequest(conn, rd)
 		close(stop)
 		if oerr := <-done; oerr != nil {
 			// The stream is out of step: the claimer connects anew,
@@ -127,37 +124,37 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		return refuse("expected a request")
 	}
 	req := f.Request
-	a.log.Debug("handover request", "vip", req.VIP, "claimer", req.Claimer, "epoch", req.Epoch)
-	if err := a.checkClaimer(conn, req.Claimer); err != nil {
+	e.log.Debug("handover request", "vip", req.VIP, "claimer", req.Claimer, "epoch", req.Epoch)
+	if err := e.checkClaimer(conn, req.Claimer); err != nil {
 		return refuse("%v", err)
 	}
-	if err := a.waitForClaim(req); err != nil {
+	if err := e.waitForClaim(req); err != nil {
 		return refuse("%v", err)
 	}
 
 	var c *vipCtl
 	asked := time.Now()
 	for wait := time.Now().Add(handoverWait); ; {
-		a.mu.Lock()
-		c = a.ctls[req.VIP]
-		at, attached := a.attached[req.VIP]
+		e.host.Lock()
+		c = e.ctls[req.VIP]
+		at, attached := e.host.Attachment(req.VIP)
 		if c == nil || !(attached || c.state == stateCaching) || (attached && req.Epoch <= at.Epoch) {
-			a.mu.Unlock()
+			e.host.Unlock()
 			return refuse("%s is not held here at an epoch below %d", req.VIP, req.Epoch)
 		}
-		if a.dropLostInRestartLocked(c, req) {
-			a.mu.Unlock()
+		if e.dropLostInRestartLocked(c, req) {
+			e.host.Unlock()
 			return refuse("the cache of %s was lost when this agent restarted", req.VIP)
 		}
-		act, err := a.onLocked(c, evClaim, "claimed by "+req.Claimer)
+		act, err := e.onLocked(c, evClaim, "claimed by "+req.Claimer)
 		if err != nil {
-			a.mu.Unlock()
+			e.host.Unlock()
 			return refuse("%v", err)
 		}
 		if act == actStream {
 			break
 		}
-		a.mu.Unlock()
+		e.host.Unlock()
 		// actWait: the VM arrived here and moves on before its packets
 		// were all delivered; hand over once they are.
 		if time.Now().After(wait) {
@@ -172,8 +169,8 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	q, mac, stop := c.queue, c.mac, make(chan struct{})
 	c.stop = stop
 	c.mu.Unlock()
-	a.disownLocked(req.VIP, gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
-	a.mu.Unlock()
+	e.host.Disown(req.VIP, gossip.Record{VIP: req.VIP, Owner: req.Claimer, Epoch: req.Epoch})
+	e.host.Unlock()
 	// Move the VIP to the new owner's peer while the flush starts: the
 	// reconcile takes milliseconds (a tenth of a handover across a WAN)
 	// that the new host need not wait for. The end marker waits for it:
@@ -188,19 +185,19 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 	t0 := time.Now()
 	routed := make(chan struct{})
 	var reconciled time.Duration
-	a.bg.Add(1)
+	e.bg.Add(1)
 	go func() {
-		defer a.bg.Done()
-		a.reconcileFor(t0)
+		defer e.bg.Done()
+		e.host.ReconcileFor(t0)
 		reconciled = time.Since(t0)
 		close(routed)
 	}()
-	a.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "mac", mac.String(), "after", time.Since(asked), "copied_ahead", copied.Seq, "resume", req.Resume.Seq)
+	e.log.Debug("handover: streaming", "vip", req.VIP, "queued", q.Len(), "mac", mac.String(), "after", time.Since(asked), "copied_ahead", copied.Seq, "resume", req.Resume.Seq)
 	var tick time.Duration
 	if req.Ticks {
 		tick = handoverTick
 	}
-	lingerOver, streamDone := a.endLinger(c, stop)
+	lingerOver, streamDone := e.endLinger(c, stop)
 	// The claimer has the copies its request names; and, if it took
 	// this connection's copies (it names their cache: it drops the
 	// copies of an offer that does not match its claim), also those that
@@ -213,11 +210,11 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		}
 	}
 	st, err := cache.Sender{Queue: q, Header: cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, From: from,
-		Linger: a.live().CacheLinger + time.Second, Tick: tick, FlushUntil: routed, Stop: lingerOver}.Send(conn)
+		Linger: e.live().Linger + time.Second, Tick: tick, FlushUntil: routed, Stop: lingerOver}.Send(conn)
 	close(streamDone)
 	<-routed
-	a.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", reconciled)
-	a.mu.Lock()
+	e.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", reconciled)
+	e.host.Lock()
 	c.mu.Lock()
 	c.rec.Flushed, c.rec.Forwarded, c.rec.Ahead = st.Flushed, st.Forwarded, st.Ahead
 	c.flush = st
@@ -231,36 +228,36 @@ func (a *Agent) handleHandover(conn net.Conn) error {
 		c.rec.FlushEnd = timePtr(st.FlushEnd)
 	}
 	c.rec.Done = timePtr(time.Now())
-	a.finishLocked(c, migrationQueues{cache: q})
+	e.finishLocked(c, migrationQueues{cache: q})
 	c.mu.Unlock()
-	mine := a.ctls[req.VIP] == c
+	mine := e.ctls[req.VIP] == c
 	if mine {
-		delete(a.ctls, req.VIP)
+		delete(e.ctls, req.VIP)
 	}
-	a.mu.Unlock()
+	e.host.Unlock()
 	// Routes first, then the sink: a straggler that still reaches the
 	// cache device in between is not dropped unclaimed.
-	a.reconcile()
+	e.host.Reconcile()
 	if mine {
 		time.Sleep(50 * time.Millisecond)
 		if n := q.Len(); n > 0 {
-			a.log.Warn("handover: packets reached the old host after the stream closed", "vip", req.VIP, "count", n)
+			e.log.Warn("handover: packets reached the old host after the stream closed", "vip", req.VIP, "count", n)
 		}
-		a.intercept.Detach(req.VIP, c)
+		e.dev.Detach(req.VIP, c)
 	}
-	a.log.Info("handover done", "vip", req.VIP, "to", req.Claimer, "flushed", st.Flushed, "ahead", st.Ahead, "forwarded", st.Forwarded, "err", err)
+	e.log.Info("handover done", "vip", req.VIP, "to", req.Claimer, "flushed", st.Flushed, "ahead", st.Ahead, "forwarded", st.Forwarded, "err", err)
 	return err
 }
 
 // checkClaimer says why a handover connection cannot be from claimer, if
 // it cannot: it must come from the overlay address of that live member,
 // its WireGuard peer.
-func (a *Agent) checkClaimer(conn net.Conn, claimer string) error {
+func (e *Engine) checkClaimer(conn net.Conn, claimer string) error {
 	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
-	if addr, alive := a.memberOverlay(claimer); !alive || addr != remote.Addr().Unmap() {
+	if addr, alive := e.host.Member(claimer); !alive || addr != remote.Addr().Unmap() {
 		return fmt.Errorf("%s is not the overlay address of a live member %q", remote.Addr(), claimer)
 	}
-	if peer := a.handoverPeer(remote.Addr()); peer != claimer {
+	if peer := e.host.Peer(remote.Addr()); peer != claimer {
 		return fmt.Errorf("%s is the overlay address of peer %q, not of %q", remote.Addr(), peer, claimer)
 	}
 	return nil
@@ -278,8 +275,8 @@ const claimWait = 2 * time.Second
 // epoch or a later one, or nothing newer within claimWait. A member with
 // the gossip key can claim any VIP, but the cache goes only where the
 // whole cluster routes the VIP, never on the word of the request alone.
-func (a *Agent) waitForClaim(req cache.Request) error {
-	return waitForClaim(a.cluster.Table().Get, req, claimWait)
+func (e *Engine) waitForClaim(req cache.Request) error {
+	return waitForClaim(e.host.Record, req, claimWait)
 }
 
 // waitForClaim is Agent.waitForClaim over the table's get, waiting up to
@@ -304,39 +301,39 @@ func waitForClaim(get func(netip.Addr) (gossip.Record, bool), req cache.Request,
 // readHandoverRequest reads the next frame from a peer's connection: its
 // request, or the prepare that comes first on a prepared connection. A
 // peer may connect long before it asks (Prepare).
-func (a *Agent) readHandoverRequest(conn net.Conn, rd *cache.Reader) (cache.Frame, error) {
+func (e *Engine) readHandoverRequest(conn net.Conn, rd *cache.Reader) (cache.Frame, error) {
 	remote, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
 	from := remote.Addr().Unmap()
 	wait := 5 * time.Second
-	a.prepMu.Lock()
-	if a.idleHandovers == nil {
-		a.idleHandovers = map[netip.Addr]int{}
+	e.prepMu.Lock()
+	if e.idleHandovers == nil {
+		e.idleHandovers = map[netip.Addr]int{}
 	}
-	if n := a.idleHandovers[from]; n < maxIdleHandovers {
+	if n := e.idleHandovers[from]; n < maxIdleHandovers {
 		wait = prepareTTL
-		a.idleHandovers[from] = n + 1
+		e.idleHandovers[from] = n + 1
 		defer func() {
-			a.prepMu.Lock()
-			if a.idleHandovers[from]--; a.idleHandovers[from] <= 0 {
-				delete(a.idleHandovers, from)
+			e.prepMu.Lock()
+			if e.idleHandovers[from]--; e.idleHandovers[from] <= 0 {
+				delete(e.idleHandovers, from)
 			}
-			a.prepMu.Unlock()
+			e.prepMu.Unlock()
 		}()
 	}
-	if a.closing {
-		a.prepMu.Unlock()
+	if e.closing {
+		e.prepMu.Unlock()
 		return cache.Frame{}, errors.New("agent stopping")
 	}
-	if a.waiting == nil {
-		a.waiting = map[net.Conn]bool{}
+	if e.waiting == nil {
+		e.waiting = map[net.Conn]bool{}
 	}
-	a.waiting[conn] = true
-	a.prepMu.Unlock()
+	e.waiting[conn] = true
+	e.prepMu.Unlock()
 	conn.SetReadDeadline(time.Now().Add(wait))
 	f, err := rd.Next()
-	a.prepMu.Lock()
-	delete(a.waiting, conn)
-	a.prepMu.Unlock()
+	e.prepMu.Lock()
+	delete(e.waiting, conn)
+	e.prepMu.Unlock()
 	if err != nil {
 		return f, fmt.Errorf("read request: %w", err)
 	}
@@ -353,13 +350,13 @@ func (a *Agent) readHandoverRequest(conn net.Conn, rd *cache.Reader) (cache.Fram
 // arrived until a reconcile changed the routes (tens to hundreds of
 // packets per move at 12,500/s). lingerOver also closes when stop does
 // or the caller closes streamDone (the stream ended some other way).
-func (a *Agent) endLinger(c *vipCtl, stop <-chan struct{}) (lingerOver <-chan struct{}, streamDone chan struct{}) {
+func (e *Engine) endLinger(c *vipCtl, stop <-chan struct{}) (lingerOver <-chan struct{}, streamDone chan struct{}) {
 	over, done := make(chan struct{}), make(chan struct{})
-	a.bg.Add(1)
+	e.bg.Add(1)
 	go func() {
-		defer a.bg.Done()
+		defer e.bg.Done()
 		defer close(over)
-		t := time.NewTimer(a.live().CacheLinger)
+		t := time.NewTimer(e.live().Linger)
 		defer t.Stop()
 		select {
 		case <-stop:
@@ -371,9 +368,9 @@ func (a *Agent) endLinger(c *vipCtl, stop <-chan struct{}) (lingerOver <-chan st
 		c.mu.Lock()
 		c.undiverted = true
 		c.mu.Unlock()
-		a.reconcile()
-		if err := a.intercept.Barrier(100 * time.Millisecond); err != nil {
-			a.log.Debug("handover: barrier at the linger's end", "vip", c.vip, "err", err)
+		e.host.Reconcile()
+		if err := e.dev.Barrier(100 * time.Millisecond); err != nil {
+			e.log.Debug("handover: barrier at the linger's end", "vip", c.vip, "err", err)
 		}
 	}()
 	return over, done

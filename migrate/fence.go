@@ -1,13 +1,8 @@
-package wgagent
+package migrate
 
 import (
-	"errors"
 	"net/netip"
-	"os"
 	"time"
-
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/vmroam/vmroam/cache"
 	"github.com/vmroam/vmroam/wgagent/route"
@@ -52,70 +47,49 @@ const maxFenceSteps = 8
 // the hand-back, as soon as a step finds no packet that came during the
 // one before. Traffic in bursts (iperf3 sends one every millisecond) leaves
 // such a gap within a few steps of ~0.2 ms.
-func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet bool, steps int) {
+func (e *Engine) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet bool, steps int) {
 	c.mu.Lock()
 	dev, mac := c.dev, c.mac
 	c.mu.Unlock()
 	if len(mac) != 6 {
-		if m, ok := cache.NeighborMAC(dev, c.vip); ok {
+		if m, ok := e.links.NeighborMAC(dev, c.vip); ok {
 			mac = m
 		} else {
 			return 0, false, 0
 		}
 	}
-	link, err := netlink.LinkByName(dev)
+	f, err := e.links.OpenFence(dev, c.vip, mac)
 	if err != nil {
 		return 0, false, 0
 	}
 	gws := fenceGateways(c.vip)
-	fam := netlink.FAMILY_V4
-	if c.vip.Is6() {
-		fam = netlink.FAMILY_V6
-	}
-	neigh := func(ip netip.Addr, state int) *netlink.Neigh {
-		return &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: fam, State: state, IP: ip.AsSlice(), HardwareAddr: mac}
-	}
 	routeVia := func(gw netip.Addr) {
-		a.mu.Lock()
+		e.host.Lock()
 		c.mu.Lock()
 		c.fenceVia = gw // so a reconcile keeps the fence route
 		c.mu.Unlock()
-		a.mu.Unlock()
-		if err := a.routes.Add(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: divertMetric(c.vip)}); err != nil {
-			a.log.Warn("fence route", "vip", c.vip, "err", err)
+		e.host.Unlock()
+		if err := e.host.AddRoute(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: divertMetric(c.vip)}); err != nil {
+			e.log.Warn("fence route", "vip", c.vip, "err", err)
 		}
 	}
 	// resolve resolves gateway gw to the VM; with onlyIdle, only if no
-	// packet waits for it, which the kernel decides atomically: it makes
-	// the neighbour entry for the first packet, and an exclusive add fails
-	// on one that exists.
+	// packet waits for it.
 	resolve := func(gw netip.Addr, onlyIdle bool) (done bool) {
 		// With embedded wireguard-go nothing arrives from the tunnel while
 		// the tunnel's writes are held.
-		release, _ := a.dev.HoldWrites()
-		var err error
-		if onlyIdle {
-			err = netlink.NeighAdd(neigh(gw, netlink.NUD_PERMANENT))
-		} else {
-			err = netlink.NeighSet(neigh(gw, netlink.NUD_PERMANENT))
-		}
+		release := e.host.HoldTunnelWrites()
+		done, err := f.Resolve(gw, onlyIdle)
 		release()
-		if onlyIdle && errors.Is(err, unix.EEXIST) {
-			return false
-		}
 		if err != nil {
-			a.log.Warn("fence: resolving the fence gateway", "vip", c.vip, "gateway", gw, "err", err)
+			e.log.Warn("fence: resolving the fence gateway", "vip", c.vip, "gateway", gw, "err", err)
 		}
-		return true
+		return done
 	}
 	for _, gw := range gws {
-		netlink.NeighDel(neigh(gw, 0)) // left resolved by an earlier fence
+		f.Unresolve(gw) // left resolved by an earlier fence
 	}
-	// The kernel's queue for an unresolved neighbour is small (208 KiB);
-	// make room for the fence's few milliseconds of traffic.
-	for _, p := range []string{"/proc/sys/net/ipv4/neigh/" + dev + "/unres_qlen_bytes", "/proc/sys/net/ipv6/neigh/" + dev + "/unres_qlen_bytes"} {
-		os.WriteFile(p, []byte("8388608"), 0o644)
-	}
+	f.MakeRoom()
 	routeVia(gws[0])
 	// Nothing new reaches the cache now; wait for what is inside: the
 	// barrier says the device's queue is empty of the VIP (a quiet spell
@@ -126,8 +100,8 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet 
 	// the sooner a step finds none.
 	start := time.Now()
 	deadline := start.Add(50 * time.Millisecond)
-	if err := a.intercept.Barrier(50 * time.Millisecond); err != nil {
-		a.log.Warn("fence", "vip", c.vip, "err", err)
+	if err := e.dev.Barrier(50 * time.Millisecond); err != nil {
+		e.log.Warn("fence", "vip", c.vip, "err", err)
 	} else {
 		for time.Now().Before(deadline) {
 			if o.Idle() {
@@ -141,13 +115,12 @@ func (a *Agent) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet 
 	cur := 0
 	for !resolve(gws[cur], steps < maxFenceSteps) {
 		next := 1 - cur
-		netlink.NeighDel(neigh(gws[next], 0)) // resolved by the step before last
+		f.Unresolve(gws[next]) // resolved by the step before last
 		routeVia(gws[next])
 		resolve(gws[cur], false)
 		cur = next
 		steps++
 	}
-	// The VIP's own neighbour entry, for after the fence route goes.
-	netlink.NeighSet(neigh(c.vip, netlink.NUD_REACHABLE))
+	f.Reach()
 	return waited, quiet, steps
 }

@@ -1,4 +1,4 @@
-package wgagent
+package migrate
 
 import (
 	"io"
