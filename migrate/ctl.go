@@ -176,6 +176,14 @@ func (e *Engine) onLocked(c *vipCtl, ev vipEvent, why string) (vipAction, error)
 		e.beginLocked(c, why)
 	case actStream:
 		if prev == stateLocal {
+			if c.orderer != nil {
+				// Claimed in the grace period after a delivery here
+				// (moves in quick succession): that migration ends now,
+				// and what the delivery has not taken goes on to the
+				// claimer. Left running, its record was overwritten by
+				// this one's and its goroutines never stopped.
+				e.endDeliveryLocked(c, false)
+			}
 			e.beginLocked(c, why) // the claim is the suspend
 		}
 	case actDeliver:

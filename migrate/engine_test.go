@@ -323,3 +323,53 @@ func TestCacheLostInRestart(t *testing.T) {
 		return slices.Equal(h1.disowned, []gossip.Record{claim})
 	})
 }
+
+// TestMoveOnBeforeDelivered: the VM moves on from h2 to h3 before h2 has
+// delivered what it held. h2 makes h3's claim wait until its delivery is
+// over, then hands over what came since: nothing is lost, at h2 and h3
+// together every datagram arrives once, in order at each.
+func TestMoveOnBeforeDelivered(t *testing.T) {
+	rng := seeded(t)
+	lab := newTestLab(t)
+	h1, h2, h3 := lab.host("h1", testTunables()), lab.host("h2", testTunables()), lab.host("h3", testTunables())
+	h1.links.setCarrier("vif-a", true)
+	h1.attach(testVIP, "vif-a")
+	h1.Lock()
+	h1.engine.SuspendLocked(testVIP, "test")
+	h1.Unlock()
+	cached := 1 + rng.IntN(200)
+	h1.sendTo(testVIP, 0, cached)
+	old, _ := lab.table.get(testVIP)
+	h2.Lock()
+	h2.engine.ArriveLocked(testVIP, "vif-b", old)
+	h2.Unlock()
+	eventually(t, "h1 streams to h2", func() bool {
+		m, ok := h1.record(testVIP, metrics.RoleSource)
+		return ok && m.Claim != nil
+	})
+
+	// h3 claims while h2 still holds (its VM never got carrier there).
+	at2, _ := lab.table.get(testVIP)
+	h3.Lock()
+	h3.engine.ArriveLocked(testVIP, "vif-c", at2)
+	h3.Unlock()
+	time.Sleep(time.Duration(rng.IntN(300)) * time.Millisecond)
+	// The VM ran at h2 after all, briefly: h2 delivers, then hands over.
+	h2.links.setCarrier("vif-b", true)
+	h2.engine.CarrierChanged("vif-b", true)
+	h3.links.setCarrier("vif-c", true)
+	h3.engine.CarrierChanged("vif-c", true)
+	h3.done(t, testVIP, metrics.RoleDestination)
+	at2got, at3got := h2.links.deliveredTo("vif-b"), h3.links.deliveredTo("vif-c")
+	wantInOrder(t, "at h2 then h3", append(at2got, at3got...), cached)
+	// h2 files both of its sides: the arrival, with what it delivered,
+	// and the move on, with what it handed over.
+	in := h2.done(t, testVIP, metrics.RoleDestination)
+	out := h2.done(t, testVIP, metrics.RoleSource)
+	if in.Delivered != uint64(len(at2got)) || in.From != "h1" {
+		t.Errorf("h2's arrival: from %q delivered %d, want h1, %d", in.From, in.Delivered, len(at2got))
+	}
+	if out.To != "h3" || out.Flushed != uint64(len(at3got)) {
+		t.Errorf("h2's move on: to %q flushed %d, want h3, %d", out.To, out.Flushed, len(at3got))
+	}
+}
