@@ -197,6 +197,9 @@ func (e *Engine) onLocked(c *vipCtl, ev vipEvent, why string) (vipAction, error)
 		e.log.Warn("nobody claimed the VIP within the cache's max age: dropping its queue and releasing it", "vip", c.vip, "dropped", n)
 		c.rec.TimedOut = true
 		c.rec.Done = timePtr(time.Now())
+		qs := c.queue.Stats()
+		c.rec.Cached, c.rec.CachedBytes = qs.Packets, qs.Bytes
+		c.rec.Dropped = dropMap(qs, nil)
 		e.finishLocked(c, migrationQueues{cache: c.queue})
 		e.forgetCtlLocked(c)
 		e.host.Disown(c.vip, gossip.Record{})

@@ -259,8 +259,12 @@ func TestTimeoutReleases(t *testing.T) {
 	time.Sleep(250 * time.Millisecond)
 	h1.Reconcile()
 	m := h1.done(t, testVIP, metrics.RoleSource)
-	if !m.TimedOut {
-		t.Error("the record does not say it timed out")
+	var dropped uint64
+	for _, n := range m.Dropped {
+		dropped += n
+	}
+	if !m.TimedOut || m.Cached != 10 || dropped != 10 {
+		t.Errorf("record: timed out %v cached %d dropped %v, want 10 cached and dropped", m.TimedOut, m.Cached, m.Dropped)
 	}
 	r, _ := lab.table.get(testVIP)
 	if r.Owner != "" {
