@@ -24,7 +24,7 @@ NFPM ?= bin/nfpm
 # The packages' file times and the man page's date: the last commit's.
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
 
-.PHONY: all build deps test test-long soak unit lint vet fmt-check fuzz-check bench bench-migration demo dashboard-picture fuzz sim install install-xen install-libvirt install-proxmox package clean
+.PHONY: all build deps test test-long soak unit lint vet fmt-check fuzz-check bench bench-migration demo dashboard-picture fuzz sim scale install install-xen install-libvirt install-proxmox package clean
 
 all: build
 
@@ -104,6 +104,21 @@ SIMRECORDS ?= 30
 SIMPROFILES ?= lan,wan
 sim:
 	$(GO) test -run '^$$' -bench '^BenchmarkPropagation$$' -benchtime $(SIMRECORDS)x -count 1 -timeout 90m -v ./gossip/ -args -sim.agents=$(SIMAGENTS) -sim.profiles=$(SIMPROFILES)
+
+# The scale measurement (issue 23): SCALEAGENTS agents' gossip on 127.0.0.1
+# holding SCALEVIPS VIPs between them (the whole table in every agent, V/N
+# owned by each), SCALECLAIMS new records spread at each size: their spread
+# p50/p99, packets and bytes, the push/pull size and time, heap and CPU per
+# agent, as a table (README, "Scale"). A size taking longer than
+# SCALEBUDGET is stopped and larger ones are skipped. It keeps both cores
+# busy for half an hour: not part of make test (TestScaleHarness runs it
+# tiny there).
+SCALEAGENTS ?= 50,100,200,400
+SCALEVIPS ?= 10000,100000
+SCALECLAIMS ?= 20
+SCALEBUDGET ?= 3m
+scale:
+	VMROAM_SCALE=1 $(GO) test -run '^TestScale$$' -count 1 -timeout 90m -v ./gossip/ -args -scale.agents=$(SCALEAGENTS) -scale.vips=$(SCALEVIPS) -scale.claims=$(SCALECLAIMS) -scale.budget=$(SCALEBUDGET)
 
 # Each fuzz target for FUZZTIME, one after the other. Every decoder of what
 # arrives from the network or from another process has one; new inputs the
