@@ -257,12 +257,6 @@ func measureScale(tb testing.TB, n, v, claims int, idle, budget time.Duration) s
 		}
 	}
 
-	// Idle: probes, acks and the periodic push/pull of the whole table.
-	cpu0 := cpuTime()
-	idleP, idleB := s.idleRate(idle)
-	idleCPU := float64(cpuTime()-cpu0) / float64(idle)
-	res.idleCPU = idleCPU / float64(n)
-
 	var rs []recordResult
 	cpu0, t0 := cpuTime(), time.Now()
 	for k := range claims {
@@ -274,9 +268,18 @@ func measureScale(tb testing.TB, n, v, claims int, idle, budget time.Duration) s
 		s.settle(tb, &r)
 		rs = append(rs, r)
 	}
+	cpuRecords, window := cpuTime()-cpu0, time.Since(t0)
+
+	// Idle: probes, acks and the periodic push/pull of the whole table,
+	// measured once the records are over, when the joins' news is long
+	// gone too (during the joins it would inflate the idle rate).
+	cpu0 = cpuTime()
+	idleP, idleB := s.idleRate(idle)
+	idleCPU := float64(cpuTime()-cpu0) / float64(idle)
+	res.idleCPU = idleCPU / float64(n)
 	if len(rs) > 0 {
 		res.prop = summarize(rs, idleP, idleB)
-		busy := float64(cpuTime()-cpu0) - idleCPU*float64(time.Since(t0))
+		busy := float64(cpuRecords) - idleCPU*float64(window)
 		res.recordCPU = time.Duration(busy / float64(len(rs)) / float64(n))
 	}
 	sink.mu.Lock()
