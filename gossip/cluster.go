@@ -1094,10 +1094,11 @@ func (d delegate) GetBroadcasts(overhead, limit int) [][]byte {
 }
 
 // LocalState is the whole table, records and networks with their
-// tombstones. Its size grows with the table and is not bounded here:
-// memberlist sends push/pull state over TCP.
+// tombstones, the records in no particular order. Its size grows with the
+// table and is not bounded here: memberlist sends push/pull state over
+// TCP, up to 20 MiB (TestPushPullStateSize).
 func (d delegate) LocalState(join bool) []byte {
-	return encodeState(d.c.table.Records(), d.c.table.NetworkVersions())
+	return encodeState(d.c.table.unsortedRecords(), d.c.table.NetworkVersions())
 }
 
 // MergeRemoteState merges a peer's whole table. Changes learned in the

@@ -136,3 +136,25 @@ func TestTableMemoryPerRecord(t *testing.T) {
 		t.Errorf("%.0f bytes of heap a record, the goal is %d", per, goalBytesPerRecord)
 	}
 }
+
+// BenchmarkPushPull is one side of a periodic push/pull exchange at the
+// full table: LocalState of 100,000 records, and MergeRemoteState of the
+// same table into an agent that holds it already (a converged cluster:
+// nothing changes). memberlist's compression and encryption are not in it.
+func BenchmarkPushPull(b *testing.B) {
+	state, tbl := fullTable(b, 16)
+	_, other := fullTable(b, 16)
+	local := delegate{&Cluster{table: tbl}}
+	remote := delegate{&Cluster{table: other, log: testLogger()}}
+	b.Run("LocalState", func(b *testing.B) {
+		for b.Loop() {
+			local.LocalState(false)
+		}
+		b.ReportMetric(float64(len(state)), "state-B")
+	})
+	b.Run("MergeRemoteState", func(b *testing.B) {
+		for b.Loop() {
+			remote.MergeRemoteState(state, false)
+		}
+	})
+}

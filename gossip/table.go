@@ -320,13 +320,21 @@ func (t *Table) Get(vip netip.Addr) (Record, bool) {
 
 // Records returns every record, tombstones included, sorted by VIP.
 func (t *Table) Records() []Record {
+	rs := t.unsortedRecords()
+	slices.SortFunc(rs, func(a, b Record) int { return a.VIP.Compare(b.VIP) })
+	return rs
+}
+
+// unsortedRecords returns every record, tombstones included, in no
+// particular order: the push/pull state needs no order, and sorting
+// 100,000 records took 60% of its encoding (BenchmarkPushPull).
+func (t *Table) unsortedRecords() []Record {
 	t.mu.Lock()
+	defer t.mu.Unlock()
 	rs := make([]Record, 0, len(t.recs))
 	for _, r := range t.recs {
 		rs = append(rs, r)
 	}
-	t.mu.Unlock()
-	slices.SortFunc(rs, func(a, b Record) int { return a.VIP.Compare(b.VIP) })
 	return rs
 }
 
