@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net/netip"
 	"os"
@@ -51,6 +52,7 @@ type scaleResult struct {
 	ppWire       float64       // push/pull bytes on the wire (compressed, encrypted), median of the large sends
 	ppTime       []float64     // memberlist's pushPullNode, ms
 	suspicions   int64
+	ppFailed     int    // of the 5 push/pulls timed, those that failed
 	stopped      string // why the size was cut short, "" if it was not
 }
 
@@ -253,7 +255,8 @@ func measureScale(tb testing.TB, n, v, claims int, idle, budget time.Duration) s
 	for range 5 {
 		peer := s.nodes[1+rand.IntN(n-1)]
 		if _, err := s.nodes[0].ml.Join([]string{fmt.Sprintf("127.0.0.1:%d", peer.LocalPort())}); err != nil {
-			tb.Errorf("push/pull with %s: %v", peer.Name(), err)
+			res.ppFailed++ // memberlist's TCP timeout, on an overloaded machine
+			tb.Logf("push/pull with %s: %v", peer.Name(), err)
 		}
 	}
 
@@ -300,19 +303,22 @@ func measureScale(tb testing.TB, n, v, claims int, idle, budget time.Duration) s
 func scaleTable(rs []scaleResult) string {
 	var b strings.Builder
 	w := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(w, "N\tV\trecords\tp50\tp99\tmax\tUDP pkts/rec\tUDP B/rec\tstate B\tpush/pull wire B\tencode\tmerge\tpush/pull p50\tpush/pull max\theap/agent MiB\theap B/rec\tidle CPU/agent\tCPU/rec/agent\tsuspicions\tjoin\t")
+	fmt.Fprintln(w, "N\tV\trecords\tp50\tp99\tmax\tUDP pkts/rec\tUDP B/rec\tstate B\tpush/pull wire B\tencode\tmerge\tpush/pull p50\tpush/pull max\theap/agent MiB\theap B/rec\tidle CPU/agent\tCPU/rec/agent\tsuspicions\tjoin\tpush/pull failed\t")
 	for _, r := range rs {
+		if r.stopped != "" && r.prop.records == 0 {
+			continue // nothing measured: listed below
+		}
 		ms := func(d time.Duration) string { return strconv.FormatFloat(float64(d)/1e6, 'f', 1, 64) + "ms" }
 		pp50, ppMax := medianF(r.ppTime), 0.0
 		if len(r.ppTime) > 0 {
 			ppMax = slices.Max(r.ppTime)
 		}
-		fmt.Fprintf(w, "%d\t%d\t%d\t%s\t%s\t%s\t%.0f\t%.0f\t%d\t%.0f\t%s\t%s\t%.0fms\t%.0fms\t%.1f\t%.0f\t%.1f%%\t%s\t%d\t%v\t\n",
+		fmt.Fprintf(w, "%d\t%d\t%d\t%s\t%s\t%s\t%.0f\t%.0f\t%d\t%.0f\t%s\t%s\t%.0fms\t%.0fms\t%.1f\t%.0f\t%.1f%%\t%s\t%d\t%v\t%d/5\t\n",
 			r.agents, r.vips, r.prop.records, ms(r.prop.allP50), ms(r.prop.allP99), ms(r.prop.allMax),
 			r.prop.udpPktsPerRecord, r.prop.udpBytesPerRecord, r.stateBytes, r.ppWire,
 			ms(r.encode), ms(r.merge), pp50, ppMax,
 			r.heapPerAgent/(1<<20), r.heapPerAgent/float64(max(r.vips, 1)), 100*r.idleCPU, ms(r.recordCPU),
-			r.suspicions, r.joined.Round(time.Second))
+			r.suspicions, r.joined.Round(time.Second), r.ppFailed)
 	}
 	w.Flush()
 	for _, r := range rs {
@@ -362,6 +368,65 @@ func TestScale(t *testing.T) {
 		}
 	}
 	t.Logf("scale, LAN profile, encrypted, every agent holding the whole table:\n%s", scaleTable(results))
+	t.Logf("extrapolated to %d agents:\n%s", extrapolateTo, extrapolate(results, extrapolateTo))
+}
+
+// extrapolateTo is the cluster size issue 23 aims at.
+const extrapolateTo = 1000
+
+// fitLine is the least-squares line y = a + b*x through the points.
+func fitLine(xs, ys []float64) (a, b float64) {
+	n := float64(len(xs))
+	var sx, sy, sxx, sxy float64
+	for i := range xs {
+		sx, sy, sxx, sxy = sx+xs[i], sy+ys[i], sxx+xs[i]*xs[i], sxy+xs[i]*ys[i]
+	}
+	if d := n*sxx - sx*sx; d != 0 {
+		b = (n*sxy - sx*sy) / d
+	}
+	return (sy - b*sx) / n, b
+}
+
+// extrapolate fits, at each table size with two or more complete agent
+// counts, the spread's p50 and p99 to a + b*ln(N) (an epidemic reaches
+// everyone in O(log N) rounds) and the heap per agent to a + b*N
+// (memberlist keeps every member), and evaluates the fits at n agents.
+func extrapolate(rs []scaleResult, n int) string {
+	byV := map[int][]scaleResult{}
+	var vs []int
+	for _, r := range rs {
+		if r.stopped != "" || r.prop.records == 0 {
+			continue
+		}
+		if _, ok := byV[r.vips]; !ok {
+			vs = append(vs, r.vips)
+		}
+		byV[r.vips] = append(byV[r.vips], r)
+	}
+	var b strings.Builder
+	for _, v := range vs {
+		pts := byV[v]
+		if len(pts) < 2 {
+			fmt.Fprintf(&b, "V=%d: one agent count only, no fit\n", v)
+			continue
+		}
+		var lnN, ns, p50, p99, heap []float64
+		for _, r := range pts {
+			lnN = append(lnN, math.Log(float64(r.agents)))
+			ns = append(ns, float64(r.agents))
+			p50 = append(p50, r.prop.allP50.Seconds())
+			p99 = append(p99, r.prop.allP99.Seconds())
+			heap = append(heap, r.heapPerAgent)
+		}
+		a50, b50 := fitLine(lnN, p50)
+		a99, b99 := fitLine(lnN, p99)
+		ah, bh := fitLine(ns, heap)
+		x := math.Log(float64(n))
+		fmt.Fprintf(&b, "V=%d, from N=%d..%d: every agent has a record after p50 %.2f s + %.3f s*ln N = %.2f s, p99 %.2f s + %.3f s*ln N = %.2f s; heap per agent %.1f MiB + %.1f KiB*N = %.1f MiB\n",
+			v, pts[0].agents, pts[len(pts)-1].agents, a50, b50, a50+b50*x, a99, b99, a99+b99*x,
+			ah/(1<<20), bh/(1<<10), (ah+bh*float64(n))/(1<<20))
+	}
+	return b.String()
 }
 
 // TestScaleHarness runs the scale measurement tiny (5 agents, 500 VIPs,
@@ -396,6 +461,17 @@ func TestScaleHarness(t *testing.T) {
 	}
 	if r.heapPerAgent <= 0 || r.idleCPU <= 0 {
 		t.Errorf("heap per agent %.0f B, idle CPU per agent %.3f", r.heapPerAgent, r.idleCPU)
+	}
+	// The fit: through two points exactly.
+	if a, b := fitLine([]float64{1, 3}, []float64{2, 6}); math.Abs(a) > 1e-9 || math.Abs(b-2) > 1e-9 {
+		t.Errorf("fit through (1,2) and (3,6) is %v + %v*x, want 0 + 2*x", a, b)
+	}
+	big := r
+	big.agents, big.prop.allP50, big.prop.allP99 = 50, 2*r.prop.allP50, 2*r.prop.allP99
+	if ex := extrapolate([]scaleResult{r, big}, extrapolateTo); !strings.Contains(ex, fmt.Sprintf("V=%d, from N=%d..50", vips, agents)) {
+		t.Errorf("extrapolation: %q", ex)
+	} else {
+		t.Log(ex)
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for runtime.NumGoroutine() > goroutines {
