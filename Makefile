@@ -111,7 +111,7 @@ sim:
 # p50/p99, packets and bytes, the push/pull size and time, heap and CPU per
 # agent, as a table (README, "Scale"). A size taking longer than
 # SCALEBUDGET is stopped and larger ones are skipped. It keeps both cores
-# busy for half an hour: not part of make test (TestScaleHarness runs it
+# busy for a quarter of an hour (12 min on 2026-12-07): not part of make test (TestScaleHarness runs it
 # tiny there).
 SCALEAGENTS ?= 50,100,200,400
 SCALEVIPS ?= 10000,100000
