@@ -158,6 +158,7 @@ func (n NetworkConfig) String() string { return n.Name + "=" + n.Prefix.String()
 // DefaultConfig returns a Config with every default filled in; Name,
 // BindAddr, Address and GossipKeys remain to be set.
 func DefaultConfig() Config {
+	tun := migrate.DefaultTunables() // the engine's defaults, one source
 	return Config{
 		GossipPort:        7946,
 		WGPort:            51820,
@@ -170,15 +171,15 @@ func DefaultConfig() Config {
 		ReconcileInterval: 2 * time.Second,
 		Keepalive:         25 * time.Second,
 		Cache:             true,
-		CacheLimits:       cache.DefaultLimits(),
+		CacheLimits:       tun.Limits,
 		CacheGlobalMax:    1 << 30,
-		CacheLinger:       2 * time.Second,
-		CacheSettle:       2 * time.Millisecond,
+		CacheLinger:       tun.Linger,
+		CacheSettle:       tun.Settle,
 		CacheInterface:    "vmrc0",
 		HandoverPort:      7947,
 		Filter:            true,
 		Xenstore:          "auto",
-		Activation:        ActivationAny,
+		Activation:        tun.Activation,
 		AllocSettle:       2 * time.Second,
 		AllocQuarantine:   5 * time.Minute,
 		MaxVIPs:           gossip.DefaultMaxRecords,
