@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"net/netip"
 	"os"
 	"runtime"
 	"slices"
@@ -126,16 +125,7 @@ func startScale(tb testing.TB, n, v int, deadline time.Time) (*simulation, error
 	}
 	for i := range n {
 		e := &simEvents{sim: s, i: i}
-		cfg := DefaultConfig()
-		cfg.Name = names[i]
-		cfg.BindAddr = netip.MustParseAddr("127.0.0.1")
-		cfg.BindPort = 0
-		cfg.Profile = ProfileLAN
-		cfg.Keys = [][]byte{key1}
-		cfg.Meta = testMeta(i%250 + 1)
-		cfg.Logger = testLogger()
-		cfg.Events = e
-		c, err := New(cfg)
+		c, err := New(simAgentConfig(names[i], i, ProfileLAN, e))
 		if err != nil {
 			return s, fmt.Errorf("agent %d: %w", i, err)
 		}

@@ -129,16 +129,7 @@ func newSimulation(tb testing.TB, profile string, n int) *simulation {
 	s := &simulation{}
 	for i := range n {
 		e := &simEvents{sim: s, i: i}
-		cfg := DefaultConfig()
-		cfg.Name = fmt.Sprintf("sim-%d", i)
-		cfg.BindAddr = netip.MustParseAddr("127.0.0.1")
-		cfg.BindPort = 0
-		cfg.Profile = Profile(profile)
-		cfg.Keys = [][]byte{key1}
-		cfg.Meta = testMeta(i%250 + 1)
-		cfg.Logger = testLogger()
-		cfg.Events = e
-		c, err := New(cfg)
+		c, err := New(simAgentConfig(fmt.Sprintf("sim-%d", i), i, Profile(profile), e))
 		if err != nil {
 			s.close()
 			tb.Fatalf("agent %d: %v", i, err)
@@ -458,4 +449,19 @@ func TestPropagation(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// simAgentConfig is the config of the i-th agent of a simulation or scale
+// run: memberlist on 127.0.0.1 at any port, encrypted, events to e.
+func simAgentConfig(name string, i int, profile Profile, e Events) Config {
+	cfg := DefaultConfig()
+	cfg.Name = name
+	cfg.BindAddr = netip.MustParseAddr("127.0.0.1")
+	cfg.BindPort = 0
+	cfg.Profile = profile
+	cfg.Keys = [][]byte{key1}
+	cfg.Meta = testMeta(i%250 + 1)
+	cfg.Logger = testLogger()
+	cfg.Events = e
+	return cfg
 }
