@@ -405,6 +405,13 @@ func (l *Lab) Close() error {
 
 	var errs []error
 
+	// 0. Frozen VMs run again, so that their processes take SIGTERM.
+	for _, vm := range l.VMs() {
+		if err := l.ThawVM(vm); err != nil {
+			errs = append(errs, err)
+		}
+	}
+
 	// 1. Agents and wireguard-go daemons, in parallel.
 	var wg sync.WaitGroup
 	for _, p := range daemons {
@@ -473,15 +480,9 @@ func (l *Lab) killNSProcs(ns string) {
 	if !nsExists(ns) {
 		return
 	}
-	out, err := run(context.Background(), "ip", "netns", "pids", ns)
+	pids, err := nsPIDs(ns)
 	if err != nil {
 		return
-	}
-	var pids []int
-	for _, f := range strings.Fields(string(out)) {
-		if pid, err := strconv.Atoi(f); err == nil && pid > 1 && pid != os.Getpid() {
-			pids = append(pids, pid)
-		}
 	}
 	for _, pid := range pids {
 		l.logf("lab %s: killing leftover pid %d in %s", l.ID, pid, ns)

@@ -456,3 +456,56 @@ func TestFlowStall(t *testing.T) {
 		}
 	}
 }
+
+// TestFreezeVM checks that a frozen VM runs nothing until it is thawed,
+// and that a lab closes with a VM left frozen.
+func TestFreezeVM(t *testing.T) {
+	requireLab(t)
+	l := newLab(t, 1)
+	vm, err := l.AddVM("f", l.Hosts[0], netip.MustParseAddr("100.100.21.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ticks := filepath.Join(l.Dir, "ticks")
+	if _, err := l.Spawn(vm.NS, "", "sh", "-c", "while :; do echo . >> "+ticks+"; sleep 0.01; done"); err != nil {
+		t.Fatal(err)
+	}
+	size := func() int64 {
+		fi, err := os.Stat(ticks)
+		if err != nil {
+			return 0
+		}
+		return fi.Size()
+	}
+	grows := func(what string) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for n := size(); size() <= n; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the VM's process wrote nothing in 10 s", what)
+			}
+		}
+	}
+	grows("before the freeze")
+	if err := l.FreezeVM(vm); err != nil {
+		t.Fatal(err)
+	}
+	if !l.Frozen(vm) {
+		t.Fatal("Frozen is false after FreezeVM")
+	}
+	time.Sleep(50 * time.Millisecond) // a write under way when it stopped
+	n := size()
+	time.Sleep(300 * time.Millisecond)
+	if m := size(); m != n {
+		t.Fatalf("the frozen VM's process wrote %d bytes in 300 ms", m-n)
+	}
+	if err := l.ThawVM(vm); err != nil {
+		t.Fatal(err)
+	}
+	grows("after the thaw")
+	// Left frozen: Close must still end its process and remove it all
+	// (newLab's cleanup checks).
+	if err := l.FreezeVM(vm); err != nil {
+		t.Fatal(err)
+	}
+}

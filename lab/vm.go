@@ -18,6 +18,8 @@ type VM struct {
 	Vif  string       // host-side veth name ("vr1a2bvNAME", at most 15 bytes)
 	Host *Host        // the host that runs it now
 	VIPs []netip.Addr // its addresses, IPv4 as /32, IPv6 as /128
+
+	frozen bool // FreezeVM'd: its processes are stopped (guarded by Lab.mu)
 }
 
 // String returns the VM's name.
@@ -182,7 +184,10 @@ func (l *Lab) MoveVM(vm *VM, to *Host) error {
 	}
 	from := vm.Host
 	if from == to {
-		return l.plugVif(vm, to)
+		if err := l.plugVif(vm, to); err != nil {
+			return err
+		}
+		return l.ThawVM(vm)
 	}
 	for _, a := range vm.VIPs {
 		err := l.ip(from.NS, "route", "del", hostPrefix(a).String(), "dev", vm.Vif, "proto", "static", "metric", "2")
@@ -198,13 +203,16 @@ func (l *Lab) MoveVM(vm *VM, to *Host) error {
 		return err
 	}
 	l.logf("lab %s: VM %s moved %s -> %s", l.ID, vm.Name, from.Name, to.Name)
-	return nil
+	return l.ThawVM(vm)
 }
 
-// SuspendVM sets vm's vif down on its host, as when the hypervisor pauses or
-// tears down the domain: the VM loses carrier and the host's routes to the
-// VIPs go away. ResumeVM or MoveVM brings it back.
+// SuspendVM pauses vm (FreezeVM) and sets its vif down on its host, as when
+// the hypervisor pauses or tears down the domain: the VM loses carrier and
+// the host's routes to the VIPs go away. ResumeVM or MoveVM brings it back.
 func (l *Lab) SuspendVM(vm *VM) error {
+	if err := l.FreezeVM(vm); err != nil {
+		return err
+	}
 	for _, a := range vm.VIPs {
 		err := l.ip(vm.Host.NS, "route", "del", hostPrefix(a).String(), "dev", vm.Vif, "proto", "static", "metric", "2")
 		if err != nil && !isGone(err) {
@@ -214,9 +222,14 @@ func (l *Lab) SuspendVM(vm *VM) error {
 	return l.ip(vm.Host.NS, "link", "set", vm.Vif, "down")
 }
 
-// ResumeVM sets vm's vif up again on its current host and restores the
-// gateway addresses and VIP routes.
-func (l *Lab) ResumeVM(vm *VM) error { return l.plugVif(vm, vm.Host) }
+// ResumeVM sets vm's vif up again on its current host, restores the
+// gateway addresses and VIP routes, and lets the VM run again (ThawVM).
+func (l *Lab) ResumeVM(vm *VM) error {
+	if err := l.plugVif(vm, vm.Host); err != nil {
+		return err
+	}
+	return l.ThawVM(vm)
+}
 
 // VMs returns the lab's VMs (in no particular order).
 func (l *Lab) VMs() []*VM {
@@ -247,11 +260,15 @@ func isGone(err error) bool {
 		strings.Contains(s, "No such device")
 }
 
-// UnplugVM moves vm's vif into host to's namespace and leaves it down: the
-// VM is paused in transit (its old host sees the vif vanish, the new one
-// has no carrier yet). ResumeVM ends the pause, as MoveVM does at once.
+// UnplugVM pauses vm (FreezeVM) and moves its vif into host to's namespace,
+// leaving it down: the VM is paused in transit (its old host sees the vif
+// vanish, the new one has no carrier yet). ResumeVM ends the pause, as
+// MoveVM does at once.
 func (l *Lab) UnplugVM(vm *VM, to *Host) error {
 	if err := l.ownHost(to); err != nil {
+		return err
+	}
+	if err := l.FreezeVM(vm); err != nil {
 		return err
 	}
 	from := vm.Host
@@ -267,7 +284,8 @@ func (l *Lab) UnplugVM(vm *VM, to *Host) error {
 }
 
 // MigrateVM moves vm to `to` as a live migration does, through the agents.
-// With announce, the old host is first told the VM is suspending (`vmroam
+// The VM pauses first (FreezeVM: it sends nothing until it runs again).
+// With announce, the old host is then told the VM is suspending (`vmroam
 // migrate suspend`, as a Xen suspend watch does), so nothing is in flight
 // to the VM's interface when it goes; without, the interface just
 // vanishes. Then the new host's hook attaches the VIPs while the VM is
@@ -275,6 +293,9 @@ func (l *Lab) UnplugVM(vm *VM, to *Host) error {
 // detaches it (Xen calls it after success).
 func (l *Lab) MigrateVM(vm *VM, to *Host, downtime time.Duration, announce bool) error {
 	from := vm.Host
+	if err := l.FreezeVM(vm); err != nil {
+		return err
+	}
 	if announce {
 		for _, v := range vm.VIPs {
 			if _, err := l.CLI(from, "migrate", "suspend", v.String()); err != nil {
@@ -357,5 +378,5 @@ func (l *Lab) CompleteIncoming(vm *VM, to *Host, newVif string) error {
 		return err
 	}
 	l.logf("lab %s: VM %s moved %s -> %s onto %s", l.ID, vm.Name, from.Name, to.Name, newVif)
-	return nil
+	return l.ThawVM(vm)
 }
