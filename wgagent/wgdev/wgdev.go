@@ -202,6 +202,10 @@ func (d *Device) serveUAPI() {
 	}
 }
 
+// userspaceTxQueueLen is the transmit queue of wireguard-go's TUN, in
+// packets (see setup).
+const userspaceTxQueueLen = 10000
+
 func uapiSocketPath(name string) string { return "/var/run/wireguard/" + name + ".sock" }
 
 func (d *Device) setup(cfg Config) error {
@@ -220,6 +224,15 @@ func (d *Device) setup(cfg Config) error {
 	}
 	if err := netlink.LinkSetMTU(link, cfg.MTU); err != nil {
 		return fmt.Errorf("set MTU of %s: %w", d.name, err)
+	}
+	if d.impl == Userspace {
+		// The kernel queues what is routed into the TUN until wireguard-go
+		// reads it, and drops beyond txqueuelen (500 by default: a few
+		// milliseconds of traffic). A VM that resumes sends a burst; a deep
+		// queue lets wireguard-go catch up instead of dropping it.
+		if err := netlink.LinkSetTxQLen(link, userspaceTxQueueLen); err != nil {
+			return fmt.Errorf("set the transmit queue of %s: %w", d.name, err)
+		}
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("bring %s up: %w", d.name, err)

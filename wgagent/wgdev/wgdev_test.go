@@ -50,6 +50,9 @@ func TestOpenUserspace(t *testing.T) {
 		if link.Attrs().MTU != 1400 || link.Attrs().Flags&1 == 0 {
 			t.Errorf("link MTU %d flags %v", link.Attrs().MTU, link.Attrs().Flags)
 		}
+		if q := link.Attrs().TxQLen; q != userspaceTxQueueLen {
+			t.Errorf("TUN transmit queue %d packets, want %d (a resuming VM's burst)", q, userspaceTxQueueLen)
+		}
 		st, err := d.State()
 		if err != nil {
 			t.Fatal(err)
