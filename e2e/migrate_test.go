@@ -127,11 +127,12 @@ func waitMigrated(t testing.TB, l *lab.Lab, to *lab.Host, vip netip.Addr) contro
 	return last
 }
 
-// TestMigrationUDPNoLoss sends 12,500 UDP datagrams a second to a VM while
-// it moves from host 1 to host 2 (0.5 s paused) and back (2 s paused), the
-// suspend announced as Xen's watch will, and checks with iperf3's own
-// counters that none was lost or reordered; then once more with the VM's
-// interface vanishing without warning.
+// TestMigrationUDPNoLoss sends 12,500 UDP datagrams a second to a VM, and
+// the VM 3,125 a second back, while it moves from host 1 to host 2 (0.5 s
+// paused) and back (2 s paused), the suspend announced as Xen's watch will,
+// and checks with iperf3's own counters that none was lost or reordered in
+// either direction; then once more with the VM's interface vanishing
+// without warning. The VM is frozen while paused: it sends nothing then.
 func TestMigrationUDPNoLoss(t *testing.T) {
 	l, m, c := migrationLab(t, 3)
 	h1, h2 := l.Hosts[0], l.Hosts[1]
@@ -144,36 +145,50 @@ func TestMigrationUDPNoLoss(t *testing.T) {
 		name := fmt.Sprintf("to %s with %v downtime, suspend announced %v", step.to.Name, step.downtime, step.announce)
 		ok := t.Run(name, func(t *testing.T) {
 			queues := wgQueueDrops(l)
-			flow, err := l.StartUDPFlow(c, m, step.downtime+6*time.Second, "20M", 200)
+			dur := step.downtime + 6*time.Second
+			in, err := l.StartUDPFlow(c, m, dur, "20M", 200)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, err := l.StartUDPFlow(m, c, dur, "5M", 200)
 			if err != nil {
 				t.Fatal(err)
 			}
 			time.Sleep(2 * time.Second) // traffic flowing before the move
 			migrate(t, l, m, step.to, step.downtime, step.announce)
-			res, err := flow.Wait()
-			if err != nil {
-				t.Fatal(err)
+			resIn, errIn := in.Wait()
+			resOut, errOut := out.Wait()
+			if errIn != nil || errOut != nil {
+				t.Fatalf("into the VM: %v; out of it: %v", errIn, errOut)
 			}
 			mig := waitMigrated(t, l, step.to, vipM)
 			if out, err := l.Exec(m.NS, "nstat", "-az", "UdpRcvbufErrors", "UdpInErrors", "IpInDiscards"); err == nil {
 				t.Logf("VM m's counters:\n%s", out)
 			}
-			t.Logf("iperf3: %d datagrams, %d lost, %d out of order; migration %+v", res.Packets, res.Lost, res.OutOfOrder, mig)
-			lost := lostBeyondQueues(t, res.Lost, tunDropsSince(l, queues))
-			if res.Packets < 50000 {
-				t.Errorf("only %d datagrams: the stream did not run", res.Packets)
+			t.Logf("migration %+v", mig)
+			lost := lostBeyondQueues(t, resIn.Lost+resOut.Lost, tunDropsSince(l, queues))
+			for _, d := range []struct {
+				what string
+				res  lab.FlowResult
+				min  int
+			}{{"into the VM", resIn, 50000}, {"out of the VM", resOut, 10000}} {
+				t.Logf("iperf3 %s: %d datagrams, %d lost, %d out of order", d.what, d.res.Packets, d.res.Lost, d.res.OutOfOrder)
+				if d.res.Packets < d.min {
+					t.Errorf("%s: only %d datagrams: the stream did not run", d.what, d.res.Packets)
+				}
 			}
-			if res.OutOfOrder > 0 {
+			reordered := resIn.OutOfOrder + resOut.OutOfOrder
+			if reordered > 0 {
 				logHandBacks(t, l)
 			}
 			switch {
-			case step.announce && (lost != 0 || res.OutOfOrder != 0):
-				t.Errorf("lost %d, out of order %d: want 0 and 0", lost, res.OutOfOrder)
-			case !step.announce && (lost > 5 || res.OutOfOrder != 0):
+			case step.announce && (lost != 0 || reordered != 0):
+				t.Errorf("lost %d, out of order %d (both directions): want 0 and 0", lost, reordered)
+			case !step.announce && (lost > 5 || reordered != 0):
 				// Unannounced, the standby route catches everything routed
 				// after the interface vanished; what the kernel had already
 				// handed to the interface dies with it (0 to 2 seen here).
-				t.Errorf("lost %d, out of order %d: want at most the few in flight in the vanishing interface, and 0", lost, res.OutOfOrder)
+				t.Errorf("lost %d, out of order %d (both directions): want at most the few in flight in the vanishing interface, and 0", lost, reordered)
 			}
 			if mig.Flushed+mig.Held == 0 {
 				t.Errorf("the migration carried no packet: the cache was not used")
