@@ -503,6 +503,38 @@ func TestFreezeVM(t *testing.T) {
 		t.Fatal(err)
 	}
 	grows("after the thaw")
+
+	// The lab's own pinger in a frozen VM sends nothing either, and the
+	// VM's kernel counted what it sent.
+	p, err := l.StartPinger(vm, GatewayV4, 5*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.FreezeVM(vm); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	sent := p.Stats().Sent
+	time.Sleep(200 * time.Millisecond)
+	if n := p.Stats().Sent; n != sent {
+		t.Errorf("the pinger of a frozen VM sent %d requests in 200 ms", n-sent)
+	}
+	if err := l.ThawVM(vm); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	st := p.Stop(time.Second)
+	if st.Sent <= sent || st.Received != st.Sent {
+		t.Errorf("pinger after the thaw: %v; want more sent than %d, all answered", st, sent)
+	}
+	snmp, err := l.SNMP(vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, in := snmp["Icmp"]["OutEchos"], snmp["Icmp"]["InEchoReps"]; out < int64(st.Sent) || in < int64(st.Received) {
+		t.Errorf("VM counters: Icmp OutEchos %d InEchoReps %d; the pinger sent %d, got %d", out, in, st.Sent, st.Received)
+	}
+
 	// Left frozen: Close must still end its process and remove it all
 	// (newLab's cleanup checks).
 	if err := l.FreezeVM(vm); err != nil {

@@ -153,7 +153,8 @@ type Pinger struct {
 	done chan struct{}
 }
 
-// StartPinger starts pinging to from vm from every interval (>= 1 ms).
+// StartPinger starts pinging to from vm from every interval (>= 1 ms). It
+// sends nothing while vm is frozen (FreezeVM).
 func (l *Lab) StartPinger(from *VM, to netip.Addr, interval time.Duration) (*Pinger, error) {
 	if interval < time.Millisecond {
 		interval = time.Millisecond
@@ -167,8 +168,13 @@ func (l *Lab) StartPinger(from *VM, to netip.Addr, interval time.Duration) (*Pin
 		defer close(p.done)
 		t := time.NewTicker(interval)
 		defer t.Stop()
-		for seq := uint64(0); ; seq++ {
-			s.send(seq)
+		for seq := uint64(0); ; {
+			// A paused VM sends nothing, and does not catch up later: its
+			// clock stopped with it.
+			if !l.Frozen(from) {
+				s.send(seq)
+				seq++
+			}
 			select {
 			case <-p.stop:
 				return

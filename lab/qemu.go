@@ -667,9 +667,9 @@ func (g *Guest) tapStats(h *Host) (IfStats, error) {
 // "uptime SECONDS IDLE", "== snmp" and /proc/net/snmp, "== dev" and
 // /proc/net/dev.
 func parseGuestCounters(b []byte) (GuestCounters, error) {
-	c := GuestCounters{SNMP: map[string]map[string]int64{}, Dev: map[string]IfStats{}}
+	c := GuestCounters{Dev: map[string]IfStats{}}
 	section := ""
-	header := map[string][]string{} // snmp: protocol -> field names
+	var snmp []string
 	for _, line := range strings.Split(string(b), "\n") {
 		line = strings.TrimRight(line, "\r")
 		f := strings.Fields(line)
@@ -697,24 +697,7 @@ func parseGuestCounters(b []byte) (GuestCounters, error) {
 				}
 			}
 		case "snmp":
-			proto := strings.TrimSuffix(f[0], ":")
-			names, ok := header[proto]
-			if !ok || len(names) == 0 {
-				header[proto] = f[1:]
-				continue
-			}
-			header[proto] = nil
-			m := map[string]int64{}
-			for i, v := range f[1:] {
-				if i < len(names) {
-					n, err := strconv.ParseInt(v, 10, 64)
-					if err != nil {
-						return c, fmt.Errorf("snmp %s %s %q: %w", proto, names[i], v, err)
-					}
-					m[names[i]] = n
-				}
-			}
-			c.SNMP[proto] = m
+			snmp = append(snmp, line)
 		case "dev":
 			name, rest, ok := strings.Cut(line, ":")
 			if !ok {
@@ -735,10 +718,46 @@ func parseGuestCounters(b []byte) (GuestCounters, error) {
 			c.Dev[strings.TrimSpace(name)] = IfStats{n[0], n[1], n[2], n[3], n[8], n[9], n[10], n[11]}
 		}
 	}
+	var err error
+	if c.SNMP, err = parseSNMP(snmp); err != nil {
+		return c, err
+	}
 	if c.BootID == "" || len(c.SNMP) == 0 || len(c.Dev) == 0 {
 		return c, fmt.Errorf("incomplete counters page: %q", b)
 	}
 	return c, nil
+}
+
+// parseSNMP parses the lines of /proc/net/snmp: per protocol a line of
+// field names, then one of values.
+func parseSNMP(lines []string) (map[string]map[string]int64, error) {
+	out := map[string]map[string]int64{}
+	header := map[string][]string{} // protocol -> field names
+	for _, line := range lines {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		proto := strings.TrimSuffix(f[0], ":")
+		names, ok := header[proto]
+		if !ok || len(names) == 0 {
+			header[proto] = f[1:]
+			continue
+		}
+		header[proto] = nil
+		m := map[string]int64{}
+		for i, v := range f[1:] {
+			if i < len(names) {
+				n, err := strconv.ParseInt(v, 10, 64)
+				if err != nil {
+					return out, fmt.Errorf("snmp %s %s %q: %w", proto, names[i], v, err)
+				}
+				m[names[i]] = n
+			}
+		}
+		out[proto] = m
+	}
+	return out, nil
 }
 
 // GuestUDP is one iperf3 UDP run into a guest.

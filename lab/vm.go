@@ -231,6 +231,20 @@ func (l *Lab) ResumeVM(vm *VM) error {
 	return l.ThawVM(vm)
 }
 
+// SNMP reads vm's kernel counters (/proc/net/snmp in its namespace) by
+// protocol and field: SNMP["Icmp"]["InEchos"].
+func (l *Lab) SNMP(vm *VM) (map[string]map[string]int64, error) {
+	out, err := l.Exec(vm.NS, "cat", "/proc/net/snmp")
+	if err != nil {
+		return nil, fmt.Errorf("lab: %s's counters: %w", vm.Name, err)
+	}
+	snmp, err := parseSNMP(strings.Split(string(out), "\n"))
+	if err != nil || len(snmp) == 0 {
+		return nil, fmt.Errorf("lab: %s's counters: %q: %v", vm.Name, out, err)
+	}
+	return snmp, nil
+}
+
 // VMs returns the lab's VMs (in no particular order).
 func (l *Lab) VMs() []*VM {
 	l.mu.Lock()
