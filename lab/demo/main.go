@@ -1,10 +1,14 @@
 // Command demo runs vmroam in the namespace lab for someone with no Xen at
 // hand: three hosts on one bridge, an agent on each, a client VM pinging a
-// VM every 2 ms while that VM live-migrates to another host, paused for one
-// second on the way. It runs the move twice, with the migration cache and
-// without it (--cache=false), counts the pings sent, answered and lost
-// live, and prints both results side by side. It removes the lab when it
-// ends (or on Ctrl-C).
+// VM every 2 ms, and that VM pinging the client, while the VM
+// live-migrates to another host, paused for one second on the way (it
+// sends nothing then). It runs the move twice, with the migration cache and
+// without it (--cache=false), counts the pings sent, answered and lost in
+// both directions (the moving VM's own counters tell a request lost on its
+// way in from a reply lost on its way out), and prints both results side
+// by side with a conclusion computed from them. It exits with status 1
+// when the cached move lost a ping. It removes the lab when it ends (or on
+// Ctrl-C).
 //
 // It draws the timeline of the cached move, both hosts' sides on one time
 // axis, into an SVG picture (-svg, default migration.svg in the current
@@ -29,6 +33,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -169,15 +174,13 @@ func run(ctx context.Context, binary, svg string, downtime, rtt time.Duration, k
 		return err
 	}
 
-	say("Pings from c to m (every 2 ms) across the move")
-	fmt.Printf("  %-22s %8s %8s %6s %9s %12s\n", "", "sent", "answered", "lost", "reordered", "slowest RTT")
-	for _, r := range []struct {
-		name string
-		st   lab.PingStats
-	}{{"with the cache", with}, {"without (--cache=false)", without}} {
-		fmt.Printf("  %-22s %8d %8d %6d %9d %12v\n", r.name, r.st.Sent, r.st.Received, r.st.LostCount, r.st.Reordered, r.st.MaxRTT.Round(time.Millisecond))
+	say("Pings every 2 ms across the move: from c to the moving VM m, and from m to c")
+	printResults(with, without)
+	verdict, failed := conclude(with, without)
+	fmt.Println()
+	for _, line := range verdict {
+		fmt.Println("  " + line)
 	}
-	fmt.Println("  With the cache, the pings sent while the VM was paused waited and were answered; without it they were lost.")
 	if svg != "" {
 		fmt.Printf("\n  The cached migration, millisecond by millisecond: %s (open it in a browser)\n", svg)
 	}
@@ -189,16 +192,46 @@ func run(ctx context.Context, binary, svg string, downtime, rtt time.Duration, k
 	if err := ctx.Err(); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
+	if failed {
+		return errors.New("the move with the cache lost pings (see above): that is a vmroam bug; the lab's logs are kept with -keep")
+	}
 	return nil
 }
 
-// measure pings m from c every 2 ms while m migrates to `to`, printing a
-// live count, and returns the final counts. announce tells the old host of
-// the suspend first, which agents without the cache refuse.
-func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downtime time.Duration, announce bool) (lab.PingStats, error) {
-	p, err := l.StartPinger(c, vipM, 2*time.Millisecond)
+// moveResult is what one move did to the two ping streams, counted by the
+// pingers and by the moving VM's kernel.
+type moveResult struct {
+	toVM, fromVM lab.PingStats
+	// The moving VM's own counts over the move (/proc/net/snmp): echo
+	// requests that reached it and replies it sent.
+	inEchos, outEchoReps int64
+}
+
+// lostIn is the pings to the VM that never reached it; lostOut the
+// replies it sent that never reached the client. A request that reached
+// the VM and got no reply from it counts in neither.
+func (r moveResult) lostIn() int64  { return max(0, int64(r.toVM.Sent)-r.inEchos) }
+func (r moveResult) lostOut() int64 { return max(0, r.outEchoReps-int64(r.toVM.Received)) }
+func (r moveResult) lost() int      { return r.toVM.LostCount + r.fromVM.LostCount }
+
+// measure pings m from c, and c from m, every 2 ms while m migrates to
+// `to`, printing a live count, and returns the final counts. announce
+// tells the old host of the suspend first, which agents without the cache
+// refuse.
+func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downtime time.Duration, announce bool) (moveResult, error) {
+	var r moveResult
+	before, err := l.SNMP(m)
 	if err != nil {
-		return lab.PingStats{}, err
+		return r, err
+	}
+	in, err := l.StartPinger(c, vipM, 2*time.Millisecond)
+	if err != nil {
+		return r, err
+	}
+	out, err := l.StartPinger(m, vipC, 2*time.Millisecond)
+	if err != nil {
+		in.Stop(0)
+		return r, err
 	}
 	// On a terminal the count updates in place; in a log, once a second.
 	every, eol := time.Second, "\n"
@@ -206,7 +239,10 @@ func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downti
 		every, eol = 100*time.Millisecond, ""
 	}
 	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
 	go func() {
+		defer wg.Done()
 		t := time.NewTicker(every)
 		defer t.Stop()
 		for {
@@ -214,8 +250,9 @@ func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downti
 			case <-done:
 				return
 			case <-t.C:
-				st := p.Stats()
-				fmt.Printf("\r  sent %5d  answered %5d  waiting or lost %5d %s", st.Sent, st.Received, st.Sent-st.Received, eol)
+				a, b := in.Stats(), out.Stats()
+				fmt.Printf("\r  to m: sent %5d  answered %5d  waiting or lost %5d   from m: sent %5d  answered %5d %s",
+					a.Sent, a.Received, a.Sent-a.Received, b.Sent, b.Received, eol)
 			}
 		}
 	}()
@@ -229,9 +266,64 @@ func measure(ctx context.Context, l *lab.Lab, c, m *lab.VM, to *lab.Host, downti
 		}
 	}
 	close(done)
-	st := p.Stop(2 * time.Second)
-	fmt.Printf("\r  sent %5d  answered %5d  lost %5d  reordered %d%s\n", st.Sent, st.Received, st.LostCount, st.Reordered, strings.Repeat(" ", 10))
-	return st, err
+	wg.Wait()
+	// Both stop sending at once; each then waits for its replies.
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		r.fromVM = out.Stop(2 * time.Second)
+	}()
+	r.toVM = in.Stop(2 * time.Second)
+	wg.Wait()
+	after, serr := l.SNMP(m)
+	if serr != nil && err == nil {
+		err = serr
+	}
+	r.inEchos = after["Icmp"]["InEchos"] - before["Icmp"]["InEchos"]
+	r.outEchoReps = after["Icmp"]["OutEchoReps"] - before["Icmp"]["OutEchoReps"]
+	fmt.Printf("\r  to m: sent %5d  answered %5d  lost %5d   from m: sent %5d  answered %5d  lost %5d%s\n",
+		r.toVM.Sent, r.toVM.Received, r.toVM.LostCount, r.fromVM.Sent, r.fromVM.Received, r.fromVM.LostCount, strings.Repeat(" ", 10))
+	return r, err
+}
+
+// printResults prints both moves side by side. Of the pings to m that
+// were lost, "in" never reached m and "out" are replies m sent that never
+// reached c (m's own counters).
+func printResults(with, without moveResult) {
+	fmt.Printf("  %-24s %-40s %s\n", "", "c -> m (to the moving VM)", "m -> c (from it)")
+	fmt.Printf("  %-24s %6s %8s %5s %4s %4s %7s   %6s %8s %5s %7s\n", "",
+		"sent", "answered", "lost", "in", "out", "reorder", "sent", "answered", "lost", "reorder")
+	for _, r := range []struct {
+		name string
+		m    moveResult
+	}{{"with the cache", with}, {"without (--cache=false)", without}} {
+		fmt.Printf("  %-24s %6d %8d %5d %4d %4d %7d   %6d %8d %5d %7d\n", r.name,
+			r.m.toVM.Sent, r.m.toVM.Received, r.m.toVM.LostCount, r.m.lostIn(), r.m.lostOut(), r.m.toVM.Reordered,
+			r.m.fromVM.Sent, r.m.fromVM.Received, r.m.fromVM.LostCount, r.m.fromVM.Reordered)
+	}
+}
+
+// conclude says, from the figures alone, what the cache did; failed is
+// set when the cached move lost or reordered a ping.
+func conclude(with, without moveResult) (lines []string, failed bool) {
+	reordered := with.toVM.Reordered + with.fromVM.Reordered
+	switch {
+	case with.lost() == 0 && reordered == 0:
+		lines = append(lines, fmt.Sprintf("With the cache, no ping was lost or reordered in either direction: the pings sent to m while it was paused waited and were answered (the slowest after %v).",
+			with.toVM.MaxRTT.Round(time.Millisecond)))
+	default:
+		failed = true
+		lines = append(lines, fmt.Sprintf("With the cache, %d pings to m were lost (%d on their way in, %d replies on their way out, %d replies m did not send), %d from m were lost, and %d were reordered: the cache should have lost none.",
+			with.toVM.LostCount, with.lostIn(), with.lostOut(), max(0, int64(with.toVM.LostCount)-with.lostIn()-with.lostOut()), with.fromVM.LostCount, reordered))
+	}
+	switch n := without.lost(); {
+	case n == 0:
+		lines = append(lines, "Without it, none was lost either: this move was too short for the cache to matter.")
+	default:
+		lines = append(lines, fmt.Sprintf("Without it, %d pings were lost: %d to m, %d from m.",
+			n, without.toVM.LostCount, without.fromVM.LostCount))
+	}
+	return lines, failed
 }
 
 // drawTimeline waits until both sides of the last migration of the moving
