@@ -797,24 +797,27 @@ func neighUnresolvedDiscards(path string) (n uint64) {
 	return n
 }
 
-// machineDrops is what the machine dropped between two snapshots, outside
-// vmroam: the WireGuard TUN queues, the UDP receive buffers of the hosts
-// and of the VMs, the WAN emulator's queue.
-func machineDrops(before, now lossSnapshot) (tun, hostRcvbuf, vmRcvbuf, wan uint64) {
-	return dropsSince(before.tun, now.tun), now.hostRcvbuf - before.hostRcvbuf, now.vmRcvbuf - before.vmRcvbuf, now.wanDropped - before.wanDropped
+// setAside is what may be set aside from a flow's losses between two
+// snapshots, each by name: drops before vmroam could see a packet, in
+// the WireGuard TUN queues (the kernel had no room for what was routed
+// into wireguard-go) and in the WAN emulator. Nothing else is: a
+// datagram a host's or a VM's socket buffer dropped is lost.
+func setAside(before, now lossSnapshot) (tun, wan uint64) {
+	return dropsSince(before.tun, now.tun), now.wanDropped - before.wanDropped
 }
 
 // checkMoves checks the flows of moves migrations since before: nothing
-// lost that the machine's own drops do not explain, nothing left behind
-// in an old host's cache, nothing reordered.
+// lost that the TUN queues and the WAN emulator do not explain (setAside),
+// nothing left behind in an old host's cache, nothing reordered.
 func checkMoves(t testing.TB, l *lab.Lab, what string, res lab.FlowResult, moves int, before lossSnapshot, vms ...*lab.VM) {
 	t.Helper()
 	now := takeLossSnapshot(t, l, vms...)
-	tun, hostRcvbuf, vmRcvbuf, wan := machineDrops(before, now)
+	tun, wan := setAside(before, now)
+	hostRcvbuf, vmRcvbuf := now.hostRcvbuf-before.hostRcvbuf, now.vmRcvbuf-before.vmRcvbuf
 	lingerEnd := now.lingerEnd - before.lingerEnd
-	outside := tun + hostRcvbuf + vmRcvbuf + wan
-	t.Logf("%s: %d datagrams, %d lost, %d out of order; WireGuard TUN queue drops %d, hosts' UDP receive buffer drops %d, VMs' %d, WAN emulator's %d; left in the old host's cache after its stream closed %d; dropped from the kernel's unresolved-neighbour queues (a fence's) %d",
-		what, res.Packets, res.Lost, res.OutOfOrder, tun, hostRcvbuf, vmRcvbuf, wan, lingerEnd, now.unresolved-before.unresolved)
+	outside := tun + wan
+	t.Logf("%s: %d datagrams, %d lost, %d out of order; set aside: WireGuard TUN queue drops %d, WAN emulator's %d; counted as lost: hosts' UDP receive buffer drops %d, VMs' %d; left in the old host's cache after its stream closed %d; dropped from the kernel's unresolved-neighbour queues (a fence's) %d",
+		what, res.Packets, res.Lost, res.OutOfOrder, tun, wan, hostRcvbuf, vmRcvbuf, lingerEnd, now.unresolved-before.unresolved)
 	if grew := linkDropsSince(before.links, now.links); len(grew) > 0 {
 		t.Logf("%s: interfaces that dropped meanwhile: %s", what, strings.Join(grew, ", "))
 	}
@@ -823,10 +826,10 @@ func checkMoves(t testing.TB, l *lab.Lab, what string, res lab.FlowResult, moves
 	}
 	switch lost := uint64(res.Lost); {
 	case lost > outside:
-		t.Errorf("%s: %d datagrams lost, %d more than WireGuard's TUN queues, the UDP receive buffers and the WAN emulator dropped (%d); want none",
-			what, lost, lost-outside, outside)
+		t.Errorf("%s: %d datagrams lost, %d more than WireGuard's TUN queues and the WAN emulator dropped (%d); want none (the VMs' socket buffers dropped %d, the hosts' %d)",
+			what, lost, lost-outside, outside, vmRcvbuf, hostRcvbuf)
 	case lost > 0:
-		t.Logf("NOTE: %d datagrams lost, no more than WireGuard's TUN queues, the UDP receive buffers and the WAN emulator dropped: the machine was short of CPU (load %s), not a migration loss",
+		t.Logf("NOTE: %d datagrams lost, no more than WireGuard's TUN queues and the WAN emulator dropped: the machine was short of CPU (load %s), not a migration loss",
 			lost, loadAverage())
 	}
 	// The hand-back to the kernel used to reorder a few per move onto the
