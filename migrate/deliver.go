@@ -126,11 +126,15 @@ func (c *vipCtl) writer(links Links) (write func([]byte) error, prepare, closeWr
 		c.mu.Lock()
 		dev := c.dev
 		c.mu.Unlock()
-		var err error
-		if d, err = links.OpenDelivery(dev); err == nil && mac != nil {
-			err = d.SetMAC(mac)
+		opened, err := links.OpenDelivery(dev)
+		if err != nil {
+			return err
 		}
-		return err
+		d = opened
+		if mac != nil {
+			return d.SetMAC(mac)
+		}
+		return nil
 	}
 	closeWriter = func() {
 		if d != nil {

@@ -77,7 +77,15 @@ func (KernelLinks) ResolveMAC(dev string, ip, from netip.Addr, timeout time.Dura
 	return cache.ResolveMAC(dev, ip, from, timeout)
 }
 
-func (KernelLinks) OpenDelivery(dev string) (Delivery, error) { return cache.NewDeliverer(dev) }
+func (KernelLinks) OpenDelivery(dev string) (Delivery, error) {
+	d, err := cache.NewDeliverer(dev)
+	if err != nil {
+		// A nil interface, not a nil *Deliverer in one: the writer
+		// tests for nil.
+		return nil, err
+	}
+	return d, nil
+}
 
 func (KernelLinks) WatchAnnouncements(ctx context.Context, dev string, fn func(xenhook.Announcement)) error {
 	return xenhook.WatchAnnouncements(ctx, dev, fn)
