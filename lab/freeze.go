@@ -25,21 +25,15 @@ import (
 // FreezeVM stops every process in vm's namespace with SIGSTOP until ThawVM.
 // Freezing a frozen VM stops what was started since.
 func (l *Lab) FreezeVM(vm *VM) error {
-	pids, err := nsPIDs(vm.NS)
-	if err != nil {
-		return fmt.Errorf("lab: freeze %s: %w", vm.Name, err)
-	}
-	var errs []error
-	for _, pid := range pids {
-		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil && !errors.Is(err, syscall.ESRCH) {
-			errs = append(errs, fmt.Errorf("lab: freeze %s: pid %d: %w", vm.Name, pid, err))
-		}
+	n, err := signalVM(vm, syscall.SIGSTOP, "freeze")
+	if n < 0 {
+		return err // nothing stopped: not frozen
 	}
 	l.mu.Lock()
 	vm.frozen = true
 	l.mu.Unlock()
-	l.logf("lab %s: VM %s frozen (%d processes)", l.ID, vm.Name, len(pids))
-	return errors.Join(errs...)
+	l.logf("lab %s: VM %s frozen (%d processes)", l.ID, vm.Name, n)
+	return err
 }
 
 // ThawVM lets every process in vm's namespace run again (SIGCONT). It is a
@@ -52,18 +46,29 @@ func (l *Lab) ThawVM(vm *VM) error {
 	if !frozen {
 		return nil
 	}
+	n, err := signalVM(vm, syscall.SIGCONT, "thaw")
+	if n < 0 {
+		return err
+	}
+	l.logf("lab %s: VM %s thawed (%d processes)", l.ID, vm.Name, n)
+	return err
+}
+
+// signalVM sends sig to every process in vm's namespace and says to how
+// many, -1 when it could not list them; a process that exited meanwhile
+// is no error.
+func signalVM(vm *VM, sig syscall.Signal, verb string) (int, error) {
 	pids, err := nsPIDs(vm.NS)
 	if err != nil {
-		return fmt.Errorf("lab: thaw %s: %w", vm.Name, err)
+		return -1, fmt.Errorf("lab: %s %s: %w", verb, vm.Name, err)
 	}
 	var errs []error
 	for _, pid := range pids {
-		if err := syscall.Kill(pid, syscall.SIGCONT); err != nil && !errors.Is(err, syscall.ESRCH) {
-			errs = append(errs, fmt.Errorf("lab: thaw %s: pid %d: %w", vm.Name, pid, err))
+		if err := syscall.Kill(pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
+			errs = append(errs, fmt.Errorf("lab: %s %s: pid %d: %w", verb, vm.Name, pid, err))
 		}
 	}
-	l.logf("lab %s: VM %s thawed (%d processes)", l.ID, vm.Name, len(pids))
-	return errors.Join(errs...)
+	return len(pids), errors.Join(errs...)
 }
 
 // Frozen reports whether vm is frozen (FreezeVM without ThawVM since).

@@ -477,10 +477,7 @@ func (l *Lab) Close() error {
 
 // killNSProcs SIGKILLs, by pid, every process left inside a lab namespace.
 func (l *Lab) killNSProcs(ns string) {
-	if !nsExists(ns) {
-		return
-	}
-	pids, err := nsPIDs(ns)
+	pids, err := nsPIDs(ns) // an error also when ns is gone
 	if err != nil {
 		return
 	}
