@@ -3,7 +3,6 @@ package migrate
 import (
 	"net/netip"
 	"slices"
-	"strings"
 	"testing"
 
 	"github.com/vmroam/vmroam/wgagent/route"
@@ -32,12 +31,8 @@ func TestRoutesLocked(t *testing.T) {
 		{Dst: hostPrefix(fenced), Dev: "vif3.0", Via: fenceGateways4[1], Metric: MetricDivert},
 		{Dst: hostPrefix(arriving6), Dev: "vmrc0", Metric: MetricLocal},
 	}
-	key := func(r route.Route) string { return r.Dst.String() + " " + r.Dev + " " + r.Via.String() }
-	sortRoutes := func(rs []route.Route) {
-		slices.SortFunc(rs, func(x, y route.Route) int { return strings.Compare(key(x), key(y)) })
-	}
-	sortRoutes(got)
-	sortRoutes(want)
+	slices.SortFunc(got, route.Compare)
+	slices.SortFunc(want, route.Compare)
 	if !slices.Equal(got, want) {
 		t.Errorf("routes:\n got %v\nwant %v", got, want)
 	}

@@ -3,7 +3,6 @@ package wgagent
 import (
 	"net/netip"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -53,12 +52,8 @@ func TestWantRoutes(t *testing.T) {
 		{Dst: host(lanVIP), Dev: "eth0", Via: p("198.18.0.3"), Metric: metricOverlay},
 		{Dst: host(outside), Dev: "vmr0", Metric: metricOverlay},
 	}
-	key := func(r route.Route) string { return r.Dst.String() + " " + r.Dev + " " + r.Via.String() }
-	sortRoutes := func(rs []route.Route) {
-		slices.SortFunc(rs, func(x, y route.Route) int { return strings.Compare(key(x), key(y)) })
-	}
-	sortRoutes(got)
-	sortRoutes(want)
+	slices.SortFunc(got, route.Compare)
+	slices.SortFunc(want, route.Compare)
 	if !slices.Equal(got, want) {
 		t.Errorf("routes:\n got %v\nwant %v", got, want)
 	}

@@ -81,13 +81,17 @@ func (t *Table) Desired() []Route {
 	for _, r := range t.desired {
 		out = append(out, r)
 	}
-	slices.SortFunc(out, func(a, b Route) int {
-		if c := a.Dst.Addr().Compare(b.Dst.Addr()); c != 0 {
-			return c
-		}
-		return a.Metric - b.Metric
-	})
+	slices.SortFunc(out, Compare)
 	return out
+}
+
+// Compare orders routes by destination address, then metric: the order of
+// Desired. Within one table no two routes are equal by it.
+func Compare(a, b Route) int {
+	if c := a.Dst.Addr().Compare(b.Dst.Addr()); c != 0 {
+		return c
+	}
+	return a.Metric - b.Metric
 }
 
 // Add puts one route into the kernel now, ahead of the next reconcile,
