@@ -127,6 +127,37 @@ func waitMigrated(t testing.TB, l *lab.Lab, to *lab.Host, vip netip.Addr) contro
 	return last
 }
 
+// bothWays is a UDP stream into a moving VM from its client, 12,500
+// datagrams/s, and one out of it back, 3,125/s.
+type bothWays struct{ in, out *lab.Flow }
+
+// startBothWays starts both streams between the client c and the moving
+// VM m for dur.
+func startBothWays(t testing.TB, l *lab.Lab, c, m *lab.VM, dur time.Duration) bothWays {
+	t.Helper()
+	in, err := l.StartUDPFlow(c, m, dur, "20M", 200)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := l.StartUDPFlow(m, c, dur, "5M", 200)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bothWays{in, out}
+}
+
+// wait waits for both streams to end and returns what their receivers
+// counted; a failure message starts with prefix.
+func (b bothWays) wait(t testing.TB, prefix string) (in, out lab.FlowResult) {
+	t.Helper()
+	in, errIn := b.in.Wait()
+	out, errOut := b.out.Wait()
+	if errIn != nil || errOut != nil {
+		t.Fatalf("%sflow into the VM: %v; out of it: %v", prefix, errIn, errOut)
+	}
+	return in, out
+}
+
 // TestMigrationUDPNoLoss sends 12,500 UDP datagrams a second to a VM, and
 // the VM 3,125 a second back, while it moves from host 1 to host 2 (0.5 s
 // paused) and back (2 s paused), the suspend announced as Xen's watch will,
@@ -145,22 +176,10 @@ func TestMigrationUDPNoLoss(t *testing.T) {
 		name := fmt.Sprintf("to %s with %v downtime, suspend announced %v", step.to.Name, step.downtime, step.announce)
 		ok := t.Run(name, func(t *testing.T) {
 			queues := wgQueueDrops(l)
-			dur := step.downtime + 6*time.Second
-			in, err := l.StartUDPFlow(c, m, dur, "20M", 200)
-			if err != nil {
-				t.Fatal(err)
-			}
-			out, err := l.StartUDPFlow(m, c, dur, "5M", 200)
-			if err != nil {
-				t.Fatal(err)
-			}
+			flows := startBothWays(t, l, c, m, step.downtime+6*time.Second)
 			time.Sleep(2 * time.Second) // traffic flowing before the move
 			migrate(t, l, m, step.to, step.downtime, step.announce)
-			resIn, errIn := in.Wait()
-			resOut, errOut := out.Wait()
-			if errIn != nil || errOut != nil {
-				t.Fatalf("into the VM: %v; out of it: %v", errIn, errOut)
-			}
+			resIn, resOut := flows.wait(t, "")
 			mig := waitMigrated(t, l, step.to, vipM)
 			if out, err := l.Exec(m.NS, "nstat", "-az", "UdpRcvbufErrors", "UdpInErrors", "IpInDiscards"); err == nil {
 				t.Logf("VM m's counters:\n%s", out)

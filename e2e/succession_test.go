@@ -98,15 +98,7 @@ func TestMovesInQuickSuccession(t *testing.T) {
 	t.Logf("seed=%d (VMROAM_SEED=%d replays it): %d steps, about %v", seed, seed, n, total.Round(time.Second))
 
 	before := takeLossSnapshot(t, l, m, c)
-	dur := total + 6*time.Second
-	in, err := l.StartUDPFlow(c, m, dur, "20M", 200)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := l.StartUDPFlow(m, c, dur, "5M", 200)
-	if err != nil {
-		t.Fatal(err)
-	}
+	flows := startBothWays(t, l, c, m, total+6*time.Second)
 	begun := time.Now()
 	time.Sleep(2 * time.Second)
 	var log []string
@@ -121,11 +113,7 @@ func TestMovesInQuickSuccession(t *testing.T) {
 		log = append(log, fmt.Sprintf("%d at %v from %s: %v", i+1, at, from.Name, s))
 		time.Sleep(s.gap)
 	}
-	resIn, errIn := in.Wait()
-	resOut, errOut := out.Wait()
-	if errIn != nil || errOut != nil {
-		t.Fatalf("seed=%d: flow into the VM: %v; out of it: %v", seed, errIn, errOut)
-	}
+	resIn, resOut := flows.wait(t, fmt.Sprintf("seed=%d: ", seed))
 	if last := steps[len(steps)-1]; !last.abort {
 		waitMigrated(t, l, m.Host, vipM)
 	}
