@@ -193,7 +193,7 @@ func run(ctx context.Context, binary, svg string, downtime, rtt time.Duration, k
 		return err
 	}
 	if failed {
-		return errors.New("the move with the cache lost pings (see above): that is a vmroam bug; the lab's logs are kept with -keep")
+		return errors.New("the move with the cache lost or reordered pings (see above): that is a vmroam bug; -keep keeps the lab and its logs up to look at")
 	}
 	return nil
 }
