@@ -65,7 +65,9 @@ type Orderer struct {
 	released    flowMemo[struct{}]
 	late        uint64
 
-	// Pacing: a token bucket refilled at the current pace.
+	// Pacing: a token bucket refilled at the current pace, unless
+	// redirected.
+	unpaced   atomic.Bool
 	tokens    float64
 	refilled  time.Time
 	rateAt    time.Time
@@ -121,6 +123,14 @@ func (o *Orderer) SetCarrier(up bool) {
 		}
 		o.carrier = up
 	})
+}
+
+// Redirect says Write no longer goes to a VM (the delivery spills into a
+// cache): the orderer stops pacing, which is for a VM that must keep up,
+// and stops counting in Timeline, which is the VM's.
+func (o *Orderer) Redirect() {
+	o.unpaced.Store(true)
+	o.set(func() { o.Timeline = nil })
 }
 
 // Ended says the stream's end marker arrived.
@@ -378,7 +388,9 @@ func (o *Orderer) deliver(pkt []byte) error {
 	if err := o.Write(pkt); err != nil {
 		return err
 	}
-	o.tokens--
+	if !o.unpaced.Load() {
+		o.tokens--
+	}
 	o.mu.Lock()
 	o.delivered++
 	o.deliveredB += uint64(len(pkt))

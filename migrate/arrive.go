@@ -32,6 +32,7 @@ func (e *Engine) ArriveLocked(vip netip.Addr, dev string, old gossip.Record) gos
 			close(prev.stop)
 			prev.stop = nil
 		}
+		e.stopPipesLocked(prev)
 		prev.mu.Unlock()
 	}
 	// The controller takes the VIP's packets before any route leads them
@@ -141,10 +142,10 @@ func (f *fetch) run() {
 		// header shortens it (see handoverIdle).
 		if ic, ok := conn.(*idleConn); ok {
 			// Prepared: its preview may be waiting in a read already.
-			ic.setLimit(handoverWait + handoverIdle)
-			ic.SetReadDeadline(time.Now().Add(handoverWait + handoverIdle))
+			ic.setLimit(claimWait + handoverIdle)
+			ic.SetReadDeadline(time.Now().Add(claimWait + handoverIdle))
 		} else {
-			conn = newIdleConn(conn, handoverWait+handoverIdle)
+			conn = newIdleConn(conn, claimWait+handoverIdle)
 		}
 		released := make(chan struct{})
 		go func(conn net.Conn) {
@@ -209,7 +210,7 @@ func (f *fetch) run() {
 	}
 	o.ExpectTicks(req.Ticks)
 	// The answer's round trip is the path's, unless the source made the
-	// request wait (see handoverWait); the connect's is one too.
+	// request wait (see waitForClaim); the connect's is one too.
 	o.Settle = max(f.settle, min(rtt, dialRTT)+2*time.Millisecond)
 	st, err := cache.Receiver{Queue: stream, OnTick: o.Tick,
 		OnHeader: func(h cache.Header) error {

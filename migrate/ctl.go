@@ -54,6 +54,22 @@ type vipCtl struct {
 	// undiverted: the linger is over; the VIP routes to its new owner
 	// while the stream takes the cache's last packets (endLinger).
 	undiverted bool
+	// out is where the delivery under way (orderer) writes: the VM, or,
+	// once spilled, a cache (spillLocked); nil outside a delivery.
+	out *deliveryOut
+	// pipes are the deliveries the VM left while they ran (spilled):
+	// each goes on ordering what its migration brings, into queue,
+	// until the controller ends (stopPipesLocked). takeInto, if set, is
+	// the queue Take feeds instead of queue: the newest pipe's direct
+	// queue, so that nothing new overtakes what the pipe still orders.
+	pipes    []pipe
+	takeInto *cache.Queue
+}
+
+// pipe is a spilled delivery still running.
+type pipe struct {
+	o    *cache.Orderer
+	stop chan struct{}
 }
 
 func (e *Engine) newQueue() *cache.Queue { return cache.NewQueue(e.live().Limits, e.cfg.Budget) }
@@ -62,6 +78,9 @@ func (e *Engine) newQueue() *cache.Queue { return cache.NewQueue(e.live().Limits
 func (c *vipCtl) Take(pkt []byte) {
 	c.mu.Lock()
 	q, state, delivering := c.queue, c.state, c.orderer != nil
+	if c.takeInto != nil {
+		q = c.takeInto
+	}
 	c.mu.Unlock()
 	if reason := q.Push(pkt, time.Now()); reason != "" {
 		c.e.dropOnce(c, reason)
@@ -173,17 +192,11 @@ func (e *Engine) onLocked(c *vipCtl, ev vipEvent, why string) (vipAction, error)
 		}
 		return act, fmt.Errorf("%w: %s is %s here: cannot %s", control.ErrBadRequest, c.vip, prev, ev)
 	case actCache:
+		e.spillLocked(c, why)
 		e.beginLocked(c, why)
 	case actStream:
-		if prev == stateLocal {
-			if c.orderer != nil {
-				// Claimed in the grace period after a delivery here
-				// (moves in quick succession): that migration ends now,
-				// and what the delivery has not taken goes on to the
-				// claimer. Left running, its record was overwritten by
-				// this one's and its goroutines never stopped.
-				e.endDeliveryLocked(c, false)
-			}
+		if prev == stateLocal || prev == stateHolding {
+			e.spillLocked(c, why)
 			e.beginLocked(c, why) // the claim is the suspend
 		}
 	case actDeliver:
@@ -193,6 +206,7 @@ func (e *Engine) onLocked(c *vipCtl, ev vipEvent, why string) (vipAction, error)
 		}
 		e.startDeliveryLocked(c, c.queue, e.newQueue(), true)
 	case actDrop:
+		e.stopPipesLocked(c)
 		n := c.queue.Discard()
 		e.log.Warn("nobody claimed the VIP within the cache's max age: dropping its queue and releasing it", "vip", c.vip, "dropped", n)
 		c.rec.TimedOut = true
@@ -255,11 +269,14 @@ func (e *Engine) reconcileMigrationsLocked() {
 	for vip, c := range e.ctls {
 		c.mu.Lock()
 		state, dev, started, delivering := c.state, c.dev, c.started, c.orderer != nil
+		// ran: the VM ran here during the delivery under way, so its
+		// interface losing carrier means it left again.
+		ran := delivering && !c.orderer.Stats().CarrierUp.IsZero()
 		c.mu.Unlock()
 		_, attached := e.host.Attachment(vip)
 		up := e.links.Carrier(dev)
 		switch {
-		case state == stateLocal && !up && attached:
+		case (state == stateLocal || state == stateHolding && ran) && !up && attached:
 			e.onLocked(c, evCarrierLost, "interface "+dev+" down or gone")
 		case state == stateLocal && hits[vip] && !delivering:
 			e.onLocked(c, evStandbyHit, "the standby route took packets")

@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -19,12 +21,17 @@ import (
 // startDeliveryLocked runs an orderer that writes stream (then direct)
 // packets to the VM and, once drained, hands the VIP back to the kernel.
 // The caller holds c.mu.
-func (e *Engine) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, closed bool) {
+//
+// With abort, stream is this host's own cache, complete unless pipes
+// still feed it (a delivery the VM left, spilled into it): then the
+// stream closes once they have drained.
+func (e *Engine) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, abort bool) {
 	c.state = stateHolding
-	c.stream, c.queue = stream, direct
+	c.stream, c.queue, c.takeInto = stream, direct, nil
 	c.stop = make(chan struct{})
 	c.deliverStop = c.stop
-	write, prepareWriter, closeWriter := c.writer(e.links)
+	c.out = new(deliveryOut)
+	write, prepareWriter, closeWriter := c.writer(e.links, c.out)
 	o := &cache.Orderer{Stream: stream, Direct: direct, Settle: e.live().Settle, Write: write, Timeline: c.tl}
 	c.orderer = o
 	if c.tl != nil {
@@ -35,14 +42,30 @@ func (e *Engine) startDeliveryLocked(c *vipCtl, stream, direct *cache.Queue, clo
 		stream.Record(c.tl, into, cache.SeriesNone)
 		direct.Record(c.tl, cache.SeriesHeld, cache.SeriesNone)
 	}
-	if closed {
-		o.Closed()
-	}
 	stop := c.stop
+	if abort {
+		if pipes := slices.Clone(c.pipes); len(pipes) > 0 {
+			e.bg.Add(1)
+			go func() {
+				defer e.bg.Done()
+				for _, p := range pipes {
+					select {
+					case <-p.o.Done():
+					case <-p.stop:
+					case <-stop:
+						return
+					}
+				}
+				o.Closed()
+			}()
+		} else {
+			o.Closed()
+		}
+	}
 	// An arrival waits for what Config.Activation names; a VM that stays
 	// here (abort, a route flap) runs already and needs its carrier only.
 	mode := ActivationCarrier
-	if !closed {
+	if !abort {
 		mode = e.live().Activation
 	}
 	if mode != ActivationAnnounce {
@@ -112,11 +135,146 @@ func (c *vipCtl) activate(o *cache.Orderer, an xenhook.Announcement) (first bool
 	return first
 }
 
+// spillLocked ends the delivery under way, if any, because its VM left
+// again (suspended, gone, or claimed by another host) before it was over:
+// the delivery's migration is filed with what reached the VM, and its
+// orderer goes on, as a pipe, ordering what its migration still brings,
+// but into a new cache, c's queue from now on, which the next host gets.
+// Take feeds the pipe's direct queue meanwhile, so no packet overtakes
+// one the pipe still orders. Stopping the orderer instead lost what it
+// had not taken, or, with the interface gone, blocked the next handover
+// for 10 s. Both locks held.
+func (e *Engine) spillLocked(c *vipCtl, why string) {
+	o := c.orderer
+	if o == nil {
+		return
+	}
+	into := e.newQueue()
+	c.out.spill.Store(into)
+	e.unwatchCarrier(c.dev, o)
+	o.SetCarrier(true) // into the cache, whether or not the VM's interface is there
+	o.Redirect()
+	st := o.Stats()
+	// What reached the VM; a write to it under way now may add one.
+	st.Delivered = c.out.toVM.Load()
+	c.noteDeliveredLocked(st)
+	c.rec.Done = timePtr(time.Now())
+	if c.source { // an abort: the stream is the cache
+		e.finishLocked(c, migrationQueues{cache: o.Stream, held: o.Direct, orderer: o})
+	} else {
+		e.finishLocked(c, migrationQueues{stream: o.Stream, held: o.Direct, orderer: o})
+	}
+	c.pipes = append(c.pipes, pipe{o: o, stop: c.deliverStop})
+	c.takeInto, c.queue = o.Direct, into
+	if c.stop == c.deliverStop {
+		c.stop = nil
+	}
+	c.orderer, c.deliverStop, c.out = nil, nil, nil
+	c.fenceVia = netip.Addr{}
+	e.log.Info("the VM left during its delivery here: what is not delivered yet goes on into the cache", "vip", c.vip, "why", why,
+		"delivered", st.Delivered, "pending", o.Stream.Len()+o.Direct.Len())
+}
+
+// stopPipesLocked stops c's spilled deliveries: c ends. c.mu held.
+func (e *Engine) stopPipesLocked(c *vipCtl) {
+	for _, p := range c.pipes {
+		select {
+		case <-p.stop:
+		default:
+			close(p.stop)
+		}
+	}
+	c.pipes, c.takeInto = nil, nil
+}
+
+// waitPipes waits, up to wait, until c's spilled deliveries have written
+// into the cache all their migrations brought, or stop closes.
+func (c *vipCtl) waitPipes(stop <-chan struct{}, wait time.Duration) {
+	c.mu.Lock()
+	pipes := slices.Clone(c.pipes)
+	c.mu.Unlock()
+	deadline := time.Now().Add(wait)
+	for _, p := range pipes {
+		select {
+		case <-p.o.Done():
+		case <-p.stop:
+			continue
+		case <-stop:
+			return
+		case <-time.After(time.Until(deadline)):
+			return
+		}
+		for !p.o.Idle() && time.Now().Before(deadline) {
+			time.Sleep(100 * time.Microsecond)
+		}
+	}
+}
+
+// noteDeliveredLocked files in c's record what its delivery did. c.mu
+// held.
+func (c *vipCtl) noteDeliveredLocked(st cache.OrdererStats) {
+	c.rec.Delivered, c.rec.Late = st.Delivered, st.Late
+	if !st.FirstDelivery.IsZero() {
+		c.rec.FirstDelivery = timePtr(st.FirstDelivery)
+	}
+	if !st.CarrierUp.IsZero() {
+		c.rec.CarrierUp = timePtr(st.CarrierUp)
+		if c.rec.Activation == "" {
+			c.rec.Activation = "carrier"
+		}
+	}
+	if c.queue != nil {
+		qs := c.queue.Stats()
+		c.rec.Held = qs.Packets
+		c.rec.Dropped = dropMap(qs, c.stream)
+		if c.source && c.stream != nil { // an abort: the stream is the cache
+			ss := c.stream.Stats()
+			c.rec.Cached, c.rec.CachedBytes = ss.Packets, ss.Bytes
+		}
+	}
+}
+
+// interfaceGone says whether err, from writing to the VM behind dev,
+// means that the VM left: the interface is gone or has no carrier
+// (ENODEV, ENXIO, ENETDOWN, or no such link at the socket's opening).
+func interfaceGone(links Links, dev string, err error) bool {
+	return err != nil && !links.Carrier(dev)
+}
+
+// deliveryOut is where a delivery's writes go: to the VM, counted, until
+// spill is set (spillLocked), then into that cache.
+type deliveryOut struct {
+	spill atomic.Pointer[cache.Queue]
+	toVM  atomic.Uint64 // packets written to the VM
+}
+
+// leftDuringDelivery tells c's state machine that the VM's interface went
+// while the delivery writing to out ran, and says whether that delivery
+// now spills. Without the agent's lock (the orderer's goroutine).
+func (e *Engine) leftDuringDelivery(c *vipCtl, out *deliveryOut) bool {
+	e.host.Lock()
+	c.mu.Lock()
+	current := c.out == out
+	c.mu.Unlock()
+	if current {
+		e.onLocked(c, evCarrierLost, "interface gone during the delivery")
+	}
+	e.host.Unlock()
+	return out.spill.Load() != nil
+}
+
 // writer returns the delivery function; prepare, which opens the packet
 // socket ahead of the first packet if the VM's interface is there (else
 // the first write opens it); and closeWriter, to call once no write can
-// come. All three are for the orderer's goroutine only.
-func (c *vipCtl) writer(links Links) (write func([]byte) error, prepare, closeWriter func()) {
+// come. All three are for the orderer's goroutine only. Once out.spill is
+// set, writes go there instead (spillLocked); a write that finds the
+// interface gone spills, rather than fail and lose the delivery's rest.
+func (c *vipCtl) writer(links Links, out *deliveryOut) (write func([]byte) error, prepare, closeWriter func()) {
+	spill := func(q *cache.Queue, pkt []byte) {
+		if reason := q.Push(pkt, time.Now()); reason != "" {
+			c.e.dropOnce(c, reason)
+		}
+	}
 	var d Delivery
 	var mac net.HardwareAddr // the VM's, once known
 	open := func() error {
@@ -143,7 +301,27 @@ func (c *vipCtl) writer(links Links) (write func([]byte) error, prepare, closeWr
 		}
 	}
 	prepare = func() { open() }
+	var toVM func(pkt []byte) error
 	write = func(pkt []byte) error {
+		if q := out.spill.Load(); q != nil {
+			spill(q, pkt)
+			return nil
+		}
+		err := toVM(pkt)
+		if err == nil {
+			out.toVM.Add(1)
+			return nil
+		}
+		c.mu.Lock()
+		dev := c.dev
+		c.mu.Unlock()
+		if interfaceGone(links, dev, err) && c.e.leftDuringDelivery(c, out) {
+			spill(out.spill.Load(), pkt)
+			return nil
+		}
+		return err
+	}
+	toVM = func(pkt []byte) error {
 		if err := open(); err != nil {
 			return err
 		}
@@ -194,31 +372,25 @@ func (e *Engine) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) 
 		return
 	case <-o.Done():
 	}
+	c.mu.Lock()
+	spilled := c.orderer != o
+	c.mu.Unlock()
+	if spilled { // the VM left: the pipe is the next migration's
+		return
+	}
 	t0 := time.Now()
 	waited, quiet, steps := e.fence(c, o)
 	fenced := time.Since(t0)
 	e.host.Lock()
 	c.mu.Lock()
+	if c.orderer != o { // spilled during the fence
+		c.mu.Unlock()
+		e.host.Unlock()
+		e.host.Reconcile()
+		return
+	}
 	st := o.Stats()
-	c.rec.Delivered, c.rec.Late = st.Delivered, st.Late
-	if !st.FirstDelivery.IsZero() {
-		c.rec.FirstDelivery = timePtr(st.FirstDelivery)
-	}
-	if !st.CarrierUp.IsZero() {
-		c.rec.CarrierUp = timePtr(st.CarrierUp)
-		if c.rec.Activation == "" {
-			c.rec.Activation = "carrier"
-		}
-	}
-	if c.queue != nil {
-		qs := c.queue.Stats()
-		c.rec.Held = qs.Packets
-		c.rec.Dropped = dropMap(qs, c.stream)
-		if c.source && c.stream != nil { // an abort: the stream is the cache
-			ss := c.stream.Stats()
-			c.rec.Cached, c.rec.CachedBytes = ss.Packets, ss.Bytes
-		}
-	}
+	c.noteDeliveredLocked(st)
 	c.stepLocked(evDrained)
 	c.fenceVia = netip.Addr{}
 	c.drained = st.Delivered
@@ -232,10 +404,8 @@ func (e *Engine) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) 
 	e.host.Lock()
 	c.mu.Lock()
 	var after uint64
-	if c.orderer == o { // else a claim ended the delivery (onLocked)
-		// Whatever the orderer did not take goes to the new standby
-		// queue's consumer: the flap path below delivers it.
-		after = e.endDeliveryLocked(c, true)
+	if c.orderer == o { // else the VM left again (spillLocked)
+		after = e.endDeliveryLocked(c)
 	}
 	c.mu.Unlock()
 	e.host.Unlock()
@@ -251,11 +421,10 @@ func (e *Engine) watchDelivery(c *vipCtl, o *cache.Orderer, stop chan struct{}) 
 }
 
 // endDeliveryLocked stops c's delivery, which has drained what the
-// migration brought, and files its migration; it returns how many packets
-// it delivered after the hand-back. With fresh, c gets a new queue; else
-// what is left in the delivery's direct queue stays c's (a claim that
-// came during the grace period streams it on). Both locks held.
-func (e *Engine) endDeliveryLocked(c *vipCtl, fresh bool) (after uint64) {
+// migration brought, gives c a new standby queue, and files the
+// migration; it returns how many packets it delivered after the
+// hand-back. Both locks held.
+func (e *Engine) endDeliveryLocked(c *vipCtl) (after uint64) {
 	o := c.orderer
 	e.unwatchCarrier(c.dev, o)
 	select {
@@ -266,10 +435,9 @@ func (e *Engine) endDeliveryLocked(c *vipCtl, fresh bool) (after uint64) {
 	if c.stop == c.deliverStop {
 		c.stop = nil
 	}
-	c.orderer, c.deliverStop = nil, nil
-	if fresh {
-		c.queue = e.newQueue()
-	}
+	c.orderer, c.deliverStop, c.out = nil, nil, nil
+	c.queue = e.newQueue()
+	e.stopPipesLocked(c) // an abort's: drained into the stream before it closed
 	after = o.Stats().Delivered - c.drained
 	c.rec.Delivered += after // as the timeline counts them
 	c.rec.Done = timePtr(time.Now())

@@ -230,6 +230,7 @@ func (e *Engine) Close() {
 			close(c.stop)
 			c.stop = nil
 		}
+		e.stopPipesLocked(c)
 		c.mu.Unlock()
 	}
 	e.host.Unlock()

@@ -351,9 +351,14 @@ type fakeDelivery struct {
 func (d *fakeDelivery) SetMAC(net.HardwareAddr) error { return nil }
 func (d *fakeDelivery) Close() error                  { return nil }
 
+// Write fails once the interface has no carrier, as a packet socket's
+// write fails on an interface gone or down.
 func (d *fakeDelivery) Write(pkt []byte) error {
 	d.links.mu.Lock()
 	defer d.links.mu.Unlock()
+	if !d.links.carrier[d.dev] {
+		return fmt.Errorf("deliver on %s: network is down", d.dev)
+	}
 	d.links.delivered[d.dev] = append(d.links.delivered[d.dev], slices.Clone(pkt))
 	return nil
 }

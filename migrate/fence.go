@@ -66,9 +66,15 @@ func (e *Engine) fence(c *vipCtl, o *cache.Orderer) (waited time.Duration, quiet
 	routeVia := func(gw netip.Addr) {
 		e.host.Lock()
 		c.mu.Lock()
-		c.fenceVia = gw // so a reconcile keeps the fence route
+		spilled := c.orderer != o // the VM left: the VIP stays diverted
+		if !spilled {
+			c.fenceVia = gw // so a reconcile keeps the fence route
+		}
 		c.mu.Unlock()
 		e.host.Unlock()
+		if spilled {
+			return
+		}
 		if err := e.host.AddRoute(route.Route{Dst: hostPrefix(c.vip), Dev: dev, Via: gw, Metric: divertMetric(c.vip)}); err != nil {
 			e.log.Warn("fence route", "vip", c.vip, "err", err)
 		}

@@ -16,11 +16,13 @@ func TestKernelLinksOpenDeliveryOnMissingDevice(t *testing.T) {
 	}
 }
 
-// TestWriterWithoutInterface: the writer of a VIP whose interface is gone
-// fails its writes and closes without a delivery ever opened.
+// TestWriterWithoutInterface: the writer of a VIP whose interface is gone,
+// outside a delivery that could spill, fails its writes and closes without
+// a delivery ever opened.
 func TestWriterWithoutInterface(t *testing.T) {
-	c := &vipCtl{dev: "vmroam-gone0"}
-	write, prepare, closeWriter := c.writer(KernelLinks{})
+	h := newTestLab(t).host("h1", testTunables())
+	c := &vipCtl{e: h.engine, dev: "vmroam-gone0"}
+	write, prepare, closeWriter := c.writer(KernelLinks{}, new(deliveryOut))
 	prepare()
 	if err := write([]byte{0x45}); err == nil {
 		t.Error("a write to a missing interface succeeded")

@@ -12,9 +12,6 @@ import (
 	"github.com/vmroam/vmroam/gossip"
 )
 
-// handoverWait bounds how long a claim waits for a delivery under way here.
-const handoverWait = 10 * time.Second
-
 // fromPeer says whether a handover connection comes from the overlay
 // address of a current WireGuard peer (an alive or suspect member, admitted
 // by the allowlist if there is one). Anything else is refused before a
@@ -132,35 +129,21 @@ func (e *Engine) handleHandover(conn net.Conn) error {
 		return refuse("%v", err)
 	}
 
-	var c *vipCtl
 	asked := time.Now()
-	for wait := time.Now().Add(handoverWait); ; {
-		e.host.Lock()
-		c = e.ctls[req.VIP]
-		at, attached := e.host.Attachment(req.VIP)
-		if c == nil || !(attached || c.state == stateCaching) || (attached && req.Epoch <= at.Epoch) {
-			e.host.Unlock()
-			return refuse("%s is not held here at an epoch below %d", req.VIP, req.Epoch)
-		}
-		if e.dropLostInRestartLocked(c, req) {
-			e.host.Unlock()
-			return refuse("the cache of %s was lost when this agent restarted", req.VIP)
-		}
-		act, err := e.onLocked(c, evClaim, "claimed by "+req.Claimer)
-		if err != nil {
-			e.host.Unlock()
-			return refuse("%v", err)
-		}
-		if act == actStream {
-			break
-		}
+	e.host.Lock()
+	c := e.ctls[req.VIP]
+	at, attached := e.host.Attachment(req.VIP)
+	if c == nil || !(attached || c.state == stateCaching) || (attached && req.Epoch <= at.Epoch) {
 		e.host.Unlock()
-		// actWait: the VM arrived here and moves on before its packets
-		// were all delivered; hand over once they are.
-		if time.Now().After(wait) {
-			return refuse("%s is still being delivered here after %v", req.VIP, handoverWait)
-		}
-		time.Sleep(10 * time.Millisecond)
+		return refuse("%s is not held here at an epoch below %d", req.VIP, req.Epoch)
+	}
+	if e.dropLostInRestartLocked(c, req) {
+		e.host.Unlock()
+		return refuse("the cache of %s was lost when this agent restarted", req.VIP)
+	}
+	if _, err := e.onLocked(c, evClaim, "claimed by "+req.Claimer); err != nil {
+		e.host.Unlock()
+		return refuse("%v", err)
 	}
 	c.mu.Lock()
 	c.rec.To = req.Claimer
@@ -210,7 +193,7 @@ func (e *Engine) handleHandover(conn net.Conn) error {
 		}
 	}
 	st, err := cache.Sender{Queue: q, Header: cache.Header{VIP: req.VIP, Epoch: req.Epoch, MAC: mac}, From: from,
-		Linger: e.live().Linger + time.Second, Tick: tick, FlushUntil: routed, Stop: lingerOver}.Send(conn)
+		Linger: e.live().Linger + pipeWait + time.Second, Tick: tick, FlushUntil: routed, Stop: lingerOver}.Send(conn)
 	close(streamDone)
 	<-routed
 	e.log.Debug("handover: sent", "vip", req.VIP, "flush", st.FlushEnd.Sub(st.FlushStart), "total", time.Since(t0), "reconcile", reconciled)
@@ -229,6 +212,7 @@ func (e *Engine) handleHandover(conn net.Conn) error {
 	}
 	c.rec.Done = timePtr(time.Now())
 	e.finishLocked(c, migrationQueues{cache: q})
+	e.stopPipesLocked(c)
 	c.mu.Unlock()
 	mine := e.ctls[req.VIP] == c
 	if mine {
@@ -348,7 +332,8 @@ func (e *Engine) readHandoverRequest(conn net.Conn, rd *cache.Reader) (cache.Fra
 // before (a barrier), and only then closes lingerOver, on which the stream
 // sends what is left and closes. Closing the stream first lost what
 // arrived until a reconcile changed the routes (tens to hundreds of
-// packets per move at 12,500/s). lingerOver also closes when stop does
+// packets per move at 12,500/s). Spilled deliveries of c are waited for
+// too (waitPipes). lingerOver also closes when stop does
 // or the caller closes streamDone (the stream ended some other way).
 func (e *Engine) endLinger(c *vipCtl, stop <-chan struct{}) (lingerOver <-chan struct{}, streamDone chan struct{}) {
 	over, done := make(chan struct{}), make(chan struct{})
@@ -372,6 +357,14 @@ func (e *Engine) endLinger(c *vipCtl, stop <-chan struct{}) (lingerOver <-chan s
 		if err := e.dev.Barrier(100 * time.Millisecond); err != nil {
 			e.log.Debug("handover: barrier at the linger's end", "vip", c.vip, "err", err)
 		}
+		// A delivery the VM left (spilled) may still be ordering what
+		// its own migration brings: that is the cache's too.
+		c.waitPipes(stop, pipeWait)
 	}()
 	return over, done
 }
+
+// pipeWait bounds how long the end of a linger waits for spilled
+// deliveries (waitPipes): their own handover streams end with their
+// lingers, which began earlier, or fail within handoverIdle.
+const pipeWait = handoverIdle

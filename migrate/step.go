@@ -20,6 +20,8 @@ import (
 //	    └──────────────────  ▲   arrive (from none or forwarding)
 //
 // Timeout in caching drops the queue and leaves no controller (none).
+// Suspend, carrier lost and claim in holding are those of local: the VM
+// leaves again while its delivery here is under way.
 
 // vipEvent is something that happens to a VIP attached to or moving
 // through this host.
@@ -64,11 +66,10 @@ const (
 	actHold               // hold direct packets, fetch the old owner's queue, deliver
 	actHandBack           // route the VIP to its VM again
 	actForget             // forget the controller: the VIP is elsewhere now
-	actWait               // not now: ask again once the delivery under way is over
 	actRefuse             // the event makes no sense in this state: an error
 )
 
-var actionNames = [...]string{"none", "cache", "deliver", "stream", "drop", "hold", "hand-back", "forget", "wait", "refuse"}
+var actionNames = [...]string{"none", "cache", "deliver", "stream", "drop", "hold", "hand-back", "forget", "refuse"}
 
 func (a vipAction) String() string {
 	if int(a) < len(actionNames) {
@@ -160,13 +161,19 @@ func step(p vipPhase, ev vipEvent) (vipPhase, vipAction) {
 			return vipPhase{state: stateNone}, actDrop
 		}
 	case stateHolding:
+		// The VM may leave again before its packets were all delivered
+		// here (moves in quick succession): the delivery under way goes
+		// on ordering them, but into the cache (spill, deliver.go), so
+		// the next host gets them, in order, behind nothing.
 		switch ev {
 		case evDrained:
 			return vipPhase{state: stateLocal}, actHandBack
+		case evSuspend:
+			return vipPhase{state: stateCaching}, actCache
+		case evCarrierLost:
+			return vipPhase{state: stateCaching, byCarrier: true}, actCache
 		case evClaim:
-			// The VM moves on before its packets were all delivered
-			// here: hand over once they are, so none is left behind.
-			return p, actWait
+			return vipPhase{state: stateForwarding}, actStream
 		case evAbort:
 			return p, actRefuse
 		}

@@ -62,9 +62,11 @@ func TestStepTable(t *testing.T) {
 			evTimeout:     {none, actDrop},
 		},
 		holding: {
-			evDrained: {local, actHandBack},
-			evClaim:   {holding, actWait},
-			evAbort:   {holding, actRefuse},
+			evDrained:     {local, actHandBack},
+			evSuspend:     {caching, actCache},
+			evCarrierLost: {cachingByCarrier, actCache},
+			evClaim:       {forwarding, actStream},
+			evAbort:       {holding, actRefuse},
 		},
 		forwarding: {
 			evLingerOver: {none, actForget},
@@ -126,15 +128,17 @@ func TestStepEveryOrder(t *testing.T) {
 			if next.byCarrier && next.state != stateCaching {
 				fail("byCarrier set in %v", next)
 			}
-			if (act == actRefuse || act == actWait || act == actNone) && next != p {
+			if (act == actRefuse || act == actNone) && next != p {
 				fail("%v changed the phase to %v", act, next)
 			}
 			ne := e
 			switch act {
 			case actCache:
-				if ne.open {
+				if ne.open && p.state != stateHolding {
 					fail("cache started twice")
 				}
+				// From holding the arrival's episode ends: what it
+				// has not delivered is the new cache's start.
 				ne = episode{open: true}
 			case actHold:
 				// A new arrival: whatever came before here is over
@@ -142,6 +146,9 @@ func TestStepEveryOrder(t *testing.T) {
 				// whose packets are delivered here.
 				ne = episode{open: true, disposed: 1, delivered: true}
 			case actDeliver, actStream, actDrop:
+				if p.state == stateHolding {
+					ne = episode{} // as for actCache: a new episode
+				}
 				if !ne.open {
 					// From local, the standby queue or the claim opens
 					// and closes the episode in one step.
@@ -220,7 +227,9 @@ func TestStepScenarios(t *testing.T) {
 		{"timeout", stateLocal, []vipEvent{evSuspend, evTimeout, evClaim}, stateNone, []vipAction{actCache, actDrop, actRefuse}},
 		{"standby route used", stateLocal, []vipEvent{evStandbyHit, evDrained}, stateLocal, []vipAction{actDeliver, actHandBack}},
 		{"arrival, attached twice", stateNone, []vipEvent{evArrive, evReattach, evDrained}, stateLocal, []vipAction{actHold, actHandBack}},
-		{"moves on before delivery is over", stateNone, []vipEvent{evArrive, evClaim, evDrained, evClaim}, stateForwarding, []vipAction{actHold, actWait, actHandBack, actStream}},
+		{"moves on before delivery is over", stateNone, []vipEvent{evArrive, evClaim, evDrained, evLingerOver}, stateNone, []vipAction{actHold, actStream, actForget}},
+		{"paused again while delivering", stateNone, []vipEvent{evArrive, evSuspend, evDrained, evClaim, evLingerOver}, stateNone, []vipAction{actHold, actCache, actStream, actForget}},
+		{"leaves while delivering, back again", stateNone, []vipEvent{evArrive, evCarrierLost, evCarrierBack, evDrained}, stateLocal, []vipAction{actHold, actCache, actDeliver, actHandBack}},
 		{"back before the linger is over", stateLocal, []vipEvent{evSuspend, evClaim, evArrive, evDrained}, stateLocal, []vipAction{actCache, actStream, actHold, actHandBack}},
 	}
 	for _, tt := range tests {
