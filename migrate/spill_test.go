@@ -26,6 +26,17 @@ const (
 
 var leaveHows = []leaveHow{leaveSuspend, leaveCarrier, leaveWrite, leaveClaim}
 
+// suspendWith attaches testVIP to h behind dev, with carrier, suspends it
+// and has h cache datagrams 0..n-1.
+func suspendWith(h *fakeHost, dev string, n int) {
+	h.links.setCarrier(dev, true)
+	h.attach(testVIP, dev)
+	h.Lock()
+	h.engine.SuspendLocked(testVIP, "test")
+	h.Unlock()
+	h.sendTo(testVIP, 0, n)
+}
+
 // arriveAt makes h claim testVIP from its current owner, with carrier on
 // dev at once (the VM runs there).
 func arriveAt(t *testing.T, lab *testLab, h *fakeHost, dev string) {
@@ -77,14 +88,8 @@ func TestLeaveDuringArrivalDelivery(t *testing.T) {
 			rng := seeded(t)
 			lab := newTestLab(t)
 			h1, h2, h3 := lab.host("h1", testTunables()), lab.host("h2", testTunables()), lab.host("h3", testTunables())
-			h1.links.setCarrier("vif-a", true)
-			h1.attach(testVIP, "vif-a")
-			h1.Lock()
-			h1.engine.SuspendLocked(testVIP, "test")
-			h1.Unlock()
-			// 2,000-4,000 datagrams: 100-200 ms of paced delivery.
-			cached := 2000 + rng.IntN(2000)
-			h1.sendTo(testVIP, 0, cached)
+			cached := 2000 + rng.IntN(2000) // 100-200 ms of paced delivery
+			suspendWith(h1, "vif-a", cached)
 			arriveAt(t, lab, h2, "vif-b")
 			midDelivery(t, h2, "vif-b", rng, cached)
 			leave(t, h2, "vif-b", how)
@@ -132,13 +137,8 @@ func TestMoveDuringAbortDelivery(t *testing.T) {
 			rng := seeded(t)
 			lab := newTestLab(t)
 			h1, h2 := lab.host("h1", testTunables()), lab.host("h2", testTunables())
-			h1.links.setCarrier("vif-a", true)
-			h1.attach(testVIP, "vif-a")
-			h1.Lock()
-			h1.engine.SuspendLocked(testVIP, "test")
-			h1.Unlock()
-			cached := 2000 + rng.IntN(2000)
-			h1.sendTo(testVIP, 0, cached)
+			cached := 2000 + rng.IntN(2000) // 100-200 ms of paced delivery
+			suspendWith(h1, "vif-a", cached)
 			h1.Lock()
 			if err := h1.engine.AbortLocked(testVIP, "test"); err != nil {
 				t.Fatal(err)
@@ -183,13 +183,8 @@ func TestAbortAfterSpill(t *testing.T) {
 	rng := seeded(t)
 	lab := newTestLab(t)
 	h1, h2 := lab.host("h1", testTunables()), lab.host("h2", testTunables())
-	h1.links.setCarrier("vif-a", true)
-	h1.attach(testVIP, "vif-a")
-	h1.Lock()
-	h1.engine.SuspendLocked(testVIP, "test")
-	h1.Unlock()
-	cached := 2000 + rng.IntN(2000)
-	h1.sendTo(testVIP, 0, cached)
+	cached := 2000 + rng.IntN(2000) // 100-200 ms of paced delivery
+	suspendWith(h1, "vif-a", cached)
 	arriveAt(t, lab, h2, "vif-b")
 	midDelivery(t, h2, "vif-b", rng, cached)
 	leave(t, h2, "vif-b", leaveSuspend)
